@@ -1,0 +1,279 @@
+"""Golden checks: a spec's unfused forward against the real transformers module on a tiny config.
+
+Used by the test-suite (``tests/test_golden.py``, one parametrized case per spec) and by
+``moe-unfuse check SPEC.yaml``, so a contributor proves a new spec without writing code.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .spec import Spec
+
+#: grouped_mm / batched_mm reorder the reductions (one grouped GEMM, fp32 accumulation and a
+#: sum over top-k instead of index_add_), so they can only agree to rounding: fp32 eps is 1.2e-7
+#: and outputs here are O(1), bf16 eps is 7.8e-3 and a bf16 output is rounded at each GEMM.
+IMPL_TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+TOKENS = 48
+SEED = 0
+
+
+def import_object(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_config(spec: Spec, implementation: str = "eager") -> Any:
+    golden = spec.golden or {}
+    config = import_object(golden["config"])(**golden["config_kwargs"])
+    _set_implementation(config, implementation)
+    return config
+
+
+def _set_implementation(config: Any, implementation: str) -> None:
+    for cfg in (config, *(getattr(config, a, None) for a in ("text_config", "ffn_config"))):
+        if cfg is not None:
+            cfg._experts_implementation = implementation
+
+
+def build_experts(spec: Spec, dtype: torch.dtype = torch.float32, seed: int = SEED) -> nn.Module:
+    """The real experts module from the spec's tiny config, with random weights (std 0.1, biases too)."""
+    golden = spec.golden or {}
+    config = build_config(spec)
+    arg = getattr(config, golden["config_attr"]) if golden.get("config_attr") else config
+    cls = spec.resolve_class()
+    if cls is None:
+        raise LookupError(f"{spec.target_class} is not in the installed transformers")
+    module = cls(arg, **golden.get("module_kwargs", {}))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return module.to(dtype).eval()
+
+
+def input_dim(module: nn.Module, spec: Spec) -> int:
+    """Size of the experts' input features, read from the parameter holding up_proj."""
+    from .unfuse import resolve_dims
+
+    p = next(p for p in spec.params if "up_proj" in p.into)
+    t = module._parameters[p.name]
+    for op in p.layout(resolve_dims(module, spec, "")["num_experts"]).prepare:
+        t = op.apply(t)
+    return t.shape[2]
+
+
+def make_inputs(module: nn.Module, spec: Spec, tokens: int = TOKENS, seed: int = SEED) -> tuple[tuple, dict]:
+    """Random hidden states and a routing that hits every expert, in the forward's own argument order."""
+    from .unfuse import resolve_dims
+
+    dtype = next(module.parameters()).dtype
+    num_experts = resolve_dims(module, spec, "")["num_experts"]
+    top_k = min((spec.golden or {}).get("top_k", 2), num_experts)
+    gen = torch.Generator().manual_seed(seed + 1)
+    hidden = torch.randn(tokens, input_dim(module, spec), generator=gen).to(dtype)
+    scores = torch.rand(tokens, num_experts, generator=gen)
+    scores[torch.arange(tokens), torch.arange(tokens) % num_experts] += 2.0
+    weights, index = scores.topk(top_k, dim=-1)
+    values = {"hidden_states": hidden, "top_k_index": index, "top_k_weights": torch.softmax(weights, -1).to(dtype)}
+    return tuple(values[role] for _, role in spec.forward_args), {}
+
+
+@contextmanager
+def implementation(module: nn.Module, impl: str) -> Iterator[None]:
+    """Temporarily dispatch a ``use_experts_implementation`` module to ``impl``."""
+    config = getattr(module, "config", None)
+    if config is None or not hasattr(config, "_experts_implementation"):
+        if impl != "eager":
+            raise LookupError(f"{type(module).__name__} has no experts implementation dispatch")
+        yield
+        return
+    old = config._experts_implementation
+    config._experts_implementation = impl
+    try:
+        yield
+    finally:
+        config._experts_implementation = old
+
+
+def supports_implementations(module: nn.Module) -> bool:
+    return hasattr(type(module), "_apply_gate") and hasattr(getattr(module, "config", None), "_experts_implementation") and hasattr(module, "has_gate")
+
+
+@dataclass
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def check_exact(spec: Spec, dtype: torch.dtype) -> CheckResult:
+    """Unfused forward == original eager forward, bit for bit (``torch.equal``).
+
+    Exact on CPU because the per-expert GEMMs run on views of the fused weights (same values, same
+    kernel as the fused GEMM's halves) and the gate is applied to gate and up packed back into the
+    fused layout: element-wise kernels round the last bits differently on a strided half of a fused
+    output than on a contiguous tensor when the width is not a multiple of the SIMD width (I = 40).
+    """
+    from .unfuse import unfuse
+
+    module = build_experts(spec, dtype)
+    args, kwargs = make_inputs(module, spec)
+    with torch.no_grad(), implementation(module, "eager"):
+        expected = module(*args, **kwargs)
+    unfuse(module, spec)
+    with torch.no_grad():
+        got = module(*args, **kwargs)
+    return CheckResult(f"exact-{_dtype_name(dtype)}", torch.equal(got, expected), f"max|diff| {_max_diff(got, expected):.3g}")
+
+
+def check_implementations(spec: Spec, dtype: torch.dtype) -> list[CheckResult]:
+    """Unfused forward vs ``grouped_mm`` / ``batched_mm``, within :data:`IMPL_TOLERANCE`."""
+    from .unfuse import unfuse
+
+    impls = (spec.golden or {}).get("implementations", [])
+    module = build_experts(spec, dtype)
+    if not impls or not supports_implementations(module):
+        return []
+    args, kwargs = make_inputs(module, spec)
+    expected = {}
+    with torch.no_grad():
+        for impl in impls:
+            with implementation(module, impl):
+                expected[impl] = module(*args, **kwargs)
+        unfuse(module, spec)
+        got = module(*args, **kwargs)
+    tol = IMPL_TOLERANCE[dtype]
+    return [
+        CheckResult(f"{impl}-{_dtype_name(dtype)}", torch.allclose(got, ref, **tol), f"max|diff| {_max_diff(got, ref):.3g} (atol {tol['atol']}, rtol {tol['rtol']})")
+        for impl, ref in expected.items()
+    ]
+
+
+def check_refuse(spec: Spec) -> list[CheckResult]:
+    """unfuse then refuse restores every parameter bit for bit, also after the views were replaced."""
+    from .unfuse import refuse, unfuse
+
+    results = []
+    for replaced in (False, True):
+        module = build_experts(spec)
+        before = {k: v.clone() for k, v in module.state_dict().items()}
+        unfuse(module, spec)
+        if replaced:  # as after module.to(...) or a load: every per-expert tensor is its own copy
+            with torch.no_grad():
+                for p in module.parameters():
+                    p.data = p.data.clone()
+        refuse(module)
+        after = module.state_dict()
+        ok = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+        results.append(CheckResult("refuse-copied" if replaced else "refuse", ok, f"{len(before)} parameters"))
+    return results
+
+
+class _Harness(nn.Module):
+    """A parent for the experts module, as modelopt converts children of the model it is given."""
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        self.experts = experts
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.experts(*args, **kwargs)
+
+
+def quantize(module: nn.Module, spec: Spec, cfg: dict, loop: Callable[[nn.Module], Any]) -> nn.Module:
+    import modelopt.torch.quantization as mtq
+
+    from . import register
+
+    register(spec)
+    harness = _Harness(module)
+    mtq.quantize(harness, copy.deepcopy(cfg), forward_loop=loop)
+    return harness
+
+
+def check_modelopt(spec: Spec) -> list[CheckResult]:
+    """Through ``register`` + ``mtq.quantize``: quantizers off == original; FP8 calibrates every expert."""
+    import modelopt.torch.quantization as mtq
+
+    from .experts import UnfusedExpertsMixin
+
+    results = []
+    module = build_experts(spec)
+    args, kwargs = make_inputs(module, spec)
+    with torch.no_grad(), implementation(module, "eager"):
+        expected = module(*args, **kwargs)
+    harness = quantize(module, spec, mtq.FP8_DEFAULT_CFG, lambda m: m(*args, **kwargs))
+    mtq.disable_quantizer(harness, "*")
+    with torch.no_grad():
+        got = harness(*args, **kwargs)
+    results.append(CheckResult("modelopt-off", torch.equal(got, expected), f"max|diff| {_max_diff(got, expected):.3g}"))
+
+    for impl in ("eager", "grouped_mm"):
+        module = build_experts(spec)
+        if impl != "eager" and not supports_implementations(module):
+            continue
+        with implementation(module, impl):
+            harness = quantize(module, spec, mtq.FP8_DEFAULT_CFG, lambda m: m(*args, **kwargs))
+        experts = harness.experts
+        missing = [
+            f"{e}.{proj}.{q}"
+            for e, expert in enumerate(experts if isinstance(experts, UnfusedExpertsMixin) else [])
+            for proj in spec.projection_names()
+            for q in ("input_quantizer", "weight_quantizer")
+            if getattr(getattr(expert, proj), q).amax is None
+        ]
+        n = len(experts) if isinstance(experts, UnfusedExpertsMixin) else 0
+        ok = n > 0 and not missing
+        results.append(CheckResult(f"fp8-calibrated-{impl}", ok, f"{n} experts, uncalibrated: {missing[:4] or 'none'}"))
+    return results
+
+
+def check_whole_model(spec: Spec) -> list[CheckResult]:
+    """A whole tiny model gives identical logits before and after unfusing."""
+    from .unfuse import unfuse
+
+    model_cfg = (spec.golden or {}).get("model")
+    if not model_cfg:
+        return []
+    cls = import_object(model_cfg["class"])
+    config_cls = import_object(model_cfg["config"]) if model_cfg.get("config") else cls.config_class
+    config = config_cls(**model_cfg["config_kwargs"])
+    _set_implementation(config, "eager")
+    config._attn_implementation = "eager"
+    torch.manual_seed(SEED)
+    model = cls(config).eval()
+    ids = torch.randint(0, config.get_text_config().vocab_size, (2, 12), generator=torch.Generator().manual_seed(SEED))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        report = unfuse(model, spec)
+        after = model(input_ids=ids).logits
+    return [CheckResult("whole-model", torch.equal(before, after) and bool(report.changed), f"{len(report.changed)} modules unfused, max|diff| {_max_diff(before, after):.3g}")]
+
+
+def run_golden(spec: Spec, modelopt: bool = True) -> list[CheckResult]:
+    """Every golden check for ``spec``; the caller decides how to report failures."""
+    results: list[CheckResult] = []
+    for dtype in (torch.float32, torch.bfloat16):
+        results.append(check_exact(spec, dtype))
+        results.extend(check_implementations(spec, dtype))
+    results.extend(check_refuse(spec))
+    if modelopt:
+        results.extend(check_modelopt(spec))
+    results.extend(check_whole_model(spec))
+    return results
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
