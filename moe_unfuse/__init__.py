@@ -9,15 +9,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import drift
 from .errors import MoeUnfuseError, SpecError, UncoveredExpertsError, UnknownArchError
 from .plugins import register_plugin, registry, unregister_plugin
 from .spec import Spec, load_spec
 from .unfuse import Report, refuse, unfuse
+from .quantize import Coverage, QuantizeResult, check_coverage, quantize_model
+from .export import export_checkpoint
+from .verify import CheckpointContractError, VerifyReport, verify_checkpoint
 
 __all__ = [
-    "MoeUnfuseError", "Report", "Spec", "SpecError", "UncoveredExpertsError", "UnknownArchError",
-    "get_spec", "list_specs", "load_spec", "refuse", "register", "register_plugin", "unfuse", "unregister_plugin",
+    "CheckpointContractError", "Coverage", "MoeUnfuseError", "QuantizeResult", "Report", "Spec", "SpecError",
+    "UncoveredExpertsError", "UnknownArchError", "VerifyReport", "check_coverage", "export_checkpoint", "get_spec",
+    "list_specs", "load_spec", "quantize_model", "refuse", "register", "register_plugin", "unfuse", "unregister_plugin",
+    "verify_checkpoint",
 ]
+
+#: Specs registered per backend in this process: ``register(..., model=)`` checks coverage against all of them.
+_REGISTERED: dict[str, dict[str, Spec]] = {}
 
 
 def list_specs() -> dict[str, Spec]:
@@ -30,13 +39,23 @@ def get_spec(arch: str) -> Spec:
     return registry().spec(arch)
 
 
-def register(arch: str | Spec | Path, backend: str = "modelopt") -> type:
+def register(arch: str | Spec | Path, backend: str = "modelopt", model: "torch.nn.Module | None" = None, allow_uncovered: bool = False) -> type:
     """Register ``arch``'s experts class with a quantizer backend (modelopt by default), so that a
     following ``mtq.quantize`` converts every expert into per-expert quantized linears.
     ``arch`` may also be a loaded :class:`Spec` or a spec file path. Registering twice is harmless.
+
+    With ``model``, raises :class:`UncoveredExpertsError` naming the fused expert parameters of
+    ``model`` that no spec registered with this backend so far (this one included) covers, since
+    the quantizer would skip them silently; ``allow_uncovered=True`` accepts that knowingly.
     """
     spec = arch if isinstance(arch, Spec) else load_spec(arch) if isinstance(arch, Path) else get_spec(arch)
+    drift.check(spec)  # on a transformers not in verified_on: fail here, in one line, if the class changed
     backends = registry().backends
     if backend not in backends:
         raise MoeUnfuseError(f"unknown backend {backend!r}; known: {', '.join(backends)}; fix: install the plugin that provides it")
-    return backends[backend].register(spec)
+    cls = backends[backend].register(spec)
+    registered = _REGISTERED.setdefault(backend, {})
+    registered[spec.arch] = spec
+    if model is not None:
+        check_coverage(model, list(registered.values()), allow_uncovered)
+    return cls

@@ -12,7 +12,7 @@ import sys
 
 from .errors import MoeUnfuseError
 
-COMMANDS = ("quantize", "list", "show", "check", "audit", "infer", "coverage")
+COMMANDS = ("quantize", "verify", "list", "show", "check", "audit", "infer", "coverage")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,17 +9,75 @@ import torch
 from torch import nn
 
 
-def linear_over(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
+def _upcast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` keeping the stride order of ``t`` even for a strided slice (``.to`` would
+    make a gate/up half contiguous in the transposed order, and a GEMM on the other operand layout
+    rounds differently from the original's upcast of the whole fused expert)."""
+    if t.dtype == dtype:
+        return t
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    inverse = sorted(range(t.dim()), key=lambda d: order[d])
+    return t.permute(order).to(dtype).permute(inverse)
+
+
+class LinearExact(nn.Linear):
+    """An ``nn.Linear`` that repeats an original's numerics where plain ``F.linear`` would not.
+
+    ``bias_after``: ``F.linear(x, W) + b`` instead of ``F.linear(x, W, b)``; the original writes
+    ``x @ W + b`` (GPT-OSS), and the fused addmm adds the bias inside the GEMM, rounding once
+    instead of twice (measured: differs in the last bits in fp32 and bf16). ``compute_dtype``: upcast input, weight and
+    bias first, as OpenAI Privacy Filter does. Still an ``nn.Linear`` for quantizers and export
+    (modelopt converts it through the backend's registration; see ``modelopt_backend``).
+    """
+
+    bias_after: bool = False
+    compute_dtype: torch.dtype | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if self.compute_dtype is not None:
+            x, weight = x.to(self.compute_dtype), _upcast(weight, self.compute_dtype)
+            bias = bias.to(self.compute_dtype) if bias is not None else None
+        if bias is None or not self.bias_after:
+            return nn.functional.linear(x, weight, bias)
+        return nn.functional.linear(x, weight) + bias
+
+    def extra_repr(self) -> str:
+        extra = f", bias_after={self.bias_after}" if self.bias_after else ""
+        extra += f", compute_dtype={self.compute_dtype}" if self.compute_dtype is not None else ""
+        return super().extra_repr() + extra
+
+
+_MODULE_STATE = nn.Module().__dict__
+
+
+def blank_module(cls: type[nn.Module]) -> nn.Module:
+    """An instance of ``cls`` with a fresh, empty ``nn.Module`` state and no ``__init__`` run.
+
+    ``nn.Module.__init__`` and ``__setattr__`` cost ~80 us per module; a 128-expert layer makes
+    512 modules, which would blow the 30 ms per-layer unfuse budget. Containers are recreated by
+    type from a template, so state that later torch versions add is carried over too.
+    """
+    obj = cls.__new__(cls)
+    obj.__dict__.update({k: type(v)() if isinstance(v, (dict, set, list)) else v for k, v in _MODULE_STATE.items()})
+    return obj
+
+
+def linear_over(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool, bias_after: bool = False, compute_dtype: torch.dtype | None = None) -> nn.Linear:
     """An ``nn.Linear`` whose parameters are the given tensors (views stay views: no allocation, no copy).
 
     Built without ``nn.Linear.__init__`` so no throwaway weight is allocated and initialised:
     at 128 experts x 3 projections per layer that init would dominate the unfuse time.
+    A :class:`LinearExact` when the spec's ``linear`` numerics differ from plain ``F.linear``.
     """
-    lin = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(lin)
+    exact = (bias_after and bias is not None) or compute_dtype is not None
+    cls = LinearExact if exact else nn.Linear
+    lin = blank_module(cls)
     lin.out_features, lin.in_features = weight.shape
-    lin.weight = nn.Parameter(weight, requires_grad=requires_grad)
-    lin.bias = nn.Parameter(bias, requires_grad=requires_grad) if bias is not None else None
+    lin._parameters["weight"] = nn.Parameter(weight, requires_grad=requires_grad)
+    lin._parameters["bias"] = nn.Parameter(bias, requires_grad=requires_grad) if bias is not None else None
+    if exact:
+        lin.bias_after, lin.compute_dtype = bias_after, compute_dtype
     return lin
 
 
@@ -31,20 +89,59 @@ class ExpertMLP(nn.Module):
     last bits differently on a strided half than on a contiguous tensor).
     """
 
-    def __init__(self, projections: dict[str, nn.Linear], pack: Callable, gate_fn: Callable):
+    def __init__(self, projections: dict[str, nn.Linear], pack: Callable | None, gate_fn: Callable):
         super().__init__()
-        for name, lin in projections.items():
-            self.add_module(name, lin)
+        self._modules.update(projections)
         self._pack = pack
         self._gate_fn = gate_fn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def build(cls, projections: dict[str, nn.Linear], pack: Callable | None, gate_fn: Callable) -> "ExpertMLP":
+        """Same as the constructor, without ``nn.Module.__init__`` (see :func:`blank_module`)."""
+        mlp = blank_module(cls)
+        mlp._modules.update(projections)
+        mlp.__dict__["_pack"] = pack
+        mlp.__dict__["_gate_fn"] = gate_fn
+        return mlp
+
+    def packed(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """``pack(gate(x), up(x))`` (or ``up(x)`` alone): the gate function's input."""
         gate_proj = self._modules.get("gate_proj")
         if gate_proj is not None:
-            packed = self._pack((gate_proj(x), self.up_proj(x)))
-        else:
-            packed = self.up_proj(x)
-        return self.down_proj(self._gate_fn(packed))
+            return self._pack((gate_proj(x), self.up_proj(x)))
+        return self.up_proj(x)
+
+    def gate(self, packed: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The gate function; element-wise, so it also takes every expert's ``packed`` stacked
+        (:func:`stack_packed`), as forwards of batched originals apply it."""
+        return self._gate_fn(packed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.gate(self.packed(x)))
+
+
+def stack_packed(items: list[torch.Tensor | tuple[torch.Tensor, ...]]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Stack per-expert ``packed`` values on a new leading expert axis.
+
+    A batched original (``torch.bmm`` over ``[E, T, H]``) gates its ``[E, T, 2I]`` output in one
+    element-wise call. CPU kernels vectorize over the flattened tensor and compute the remainder
+    with scalar code that rounds differently, so gating each expert's ``[T, 2I]`` alone differs in
+    the last bits wherever a per-expert tail falls; gating the stack repeats the original exactly.
+    """
+    if isinstance(items[0], tuple):
+        return tuple(torch.stack(parts) for parts in zip(*items))
+    return torch.stack(items)
+
+
+class ExpertProjection(nn.Module):
+    """One expert of a per-projection expert bank (JetMoE's ParallelExperts): a single ``linear``."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
 
 
 @dataclass
@@ -88,15 +185,30 @@ class UnfusedExpertsMixin:
     def __len__(self) -> int:
         return self._moe_unfuse.num_experts
 
-    def __iter__(self) -> Iterator[ExpertMLP]:
+    def __iter__(self) -> Iterator[ExpertMLP | ExpertProjection]:
         return (self._modules[str(i)] for i in range(len(self)))
 
-    def __getitem__(self, index: int | torch.Tensor) -> ExpertMLP:
+    def __getitem__(self, index: int | torch.Tensor) -> ExpertMLP | ExpertProjection:
         i = int(index)
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"expert {i} out of range for {n} experts")
         return self._modules[str(i % n)]
+
+
+def post_expert_norm(module: nn.Module) -> Callable | None:
+    """The spec's ``post_expert_norm`` module of an unfused experts module (MuseSpark), or None.
+
+    Looked up on every call rather than captured at unfuse time, so it stays the module's own child
+    (moved, hooked or replaced with the module) and is never duplicated under each expert.
+    """
+    attr = module._moe_unfuse.spec.post_expert_norm
+    if attr is None:
+        return None
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 _UNFUSED_CLASSES: dict[type, type] = {}

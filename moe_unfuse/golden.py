@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from .plugins import registry
 from .spec import Spec
 
 #: grouped_mm / batched_mm reorder the reductions (one grouped GEMM, fp32 accumulation and a
@@ -45,13 +46,17 @@ def _set_implementation(config: Any, implementation: str) -> None:
 
 def build_experts(spec: Spec, dtype: torch.dtype = torch.float32, seed: int = SEED) -> nn.Module:
     """The real experts module from the spec's tiny config, with random weights (std 0.1, biases too)."""
+    from .drift import check as check_drift
+
+    check_drift(spec)  # a transformers not in verified_on: what changed, in one line
     golden = spec.golden or {}
     config = build_config(spec)
     arg = getattr(config, golden["config_attr"]) if golden.get("config_attr") else config
     cls = spec.resolve_class()
     if cls is None:
         raise LookupError(f"{spec.target_class} is not in the installed transformers")
-    module = cls(arg, **golden.get("module_kwargs", {}))
+    args = (arg,) if golden.get("config_arg", True) else ()
+    module = cls(*args, **golden.get("module_kwargs", {}))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
@@ -60,11 +65,12 @@ def build_experts(spec: Spec, dtype: torch.dtype = torch.float32, seed: int = SE
 
 
 def input_dim(module: nn.Module, spec: Spec) -> int:
-    """Size of the experts' input features, read from the parameter holding up_proj."""
-    from .unfuse import resolve_dims
+    """Size of the experts' input features, read from the parameter holding up_proj (else the first)."""
+    from .unfuse import _owner, resolve_dims
 
-    p = next(p for p in spec.params if "up_proj" in p.into)
-    t = module._parameters[p.name]
+    p = next((p for p in spec.params if "up_proj" in p.into), spec.params[0])
+    owner, leaf = _owner(module, p.name)
+    t = owner._parameters[leaf]
     for op in p.layout(resolve_dims(module, spec, "")["num_experts"]).prepare:
         t = op.apply(t)
     return t.shape[2]
@@ -83,6 +89,9 @@ def make_inputs(module: nn.Module, spec: Spec, tokens: int = TOKENS, seed: int =
     scores[torch.arange(tokens), torch.arange(tokens) % num_experts] += 2.0
     weights, index = scores.topk(top_k, dim=-1)
     values = {"hidden_states": hidden, "top_k_index": index, "top_k_weights": torch.softmax(weights, -1).to(dtype)}
+    extra = getattr(registry().forwards.get(spec.forward_kind), "golden_inputs", None)
+    if extra is not None:  # the forward kind's other roles (expert sizes, gammas, identity-expert routing)
+        values.update(extra(module, spec, values, gen))
     return tuple(values[role] for _, role in spec.forward_args), {}
 
 

@@ -28,12 +28,12 @@ def register_activations(register: Callable) -> None:
 
 @hookspec
 def register_gates(register: Callable) -> None:
-    """Contribute gating kinds: ``register(kind, build)``, ``build(module, cfg, act, split)`` returns ``packed_gate_up -> hidden``."""
+    """Contribute gating kinds: ``register(kind, build)``, ``build(module, cfg, act, split)`` returns ``packed_gate_up -> hidden``; a ``kinds.GateKind`` also declares its parameters."""
 
 
 @hookspec
 def register_forwards(register: Callable) -> None:
-    """Contribute forward kinds: ``register(kind, forward)``, ``forward(module, *args, **kwargs)`` replaces the fused forward."""
+    """Contribute forward kinds: ``register(kind, forward)``, ``forward(module, *args, **kwargs)`` replaces the fused forward; a ``kinds.ForwardKind`` also declares its roles and options."""
 
 
 @hookspec

@@ -30,6 +30,24 @@ class Unflatten:
 
 
 @dataclass(frozen=True)
+class Narrow:
+    """Keep the first ``length`` entries of ``axis``: Longcat allocates gate_up_proj rows for its zero
+    (identity) experts that the forward never reads. The rest is set aside, and the reverse appends it."""
+
+    axis: int
+    length: int
+
+    def apply(self, t: torch.Tensor) -> torch.Tensor:
+        return t.narrow(self.axis, 0, self.length)
+
+    def rest(self, t: torch.Tensor) -> torch.Tensor:
+        return t.narrow(self.axis, self.length, t.shape[self.axis] - self.length)
+
+    def reverse(self, t: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, rest.to(device=t.device, dtype=t.dtype)], self.axis)
+
+
+@dataclass(frozen=True)
 class Transpose:
     """Swap two axes; used for ``[E, in, out]`` weights so each expert reads as ``[out, in]``."""
 
@@ -45,7 +63,12 @@ class Transpose:
 
 @dataclass(frozen=True)
 class Split:
-    """Cut one axis into ``parts`` equal pieces, either as blocks or every ``parts``-th row."""
+    """Cut one axis into ``parts`` equal pieces, either as blocks or every ``parts``-th row.
+
+    ``separate`` is the degenerate case of two projections held in two tensors (DBRX w1/v1, Inkling's
+    shared gate_proj/up_proj): the "packed" value is the pair itself, so each half is gated exactly
+    where the original computed it, on its own contiguous tensor.
+    """
 
     axis: int
     parts: int
@@ -57,7 +80,9 @@ class Split:
             return f"axis of size {size} does not split into {self.parts} equal parts"
         return None
 
-    def apply(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def apply(self, t: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if self.packing == "separate":
+            return tuple(t)
         if self.parts == 1:
             return (t,)
         if self.packing == "concatenated":
@@ -66,7 +91,9 @@ class Split:
         grouped = t.unflatten(axis, (-1, self.parts))
         return tuple(grouped.select(axis + 1, i) for i in range(self.parts))
 
-    def reverse(self, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+    def reverse(self, pieces: Sequence[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if self.packing == "separate":
+            return tuple(pieces)
         if len(pieces) == 1:
             return pieces[0]
         if self.packing == "concatenated":
@@ -92,7 +119,7 @@ class Unbind:
 class Layout:
     """How one fused tensor becomes ``parts[k][expert]`` 2-D tensors in ``[out, in]`` (or ``[out]``) form."""
 
-    prepare: tuple[Unflatten | Transpose, ...]
+    prepare: tuple[Unflatten | Narrow | Transpose, ...]
     split: Split
     unbind: Unbind = Unbind(0)
 
@@ -102,10 +129,24 @@ class Layout:
             t = op.apply(t)
         return tuple(self.unbind.apply(part) for part in self.split.apply(t))
 
-    def refuse(self, per_expert: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    def rest(self, fused: torch.Tensor) -> torch.Tensor | None:
+        """The part a :class:`Narrow` sets aside (a view of ``fused``), or None when nothing is."""
+        t = fused
+        for op in self.prepare:
+            if isinstance(op, Narrow):
+                return op.rest(t)
+            t = op.apply(t)
+        return None
+
+    def refuse(self, per_expert: Sequence[Sequence[torch.Tensor]], rest: torch.Tensor | None = None) -> torch.Tensor:
         t = self.split.reverse([self.unbind.reverse(experts) for experts in per_expert])
         for op in reversed(self.prepare):
-            t = op.reverse(t)
+            if isinstance(op, Narrow):
+                if rest is None:
+                    raise ValueError("this layout sets rows aside; refuse needs them (rest=...)")
+                t = op.reverse(t, rest)
+            else:
+                t = op.reverse(t)
         return t.contiguous()
 
     def aliases(self, fused: torch.Tensor, per_expert: Sequence[Sequence[torch.Tensor]]) -> bool:
@@ -119,14 +160,15 @@ class Layout:
         )
 
 
-def layout_for(axes: Sequence[str], parts: int, packing: str, sizes: dict[str, int] | None = None) -> Layout:
+def layout_for(axes: Sequence[str], parts: int, packing: str, sizes: dict[str, int] | None = None, extra_experts: bool = False) -> Layout:
     """Build the op chain for a parameter whose axes are named ``expert``, ``out``, ``in``.
 
     A first axis ``expert*out`` or ``expert*in`` is a flattened expert axis (DBRX).
 
     ``sizes`` gives ``expert`` for flattened layouts. Bias parameters use axes ``[expert, out]``.
+    ``extra_experts``: the expert axis holds rows after the ``sizes["expert"]`` experts, set aside.
     """
-    prepare: list[Unflatten | Transpose] = []
+    prepare: list[Unflatten | Narrow | Transpose] = []
     names = list(axes)
     if names and names[0].startswith("expert*"):
         if not sizes or "expert" not in sizes:
@@ -135,6 +177,10 @@ def layout_for(axes: Sequence[str], parts: int, packing: str, sizes: dict[str, i
         names = ["expert", names[0].split("*", 1)[1], *names[1:]]
     if names[0] != "expert":
         raise ValueError(f"the expert axis must come first, got {list(axes)}")
+    if extra_experts:
+        if not sizes or "expert" not in sizes or len(prepare):
+            raise ValueError("extra expert rows need the expert count and an unflattened expert axis")
+        prepare.append(Narrow(0, sizes["expert"]))
     if names == ["expert", "in", "out"]:
         prepare.append(Transpose(1, 2))
         names = ["expert", "out", "in"]

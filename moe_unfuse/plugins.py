@@ -17,6 +17,8 @@ DEFAULT_PLUGINS = (
     "moe_unfuse.default_plugins.activations",
     "moe_unfuse.default_plugins.gates",
     "moe_unfuse.default_plugins.routed_forward",
+    "moe_unfuse.default_plugins.forwards",
+    "moe_unfuse.default_plugins.clamped_gates",
     "moe_unfuse.default_plugins.modelopt_backend",
 )
 

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import jsonschema
 import yaml
 
+from .drift import is_drifted
 from .errors import SpecError
 from .layout import Layout, layout_for
 
@@ -42,9 +43,10 @@ class ParamSpec:
     packing: str = "concatenated"
     shape: tuple[str | int, ...] | None = None
     bias: str | None = None
+    extra_experts: str | int | None = None
 
     def layout(self, num_experts: int) -> Layout:
-        return layout_for(self.axes, len(self.into), self.packing, {"expert": num_experts})
+        return layout_for(self.axes, len(self.into), self.packing, {"expert": num_experts}, extra_experts=self.extra_experts is not None)
 
     def bias_layout(self) -> Layout:
         return layout_for(("expert", "out"), len(self.into), self.packing)
@@ -69,6 +71,12 @@ class Spec:
     golden: Mapping[str, Any] | None
     raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
     description: str = ""
+    #: ``forward`` keys other than kind and args: the forward kind's options.
+    forward_options: Mapping[str, Any] = field(default_factory=dict)
+    #: ``linear``: how the original computes each projection (bias, compute_dtype).
+    linear: Mapping[str, Any] = field(default_factory=dict)
+    #: ``post_expert_norm.attribute``: module applied to each expert's output, or None.
+    post_expert_norm: str | None = None
 
     def __repr__(self) -> str:
         return f"Spec(arch={self.arch!r}, target={self.target_class!r}, source={self.source!r})"
@@ -100,9 +108,12 @@ class Spec:
 
 
 def _deep_merge(base: dict, over: Mapping) -> dict:
+    """``over`` on top of ``base``; a ``null`` in ``over`` removes the base's key (as in JSON Merge Patch)."""
     out = copy.deepcopy(base)
     for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -242,24 +253,92 @@ def _check_semantics(source: str, raw: dict) -> None:
                 unknown = _shape_expr_names(expr) - set(dims)
                 if unknown:
                     raise SpecError(source, f"{where}.shape.{i}", f"unknown dim {sorted(unknown)[0]!r}", f"use one of dims: {', '.join(dims)}")
-    if "down_proj" not in seen or "up_proj" not in seen:
+    if "linear" in seen and _expert_shape(raw) != "linear":
+        raise SpecError(source, f"params.{seen['linear']}.into", f"linear is the single projection of an expert_bank-style forward, not of {raw['forward']['kind']!r}", "use gate_proj/up_proj/down_proj, or a forward kind whose experts are one linear")
+    if _expert_shape(raw) == "mlp" and ("down_proj" not in seen or "up_proj" not in seen):
         raise SpecError(source, "params", "every expert needs up_proj and down_proj", "declare params whose into lists up_proj and down_proj")
+    if _expert_shape(raw) == "linear" and set(seen) != {"linear"}:
+        raise SpecError(source, "params", f"forward kind {raw['forward']['kind']!r} runs one projection per expert, not {sorted(seen)}", "declare one param with into: [linear]")
     gate = raw.get("gate", {"kind": "glu" if "gate_proj" in seen else "none"})
     if gate.get("kind") in ("glu", "module_method") and "gate_proj" not in seen:
         raise SpecError(source, "gate.kind", f"{gate['kind']} needs a gate_proj", "add gate_proj to a param's into, or use kind: none")
     if gate.get("kind") == "glu" and "activation" not in raw:
         raise SpecError(source, "activation", "glu gating needs an activation", "add activation: {attribute: act_fn} or {name: silu}")
+    _check_kinds(source, raw, seen)
     roles = list(raw["forward"]["args"].values())
     if raw["forward"]["kind"] == "routed" and sorted(roles) != ["hidden_states", "top_k_index", "top_k_weights"]:
         raise SpecError(source, "forward.args", f"roles {roles} must be hidden_states, top_k_index and top_k_weights once each", "map each forward argument to one role")
     cls_path = raw["target"]["class"]
     module, _, cls_name = cls_path.rpartition(".")
+    if is_drifted(raw):
+        return  # another transformers than verified_on: a missing class is drift, reported on use (drift.py)
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:
         raise SpecError(source, "target.class", f"cannot import module {module!r} ({exc.__class__.__name__})", "fix the import path or install the package that defines it") from None
     if not hasattr(mod, cls_name):
         raise SpecError(source, "target.class", f"{module} has no class {cls_name!r}", "fix the class name (check the installed transformers version)")
+
+
+def _expert_shape(raw: dict) -> str:
+    """``mlp`` (gate/up/down experts) or ``linear`` (one projection each), as the forward kind declares."""
+    from .plugins import registry
+
+    kind = registry().forwards.get(raw["forward"]["kind"])
+    return getattr(kind, "expert", "mlp")
+
+
+def _check_kinds(source: str, raw: dict, seen: Mapping[str, str]) -> None:
+    """What the forward and gate kinds declare (roles, options, parameters, expert shape), and the
+    fields that depend on them: extra_experts, identity_experts, linear."""
+    from .kinds import ForwardKind, GateKind
+    from .plugins import registry
+
+    dims = raw["dims"]
+    for name, p in raw["params"].items():
+        extra = p.get("extra_experts")
+        if extra is None:
+            continue
+        unknown = _shape_expr_names(extra) - set(dims)
+        if unknown:
+            raise SpecError(source, f"params.{name}.extra_experts", f"unknown dim {sorted(unknown)[0]!r}", f"use one of dims: {', '.join(dims)}")
+        if p["axes"][0] != "expert":
+            raise SpecError(source, f"params.{name}.extra_experts", "extra expert rows need an unflattened expert axis", "use axes starting with expert, or remove extra_experts")
+    fwd = raw["forward"]
+    kind = registry().forwards.get(fwd["kind"])
+    options = {k: v for k, v in fwd.items() if k not in ("kind", "args")}
+    if isinstance(kind, ForwardKind):
+        for arg, role in fwd["args"].items():
+            if role not in kind.roles:
+                raise SpecError(source, f"forward.args.{arg}", f"{role!r} is not a role of forward kind {fwd['kind']!r}", f"use one of: {', '.join(kind.roles)}")
+        roles = list(fwd["args"].values())
+        if sorted(roles) != sorted(kind.roles):
+            raise SpecError(source, "forward.args", f"roles {roles} must be {', '.join(kind.roles)} once each for forward kind {fwd['kind']!r}", "map each forward argument to one of these roles")
+        for opt in options:
+            if opt not in kind.options:
+                allowed = ", ".join(kind.options) or "none"
+                raise SpecError(source, f"forward.{opt}", f"not an option of forward kind {fwd['kind']!r}", f"remove it or use one of: {allowed}")
+    ident = options.get("identity_experts")
+    if ident is not None:
+        unknown = _shape_expr_names(ident) - set(dims)
+        if unknown:
+            raise SpecError(source, "forward.identity_experts", f"unknown dim {sorted(unknown)[0]!r}", f"use one of dims: {', '.join(dims)}")
+    gate = raw.get("gate")
+    gkind = registry().gates.get(gate["kind"]) if gate else None
+    if isinstance(gkind, GateKind):
+        for key in gate:
+            if key != "kind" and key not in gkind.params:
+                allowed = ", ".join(gkind.params) or "none"
+                raise SpecError(source, f"gate.{key}", f"not a parameter of gate kind {gate['kind']!r}", f"remove it or use one of: {allowed}")
+        for key in gkind.required:
+            if key not in gate:
+                raise SpecError(source, f"gate.{key}", f"gate kind {gate['kind']!r} needs {key}", f"add {key}: a number, {{attribute: NAME}} or {{config: NAME}}")
+        if gkind.needs_gate_proj and "gate_proj" not in seen:
+            raise SpecError(source, "gate.kind", f"{gate['kind']} needs a gate_proj", "add gate_proj to a param's into, or use kind: none")
+        if gkind.needs_activation and "activation" not in raw:
+            raise SpecError(source, "activation", f"{gate['kind']} gating needs an activation", "add activation: {attribute: act_fn} or {name: silu}")
+    if raw.get("linear", {}).get("bias") == "after_matmul" and not any(p.get("bias") for p in raw["params"].values()):
+        raise SpecError(source, "linear.bias", "after_matmul but no param declares a bias", "remove linear.bias or add params.NAME.bias")
 
 
 def parse(raw: dict, source: str) -> Spec:
@@ -276,6 +355,7 @@ def parse(raw: dict, source: str) -> Spec:
             packing=p.get("packing", "concatenated"),
             shape=tuple(p["shape"]) if p.get("shape") is not None else None,
             bias=p.get("bias"),
+            extra_experts=p.get("extra_experts"),
         )
         for name, p in raw["params"].items()
     )
@@ -297,6 +377,9 @@ def parse(raw: dict, source: str) -> Spec:
         golden=raw.get("golden"),
         raw=raw,
         description=raw.get("description", ""),
+        forward_options={k: v for k, v in raw["forward"].items() if k not in ("kind", "args")},
+        linear=dict(raw.get("linear", {})),
+        post_expert_norm=raw.get("post_expert_norm", {}).get("attribute"),
     )
 
 

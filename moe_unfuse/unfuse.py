@@ -9,9 +9,11 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from . import drift
 from .errors import MoeUnfuseError, SpecError, UncoveredExpertsError
-from .experts import ExpertMLP, UnfusedExpertsMixin, UnfuseState, linear_over, unfused_class
+from .experts import ExpertMLP, ExpertProjection, UnfusedExpertsMixin, UnfuseState, linear_over, unfused_class
 from .layout import Split
+from .offload import attach_expert_hooks, release_expert_hooks
 from .plugins import registry
 from .spec import Spec, eval_shape_expr
 
@@ -29,6 +31,10 @@ class Plan:
     gate_fn: Any
     pack: Any
     forward_fn: Any
+    #: resolved dims and the forward kind's prepared options (``UnfuseState.extra``)
+    extra: dict[str, Any] = field(default_factory=dict)
+    #: rows a param's layout sets aside (``extra_experts``), by param name; kept as buffers while unfused
+    rests: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _attr(module: nn.Module, dotted: str) -> Any:
@@ -51,8 +57,21 @@ def resolve_dims(module: nn.Module, spec: Spec, path: str) -> dict[str, int]:
     return dims
 
 
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding a (possibly dotted, ``mlp.w1``) parameter name, and the name's last part."""
+    prefix, _, leaf = name.rpartition(".")
+    return (module.get_submodule(prefix) if prefix else module), leaf
+
+
+REST_PREFIX = "_moe_unfuse_rest_"
+
+
 def _param(module: nn.Module, spec: Spec, field_path: str, name: str, ndim: tuple[int, ...], path: str) -> nn.Parameter:
-    p = module._parameters.get(name)
+    try:
+        owner, leaf = _owner(module, name)
+    except AttributeError:
+        owner, leaf = module, name
+    p = owner._parameters.get(leaf)
     if p is None:
         raise SpecError(spec.source, field_path, f"{type(module).__name__} at {path or '(root)'} has no parameter {name!r}", "name a parameter the class owns")
     if p.dim() not in ndim:
@@ -66,6 +85,7 @@ def build_plan(module: nn.Module, spec: Spec, path: str = "") -> Plan:
     dims = resolve_dims(module, spec, path)
     num_experts = dims["num_experts"]
     originals: dict[str, nn.Parameter] = {}
+    rests: dict[str, torch.Tensor] = {}
     pieces: dict[str, tuple[torch.Tensor, ...]] = {}
     bias_pieces: dict[str, tuple[torch.Tensor, ...]] = {}
     for p in spec.params:
@@ -87,6 +107,11 @@ def build_plan(module: nn.Module, spec: Spec, path: str = "") -> Plan:
                 raise SpecError(spec.source, f"{where}.axes", f"{path}.{p.name} {list(fused.shape)}: {exc}", "check the expert count and axes") from None
         if prepared.shape[0] != num_experts:
             raise SpecError(spec.source, f"{where}.axes", f"{path}.{p.name} has {prepared.shape[0]} along the expert axis, num_experts is {num_experts}", "put the expert axis first or fix dims.num_experts")
+        if p.extra_experts is not None:
+            extra = eval_shape_expr(p.extra_experts, dims)
+            if fused.shape[0] != num_experts + extra:
+                raise SpecError(spec.source, f"{where}.extra_experts", f"{path}.{p.name} has {fused.shape[0]} expert rows, not num_experts + {extra} = {num_experts + extra}", "fix extra_experts or dims")
+            rests[p.name] = layout.rest(fused)
         problem = layout.split.check(prepared.shape[1])
         if problem:
             raise SpecError(spec.source, f"{where}.into", f"{path}.{p.name}: {problem}", "check axes and into")
@@ -111,15 +136,28 @@ def build_plan(module: nn.Module, spec: Spec, path: str = "") -> Plan:
     if gate_kind not in reg.gates:
         raise SpecError(spec.source, "gate.kind", f"unknown gate kind {gate_kind!r}", f"use one of: {', '.join(sorted(reg.gates))}")
     gate_param = next((p for p in spec.params if "gate_proj" in p.into), None)
-    pack = Split(-1, 2, gate_param.packing).reverse if gate_param is not None else None
-    split = Split(-1, 2, gate_param.packing) if gate_param is not None else Split(-1, 1)
+    up_param = next((p for p in spec.params if "up_proj" in p.into), None)
+    # gate and up in two tensors (DBRX w1/v1): no packing, each is gated where it was computed
+    packing = "separate" if gate_param is not None and gate_param is not up_param else gate_param.packing if gate_param is not None else None
+    pack = Split(-1, 2, packing).reverse if packing is not None else None
+    split = Split(-1, 2, packing) if packing is not None else Split(-1, 1)
     try:
         gate_fn = reg.gates[gate_kind](module, dict(spec.gate), act, split)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise SpecError(spec.source, "gate", f"cannot build {gate_kind!r} gate for {path}: {exc}", "check the gate's parameters against the module") from None
     if spec.forward_kind not in reg.forwards:
         raise SpecError(spec.source, "forward.kind", f"unknown forward kind {spec.forward_kind!r}", f"use one of: {', '.join(sorted(reg.forwards))}")
-    return Plan(path, module, spec, num_experts, originals, experts, gate_fn, pack, reg.forwards[spec.forward_kind])
+    forward = reg.forwards[spec.forward_kind]
+    if spec.post_expert_norm is not None:
+        try:
+            norm = _attr(module, spec.post_expert_norm)
+        except AttributeError:
+            norm = None
+        if not callable(norm):
+            raise SpecError(spec.source, "post_expert_norm.attribute", f"{path or type(module).__name__} has no module {spec.post_expert_norm!r}", "name the attribute holding the norm")
+    prepare = getattr(forward, "prepare", None)
+    extra = {"dims": dims, "forward": prepare(module, spec, dims) if prepare is not None else {}}
+    return Plan(path, module, spec, num_experts, originals, experts, gate_fn, pack, forward, extra, rests)
 
 
 def _activation(module: nn.Module, spec: Spec, path: str) -> Any:
@@ -142,11 +180,28 @@ def apply_plan(plan: Plan, swap_class: bool = True) -> None:
     module = plan.module
     requires_grad = {name: p.requires_grad for name, p in plan.originals.items()}
     any_grad = any(requires_grad.values())
+    numerics = plan.spec.linear
+    bias_after = numerics.get("bias") == "after_matmul"
+    compute_dtype = getattr(torch, numerics["compute_dtype"]) if numerics.get("compute_dtype") else None
     for e, projections in enumerate(plan.experts):
-        linears = {proj: linear_over(w, b, any_grad) for proj, (w, b) in projections.items()}
-        module.add_module(str(e), ExpertMLP(linears, plan.pack, plan.gate_fn))
+        linears = {proj: linear_over(w, b, any_grad, bias_after, compute_dtype) for proj, (w, b) in projections.items()}
+        expert = ExpertProjection(linears["linear"]) if set(linears) == {"linear"} else ExpertMLP.build(linears, plan.pack, plan.gate_fn)
+        module._modules[str(e)] = expert
+    offloaded = attach_expert_hooks(module, plan.spec, plan.num_experts, plan.originals)  # before owners are detached
+    owners: dict[str, nn.Module] = {}
     for name in plan.originals:
-        del module._parameters[name]
+        owner, leaf = _owner(module, name)
+        del owner._parameters[leaf]
+        if owner is not module:
+            owners[name.rpartition(".")[0]] = owner
+    # A submodule emptied of its parameters (DBRX's DbrxExpertGLU) is detached: no longer a child, so
+    # no quantizer wraps it, but still an attribute (modelopt's DBRX hook reads ``experts.mlp``).
+    detached = {prefix: sub for prefix, sub in owners.items() if "." not in prefix and next(sub.parameters(), None) is None}
+    for prefix, sub in detached.items():
+        del module._modules[prefix]
+        module.__dict__[prefix] = sub
+    for name, rest in plan.rests.items():
+        module.register_buffer(REST_PREFIX + name.replace(".", "_"), rest, persistent=False)
     module._moe_unfuse = UnfuseState(
         spec=plan.spec,
         original_class=type(module),
@@ -154,45 +209,60 @@ def apply_plan(plan: Plan, swap_class: bool = True) -> None:
         originals=dict(plan.originals),
         forward_fn=plan.forward_fn,
         roles=plan.spec.forward_args,
+        extra={**plan.extra, "detached": detached},
     )
+    if offloaded:
+        module._moe_unfuse.extra["offloaded"] = offloaded  # the values live in accelerate's weights_map
     if swap_class:
         module.__class__ = unfused_class(type(module))
         _rebind_accelerate_forward(module)
 
 
 def _rebind_accelerate_forward(module: nn.Module) -> None:
-    """accelerate's hooks call ``module._old_forward``, bound to the class the module had when hooked."""
+    """accelerate's hooks call ``module._old_forward``, bound to the class the module had when hooked;
+    ``remove_hook_from_module`` leaves that bound method behind as an instance ``forward``."""
     if "_old_forward" in module.__dict__:
         module._old_forward = types.MethodType(type(module).forward, module)
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, types.MethodType) and forward.__self__ is module and forward.__func__.__qualname__.endswith(".forward"):
+        module.forward = types.MethodType(type(module).forward, module)  # a class's forward, not a user's patch
 
 
 def _refuse_module(module: nn.Module) -> None:
     state: UnfuseState = module._moe_unfuse
     spec: Spec = state.spec
     experts = [module._modules[str(e)] for e in range(state.num_experts)]
-    restored: dict[str, nn.Parameter] = {}
-    for p in spec.params:
+    offloaded = release_expert_hooks(state.extra.get("offloaded"))  # still offloaded: accelerate's weights_map holds the values
+    restored: dict[str, nn.Parameter] = dict(state.originals) if offloaded else {}
+    for p in () if offloaded else spec.params:
         original = state.originals[p.name]
         weights = [[getattr(x, proj).weight for x in experts] for proj in p.into]
-        restored[p.name] = _restore(original, weights, p.layout(state.num_experts))
+        rest = module._buffers.get(REST_PREFIX + p.name.replace(".", "_"))
+        restored[p.name] = _restore(original, weights, p.layout(state.num_experts), rest)
         if p.bias:
             biases = [[getattr(x, proj).bias for x in experts] for proj in p.into]
             restored[p.bias] = _restore(state.originals[p.bias], biases, p.bias_layout())
     for e in range(state.num_experts):
         del module._modules[str(e)]
+    for prefix, sub in state.extra.get("detached", {}).items():
+        module.__dict__.pop(prefix, None)
+        module._modules[prefix] = sub
+    for p in spec.params:
+        module._buffers.pop(REST_PREFIX + p.name.replace(".", "_"), None)
     for name, value in restored.items():
-        module._parameters[name] = value
+        owner, leaf = _owner(module, name)
+        owner._parameters[leaf] = value
     del module._moe_unfuse
     module.__class__ = state.original_class
     _rebind_accelerate_forward(module)
 
 
-def _restore(original: nn.Parameter, pieces: list[list[torch.Tensor]], layout: Any) -> nn.Parameter:
+def _restore(original: nn.Parameter, pieces: list[list[torch.Tensor]], layout: Any, rest: torch.Tensor | None = None) -> nn.Parameter:
     """The original parameter if every piece still views it; else a fresh fused tensor built by the reverse ops."""
     if layout.aliases(original, pieces):
         return original
     with torch.no_grad():
-        fused = layout.refuse([[t.detach() for t in part] for part in pieces])
+        fused = layout.refuse([[t.detach() for t in part] for part in pieces], rest)
     return nn.Parameter(fused, requires_grad=original.requires_grad)
 
 
@@ -264,10 +334,12 @@ def unfuse(model: nn.Module, arch: ArchArg = None, allow_uncovered: bool = False
             continue
         spec = next((s for s in specs if s.matches(module)), None)
         if spec is not None:
-            plans.append(build_plan(module, spec, path))
+            with drift.explained(spec, module):
+                plans.append(build_plan(module, spec, path))
     if not allow_uncovered:
-        covered = {id(p.module) for p in plans}
-        missing = [name for name, mod in uncovered_expert_params(model) if id(mod) not in covered]
+        # relative to the specs in use: a module matched by a spec that omits one of its fused
+        # parameters, or matched only by a spec not passed in ``arch``, would stay fused
+        missing = [name for name, _ in uncovered_expert_params(model, specs)]
         if missing:
             raise UncoveredExpertsError(missing)
     if arch is not None and not plans and not report.modules:

@@ -32,10 +32,24 @@ class ModeloptBackend:
 
         return type(f"_QuantUnfused{spec.class_name}", (UnfusedExpertsMixin, QuantModule), {"_setup": _setup, "_moe_unfuse_spec": spec, "__module__": __name__})
 
+    @staticmethod
+    def _register_linear_exact() -> None:
+        """``LinearExact`` overrides ``forward``, so modelopt's nn.Linear entry does not match it;
+        register it with the same ``_QuantLinear`` (whose forward quantizes input and weight, then
+        calls ours)."""
+        from modelopt.torch.quantization.nn import QuantModuleRegistry
+        from modelopt.torch.quantization.nn.modules.quant_linear import _QuantLinear
+
+        from ..experts import LinearExact
+
+        if LinearExact not in QuantModuleRegistry._registry:
+            QuantModuleRegistry.register({LinearExact: f"{KEY_PREFIX}LinearExact"})(_QuantLinear)
+
     def register(self, spec) -> type:
         """Register ``spec``'s class with modelopt; harmless when already registered by us."""
         from modelopt.torch.quantization.nn import QuantModuleRegistry
 
+        self._register_linear_exact()
         cls = spec.resolve_class()
         if cls is None:
             raise SpecError(spec.source, "target.class", f"{spec.target_class} is not in the installed transformers", "install a transformers version listed in target.verified_on")

@@ -1,0 +1,382 @@
+"""Calibration for unfused experts: data, per-expert token counts, forced routing, input scales.
+
+Token counts come from a forward pre-hook on each expert's input linear (the rows it computes on), so
+they are right whatever ``_experts_implementation`` the config names (once unfused, the spec's routed
+forward runs, never grouped_mm/batched_mm) and whatever form the routing takes.
+
+Forced routing (``force_routing=True``): after the normal calibration, one more forward over the
+first calibration batch, during which each experts module, once its normal forward is done, also
+runs every expert that has received no token so far on *all* of this layer's actual input tokens,
+``chunk_tokens`` at a time. Those outputs are discarded and the normal forward's output is returned
+unchanged, so the model computes exactly what it would without the pass; max calibration is
+idempotent on a batch it has already seen, so other quantizers' statistics are unchanged too.
+Memory: the batch's normal activations plus one expert's output for one chunk.
+
+Input scales (``input_scale``): ``shared`` (default) gives every expert of a layer the max over the
+layer's experts, per input (gate/up read the layer input, down reads the gated hidden), which is
+what vLLM/SGLang/TRT-LLM fused MoE kernels apply anyway (one input scale per layer); ``per-expert``
+keeps each expert's own. Gate and up of one expert always share (same input). An expert that still
+has no data gets the max over the other experts of its layer for that input, or, if none in the
+layer has data, the max over the same input of every other layer: never zero, NaN or missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .errors import MoeUnfuseError
+
+from .options import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SIZE, DEFAULT_CHUNK_TOKENS, DEFAULT_SEQ_LEN, INPUT_SCALE_POLICIES
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def read_calibration_texts(path: Path | str | None) -> list[str]:
+    """Texts to calibrate on: the built-in text, or ``path`` (``.jsonl`` with a ``text`` field per
+    line, ``.json`` list of strings or of objects with ``text``, else plain text split at blank lines)."""
+    if path is None:
+        from .tiny import CALIBRATION_TEXT
+
+        return [p for p in CALIBRATION_TEXT.split("\n\n") if p.strip()]
+    path = Path(path)
+    if not path.is_file():
+        raise MoeUnfuseError(f"--calib-file {path}: no such file; fix: pass a .txt, .json or .jsonl file of calibration text")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        if path.suffix == ".jsonl":
+            items: list[Any] = [json.loads(line) for line in raw.splitlines() if line.strip()]
+        elif path.suffix == ".json":
+            items = json.loads(raw)
+            if not isinstance(items, list):
+                raise ValueError("top level is not a list")
+        else:
+            items = raw.split("\n\n")
+    except ValueError as exc:
+        raise MoeUnfuseError(f"--calib-file {path}: not valid {path.suffix[1:]} ({exc}); fix: one JSON object with a \"text\" field per line") from None
+    texts = [(it.get("text", "") if isinstance(it, dict) else str(it)) for it in items]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise MoeUnfuseError(f"--calib-file {path}: contains no text; fix: give it some text to calibrate on")
+    return texts
+
+
+def calibration_batches(tokenizer: Any, texts: Sequence[str], calib_size: int = DEFAULT_CALIB_SIZE, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = DEFAULT_BATCH_SIZE) -> list[dict[str, torch.Tensor]]:
+    """Pack the texts into one token stream (EOS between texts) and cut ``calib_size`` samples of
+    ``seq_len`` tokens, batched ``batch_size`` at a time: no padding, every token counts.
+    Fewer samples come back when the text runs out (a shorter last sample only when it is the only one)."""
+    if calib_size < 1 or seq_len < 1 or batch_size < 1:
+        raise MoeUnfuseError(f"calibration sizes must be >= 1 (calib_size={calib_size}, seq_len={seq_len}, batch_size={batch_size}); fix: pass positive values")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    stream: list[int] = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        stream.extend(ids)
+        if eos is not None:
+            stream.append(eos)
+    body = seq_len - (1 if bos is not None else 0)
+    if body < 1:
+        raise MoeUnfuseError(f"--seq-len {seq_len} leaves no room after BOS; fix: pass --seq-len 2 or more")
+    samples = [stream[i : i + body] for i in range(0, len(stream), body)][:calib_size]
+    if len(samples) > 1 and len(samples[-1]) < body:
+        samples.pop()
+    if not samples or not samples[0]:
+        raise MoeUnfuseError("the calibration text produced no tokens; fix: pass a --calib-file with text")
+    if bos is not None:
+        samples = [[bos, *s] for s in samples]
+    batches = []
+    for i in range(0, len(samples), batch_size):
+        ids = torch.tensor(samples[i : i + batch_size], dtype=torch.long)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return batches
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the token ids go: the input embedding's device (first device under a device_map)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    hf_map = getattr(model, "hf_device_map", None) or {}
+    for dev in hf_map.values():
+        if isinstance(dev, int) or (isinstance(dev, str) and dev not in ("cpu", "disk")):
+            return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    return torch.device("cpu")
+
+
+def run_batches(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], desc: str = "calibrating", progress: bool = True) -> None:
+    """Forward every batch, outputs discarded (``use_cache=False``: nothing is kept between batches)."""
+    from tqdm.auto import tqdm
+
+    device = input_device(model)
+    with torch.no_grad():
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+            model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# routing statistics
+
+
+def unfused_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) for every unfused experts module (plain ``unfuse`` or modelopt-converted)."""
+    from .experts import UnfusedExpertsMixin
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, UnfusedExpertsMixin)]
+
+
+def _hidden_states(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    return module._moe_unfuse.bind(args, kwargs).get("hidden_states")
+
+
+@dataclass
+class RoutingStats:
+    """Tokens each expert received: ``counts[path][e]`` in normal calibration, ``forced`` in the forced pass.
+    A token routed to k experts counts once for each of them."""
+
+    counts: dict[str, list[int]] = field(default_factory=dict)
+    forced: dict[str, list[int]] = field(default_factory=dict)
+
+    def uncovered(self, forced_too: bool = True) -> dict[str, list[int]]:
+        """Experts with no token (``forced_too``: counting the forced pass as data)."""
+        out = {}
+        for path, counts in self.counts.items():
+            forced = self.forced.get(path, [0] * len(counts))
+            idle = [e for e, c in enumerate(counts) if c == 0 and (not forced_too or forced[e] == 0)]
+            if idle:
+                out[path] = idle
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"counts": self.counts, "forced": self.forced, "uncovered": self.uncovered(), "uncovered_before_forcing": self.uncovered(False)}
+
+
+def _input_linear(expert: nn.Module) -> nn.Module:
+    """The module that reads the expert's input rows: up_proj (GLU/MLP experts), a projection bank's
+    linear, or the expert itself. Counting there works for every forward kind, including those that
+    call ``expert.hidden`` and ``down_proj`` themselves."""
+    for name in ("up_proj", "linear"):
+        child = getattr(expert, name, None)
+        if isinstance(child, nn.Module):
+            return child
+    return expert
+
+
+class TokenCounter:
+    """Counts the tokens each expert computes on, through a forward pre-hook on its input linear.
+
+    Independent of how the forward passes routing (top_k_index or dense weights) and of the config's
+    ``_experts_implementation``, since the unfused forward always calls the per-expert modules.
+    """
+
+    def __init__(self, model: nn.Module, stats: RoutingStats | None = None):
+        self.modules = unfused_experts(model)
+        self.stats = stats or RoutingStats()
+        for path, m in self.modules:
+            self.stats.counts.setdefault(path, [0] * len(m))
+        self._handles: list[Any] = []
+
+    def _hook(self, counts: list[int], e: int) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            counts[e] += x.numel() // x.shape[-1] if x.dim() else 0
+
+        return hook
+
+    def __enter__(self) -> "TokenCounter":
+        for path, m in self.modules:
+            counts = self.stats.counts[path]
+            for e, expert in enumerate(m):
+                self._handles.append(_input_linear(expert).register_forward_pre_hook(self._hook(counts, e)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+@contextmanager
+def forced_routing(model: nn.Module, targets: dict[str, list[int]], stats: RoutingStats, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Iterator[None]:
+    """While active, each experts module in ``targets`` also runs the listed experts on all of its
+    input tokens after its normal forward (outputs discarded). See the module docstring."""
+    if chunk_tokens < 1:
+        raise MoeUnfuseError(f"chunk_tokens must be >= 1, got {chunk_tokens}; fix: pass a positive chunk size")
+    handles = []
+
+    def make(path: str, experts: list[int]) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            hidden = _hidden_states(module, args, kwargs)
+            if hidden is None:
+                return
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            forced = stats.forced.setdefault(path, [0] * len(module))
+            with torch.no_grad():
+                for e in experts:
+                    for chunk in flat.split(chunk_tokens):
+                        module[e](chunk)
+                    forced[e] += flat.shape[0]
+
+        return hook
+
+    by_path = dict(unfused_experts(model))
+    for path, experts in targets.items():
+        handles.append(by_path[path].register_forward_hook(make(path, experts), with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    force_routing: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    progress: bool = True,
+) -> RoutingStats:
+    """Run the calibration batches with token counting, then (``force_routing``) the forced pass.
+
+    Meant as modelopt's ``forward_loop`` body, but it only forwards the model, so any calibrator works.
+    """
+    stats = RoutingStats()
+    with TokenCounter(model, stats):
+        run_batches(model, batches, "calibrating", progress)
+    targets = stats.uncovered(forced_too=False)
+    if force_routing and targets and batches:
+        with forced_routing(model, targets, stats, chunk_tokens):
+            run_batches(model, batches[:1], "forced routing", progress)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# input scales
+
+
+@dataclass
+class ScaleFallback:
+    """An input amax that calibration did not provide, and where the substitute came from."""
+
+    path: str
+    expert: int
+    projections: tuple[str, ...]
+    value: float
+    source: str  # "layer max" | "model max"
+
+    def __str__(self) -> str:
+        return f"{self.path}.{self.expert}.{'/'.join(self.projections)}: amax {self.value:.4g} ({self.source})"
+
+
+def _valid(amax: torch.Tensor | None) -> bool:
+    return amax is not None and not amax.is_meta and amax.numel() > 0 and bool(torch.isfinite(amax).all()) and bool((amax > 0).all())
+
+
+def input_groups(projections: Iterable[str]) -> list[tuple[str, ...]]:
+    """Projections that read the same input: everything but ``down_proj`` reads the layer input."""
+    projections = tuple(projections)
+    first = tuple(p for p in projections if p != "down_proj")
+    return [g for g in (first, tuple(p for p in projections if p == "down_proj")) if g]
+
+
+def _input_quantizers(expert: nn.Module, group: tuple[str, ...]) -> list[Any]:
+    out = []
+    for proj in group:
+        lin = getattr(expert, proj, None)
+        q = getattr(lin, "input_quantizer", None)
+        if q is not None and getattr(q, "is_enabled", False) and not getattr(q, "_dynamic", False):
+            out.append(q)
+    return out
+
+
+def _scalar(amax: torch.Tensor) -> torch.Tensor:
+    return amax.detach().float().amax()
+
+
+def finalize_input_scales(model: nn.Module, policy: str = "shared") -> list[ScaleFallback]:
+    """Apply the input-scale ``policy`` to every unfused experts module and fill experts without data
+    (see the module docstring). Returns the fallbacks used; raises when no expert of the model has any."""
+    if policy not in INPUT_SCALE_POLICIES:
+        raise MoeUnfuseError(f"unknown input-scale policy {policy!r}; fix: use one of {', '.join(INPUT_SCALE_POLICIES)}")
+    fallbacks: list[ScaleFallback] = []
+    pending: list[tuple[str, int, tuple[str, ...], list[Any]]] = []
+    model_max: dict[tuple[str, ...], torch.Tensor] = {}
+    for path, module in unfused_experts(model):
+        for group in input_groups(module._moe_unfuse.spec.projection_names()):
+            per_expert: list[tuple[int, list[Any], torch.Tensor | None]] = []
+            for e, expert in enumerate(module):
+                qs = _input_quantizers(expert, group)
+                if not qs:
+                    continue
+                vals = [_scalar(q.amax) for q in qs if _valid(getattr(q, "amax", None))]
+                per_expert.append((e, qs, torch.stack(vals).amax() if vals else None))
+            known = [v for _, _, v in per_expert if v is not None]
+            if not per_expert:
+                continue
+            if not known:
+                pending.extend((path, e, group, qs) for e, qs, _ in per_expert)
+                continue
+            layer_max = torch.stack(known).amax()
+            model_max[group] = torch.maximum(model_max[group], layer_max) if group in model_max else layer_max
+            for e, qs, value in per_expert:
+                if value is None:
+                    fallbacks.append(ScaleFallback(path, e, group, layer_max.item(), "layer max"))
+                target = layer_max if policy == "shared" or value is None else value
+                for q in qs:
+                    q.amax = target.clone().to(q.amax.device if q.amax is not None else target.device)
+    for path, e, group, qs in pending:
+        if group not in model_max:
+            raise MoeUnfuseError(
+                f"no expert input of {'/'.join(group)} was calibrated anywhere in the model; fix: check that the "
+                "calibration forward reaches the MoE layers (use --force-routing, more --calib-size)"
+            )
+        value = model_max[group]
+        fallbacks.append(ScaleFallback(path, e, group, value.item(), "model max"))
+        for q in qs:
+            q.amax = value.clone()
+    return fallbacks
+
+
+def share_gate_up_weight_amax(model: nn.Module) -> int:
+    """Give gate and up of each expert one weight amax (their max), so the exported NVFP4 global
+    scale ``weight_scale_2`` (and FP8 ``weight_scale``) is the same for both halves of the fused
+    w13 the engines build. modelopt does this for names it recognizes; this covers every spec.
+    Returns how many pairs changed."""
+    changed = 0
+    for _, module in unfused_experts(model):
+        for expert in module:
+            gate, up = getattr(expert, "gate_proj", None), getattr(expert, "up_proj", None)
+            gq, uq = getattr(gate, "weight_quantizer", None), getattr(up, "weight_quantizer", None)
+            if gq is None or uq is None or not (gq.is_enabled and uq.is_enabled):
+                continue
+            for attr in ("amax", "global_amax"):
+                a, b = getattr(gq, attr, None), getattr(uq, attr, None)
+                if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.is_meta or b.is_meta or a.shape != b.shape:
+                    continue
+                if not torch.equal(a, b):
+                    shared = torch.maximum(a, b)
+                    setattr(gq, attr, shared.clone())
+                    setattr(uq, attr, shared.clone())
+                    changed += 1
+    return changed
+
+
+def amax_report(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Input amax per experts module and input group, as max/min over experts (for the report)."""
+    out: dict[str, dict[str, float]] = {}
+    for path, module in unfused_experts(model):
+        for group in input_groups(module._moe_unfuse.spec.projection_names()):
+            vals = [_scalar(q.amax).item() for expert in module for q in _input_quantizers(expert, group) if q.amax is not None]
+            if vals:
+                out.setdefault(path, {})["/".join(group)] = max(vals) if all(math.isfinite(v) for v in vals) else float("nan")
+    return out

@@ -1,0 +1,31 @@
+"""Verify an exported checkpoint folder against the export contract (see moe_unfuse/verify.py).
+
+Checks: no fused expert tensor left quantizable; every expert has weight and scales; gate/up share
+the NVFP4 global scale; every input_scale is finite and > 0; routers, towers, projectors, lm_head
+and unquantized experts are excluded under their final names; the two quantization configs agree;
+expert keys are in the engine's naming. Exit status 0 when all hold, 1 otherwise (with the keys).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..options import ENGINES
+
+    parser.add_argument("path", type=Path, metavar="DIR", help="checkpoint folder (config.json, *.safetensors, hf_quant_config.json)")
+    parser.add_argument("--engine", choices=ENGINES, help="engine naming to check (default: the one moe_unfuse.json records, else vllm)")
+    parser.add_argument("--arch", help="spec(s) whose renames define the naming, comma-separated (default: moe_unfuse.json, else inferred from config.json)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..verify import verify_checkpoint
+
+    arch = args.arch.split(",") if args.arch else None
+    report = verify_checkpoint(args.path, engine=args.engine, arch=arch)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return 0 if report.ok else 1

@@ -1,0 +1,21 @@
+"""Choices and defaults of the quantize job, importable without torch (``moe-unfuse --help`` stays fast)."""
+
+from __future__ import annotations
+
+#: qformat -> modelopt config name (``None``: no quantization; the experts are only unfused and re-exported).
+#: Each calibrates and exports on a CPU; AWQ/MSE variants are left out: their search needs CUDA fake quant.
+QFORMATS: dict[str, str | None] = {
+    "fp8": "FP8_DEFAULT_CFG",
+    "nvfp4": "NVFP4_DEFAULT_CFG",
+    "nvfp4_experts_only": "NVFP4_EXPERTS_ONLY_CFG",
+    "w4a16_nvfp4": "W4A16_NVFP4_CFG",
+    "none": None,
+}
+#: Serving engines whose key naming an export can target (a spec's ``export.renames`` per engine).
+ENGINES = ("vllm", "sglang", "trtllm", "hf")
+#: shared: one input scale per layer and input (max over experts), as fused-MoE kernels apply; per-expert: each its own.
+INPUT_SCALE_POLICIES = ("shared", "per-expert")
+DEFAULT_SEQ_LEN = 256
+DEFAULT_CALIB_SIZE = 64
+DEFAULT_BATCH_SIZE = 4
+DEFAULT_CHUNK_TOKENS = 1024

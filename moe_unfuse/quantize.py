@@ -1,0 +1,408 @@
+"""Quantize a fused-MoE model with modelopt through the specs: coverage check, calibration, scales.
+
+``quantize_model`` is the in-memory step (register the matching specs, ``mtq.quantize`` with a
+calibration loop that counts tokens per expert and optionally forces routing, then the input-scale
+policy and gate/up weight-scale sharing). ``run_quantize`` is the whole job behind
+``moe-unfuse quantize``: load (or build the tiny model), quantize, export, verify, report.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .calibration import (
+    RoutingStats,
+    ScaleFallback,
+    calibrate,
+    calibration_batches,
+    finalize_input_scales,
+    read_calibration_texts,
+    share_gate_up_weight_amax,
+    unfused_experts,
+)
+from .errors import MoeUnfuseError, UncoveredExpertsError
+from .options import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SIZE, DEFAULT_CHUNK_TOKENS, DEFAULT_SEQ_LEN, QFORMATS
+from .spec import Spec
+
+#: Module-name patterns that always stay unquantized (on top of modelopt's own list): routers, the
+#: output head, and every non-text tower and projector, which engines load in BF16.
+KEEP_UNQUANTIZED = (
+    "*router*", "*lm_head*", "*vision_tower*", "*embed_vision*", "*audio_tower*", "*embed_audio*",
+    "*multi_modal_projector*", "*vision_model*", "*visual*", "*mm_projector*",
+)
+
+
+def build_quant_config(qformat: str, exclude: Iterable[str] = ()) -> dict | None:
+    """The modelopt config for ``qformat`` with :data:`KEEP_UNQUANTIZED` and ``exclude`` (module-name
+    globs) disabled; None for ``none``."""
+    import modelopt.torch.quantization as mtq
+
+    if qformat not in QFORMATS:
+        raise MoeUnfuseError(f"unknown --qformat {qformat!r}; fix: use one of {', '.join(QFORMATS)}")
+    name = QFORMATS[qformat]
+    if name is None:
+        return None
+    cfg = copy.deepcopy(getattr(mtq, name))
+    patterns = [*KEEP_UNQUANTIZED, *exclude]
+    quant_cfg = cfg["quant_cfg"]
+    if isinstance(quant_cfg, list):
+        quant_cfg.extend({"quantizer_name": f"{p}*quantizer", "enable": False} for p in patterns)
+    else:  # the older dict form
+        quant_cfg.update({f"{p}*quantizer": {"enable": False} for p in patterns})
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# coverage
+
+
+def matching_specs(model: nn.Module, arch: str | Spec | Iterable[str | Spec] | None = None) -> list[Spec]:
+    """The specs (of ``arch``, or of every known spec) that match at least one module of ``model``."""
+    from .plugins import registry
+
+    reg = registry()
+    if arch is None:
+        candidates = list(reg.specs().values())
+    else:
+        items = [arch] if isinstance(arch, (str, Spec)) else list(arch)
+        candidates = [a if isinstance(a, Spec) else reg.spec(a) for a in items]
+    by_class = {type(m): m for m in model.modules()}  # one module per class: models repeat few classes many times
+    return [s for s in candidates if any(s.matches(m) for m in by_class.values())]
+
+
+@dataclass
+class Coverage:
+    """Which fused expert modules a set of specs covers, and which fused expert parameters none does."""
+
+    covered: list[tuple[str, str, int]] = field(default_factory=list)  # (path, arch, num_experts)
+    uncovered: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.uncovered
+
+
+def check_coverage(model: nn.Module, specs: Iterable[Spec] | None = None, allow_uncovered: bool = False) -> Coverage:
+    """Every fused expert parameter in ``model`` (as :func:`moe_unfuse.coverage.find_fused_params`
+    detects them) must be declared by one of ``specs`` (default: every known spec); else
+    :class:`UncoveredExpertsError` names them, unless ``allow_uncovered``. Already-unfused modules count as covered."""
+    from .coverage import expert_count, find_fused_params
+    from .experts import UnfusedExpertsMixin
+
+    specs = matching_specs(model) if specs is None else list(specs)
+    cov = Coverage()
+    for path, module in model.named_modules():
+        if isinstance(module, UnfusedExpertsMixin):
+            cov.covered.append((path, module._moe_unfuse.spec.arch, len(module)))
+    seen: set[str] = set()
+    for f in find_fused_params(model, specs):
+        if f.spec is None:
+            cov.uncovered.append(f.path)
+        elif f.module_path not in seen:
+            seen.add(f.module_path)
+            cov.covered.append((f.module_path, f.spec.arch, expert_count(f.module) or 0))
+    if cov.uncovered and not allow_uncovered:
+        raise UncoveredExpertsError(cov.uncovered)
+    return cov
+
+
+# ----------------------------------------------------------------------------------------------
+# quantize in memory
+
+
+@dataclass
+class QuantizeResult:
+    """What :func:`quantize_model` did."""
+
+    qformat: str
+    specs: list[Spec]
+    coverage: Coverage
+    routing: RoutingStats
+    fallbacks: list[ScaleFallback]
+    input_scale: str
+    force_routing: bool
+    gate_up_synced: int
+    num_linears: int
+    seconds: float
+    input_quantized: bool = True  # False for weight-only formats: no input scales to set
+
+
+def quantize_model(
+    model: nn.Module,
+    qformat: str,
+    batches: Sequence[dict[str, torch.Tensor]],
+    *,
+    arch: str | Spec | Iterable[str | Spec] | None = None,
+    force_routing: bool = False,
+    input_scale: str = "shared",
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    exclude: Iterable[str] = (),
+    allow_uncovered: bool = False,
+    progress: bool = True,
+) -> QuantizeResult:
+    """Quantize ``model`` in place with modelopt: every expert becomes per-expert QuantLinears.
+
+    Raises :class:`UncoveredExpertsError` before touching the model when fused expert parameters
+    remain that no spec covers (``allow_uncovered`` skips them knowingly), and again after
+    quantizing if any fused expert parameter survived the conversion.
+    ``qformat="none"`` only unfuses (plain :func:`moe_unfuse.unfuse`) and counts routing.
+    """
+    from . import register
+    from .coverage import fused_expert_params
+    from .unfuse import unfuse
+
+    start = time.perf_counter()
+    specs = matching_specs(model, arch)
+    coverage = check_coverage(model, specs, allow_uncovered)
+    cfg = build_quant_config(qformat, exclude)
+    stats = RoutingStats()
+    if cfg is None:
+        unfuse(model, specs or None, allow_uncovered=allow_uncovered)
+        stats = calibrate(model, batches, force_routing=False, progress=progress)
+    else:
+        import modelopt.torch.quantization as mtq
+
+        for spec in specs:
+            register(spec)
+
+        def forward_loop(m: nn.Module) -> None:
+            nonlocal stats
+            stats = calibrate(m, batches, force_routing=force_routing, chunk_tokens=chunk_tokens, progress=progress)
+
+        mtq.quantize(model, cfg, forward_loop=forward_loop)
+    left = [name for name, _ in fused_expert_params(model)]
+    if left and not allow_uncovered:  # a spec matched, yet the quantizer did not convert the module
+        raise UncoveredExpertsError(left)
+    fallbacks: list[ScaleFallback] = []
+    synced = 0
+    if cfg is not None:
+        fallbacks = finalize_input_scales(model, input_scale)
+        synced = share_gate_up_weight_amax(model)
+    num_linears = sum(len(m) * len(m._moe_unfuse.spec.projection_names()) for _, m in unfused_experts(model))
+    input_quantized = any(getattr(getattr(lin, "input_quantizer", None), "is_enabled", False) for _, m in unfused_experts(model) for lin in m.modules())
+    return QuantizeResult(qformat, specs, coverage, stats, fallbacks, input_scale, force_routing, synced, num_linears, time.perf_counter() - start, input_quantized)
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def load_model(path: Path | str, device_map: str | None = "auto", dtype: str = "auto") -> nn.Module:
+    """A transformers model from a local folder (never the network), placed by accelerate's ``device_map``."""
+    import transformers
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise MoeUnfuseError(f"{path}: no config.json; fix: pass a local model folder (hub names are not downloaded; use `hf download` first)")
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    archs = getattr(config, "architectures", None) or []
+    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
+    if cls is None:
+        raise MoeUnfuseError(f"{path}/config.json: architectures {archs or '(none)'} not in transformers {transformers.__version__}; fix: set \"architectures\" to the model class")
+    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
+    if device_map and device_map != "none":
+        kwargs["device_map"] = device_map
+    try:
+        model = cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise MoeUnfuseError(f"{path}: cannot load with device_map={device_map!r} ({first}); fix: check the folder's weights, or pass --device-map cpu") from None
+    return model.eval()
+
+
+def checkpoint_bytes(path: Path | str) -> int:
+    """Bytes of a folder's ``*.safetensors`` (0 when it has none)."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def load_tokenizer(path: Path | str) -> Any:
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise MoeUnfuseError(f"{path}: no usable tokenizer ({str(exc).splitlines()[0][:120]}); fix: save the model's tokenizer in that folder") from None
+
+
+def param_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters, each storage once (tied weights and views are not double counted)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for p in model.parameters():
+        key = (p.untyped_storage().data_ptr(), p.untyped_storage().nbytes()) if p.device.type != "meta" else (id(p), 0)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += p.numel() * p.element_size() if p.device.type == "meta" else p.untyped_storage().nbytes()
+    return total
+
+
+def _describe(model: nn.Module) -> str:
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    dtype = next(model.parameters()).dtype
+    return f"{type(model).__name__}, {n / 1e6:.2f}M params, {str(dtype).replace('torch.', '')}"
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole job
+
+
+@dataclass
+class QuantizeOptions:
+    """``moe-unfuse quantize`` arguments (see ``moe_unfuse/commands/quantize.py`` for their help)."""
+
+    model: str | None
+    qformat: str
+    out: Path
+    calib_size: int = DEFAULT_CALIB_SIZE
+    calib_file: Path | None = None
+    seq_len: int = DEFAULT_SEQ_LEN
+    batch_size: int = DEFAULT_BATCH_SIZE
+    device_map: str | None = "auto"
+    dtype: str = "auto"
+    engine: str = "vllm"
+    input_scale: str = "shared"
+    force_routing: bool = False
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    allow_uncovered: bool = False
+    refuse_unquantized: bool = False
+    exclude: tuple[str, ...] = ()
+    overwrite: bool = False
+    multimodal: bool = False
+    progress: bool = True
+
+
+@dataclass
+class QuantizeReport:
+    """Everything ``moe-unfuse quantize`` prints; ``to_dict`` for ``--json``."""
+
+    source: str
+    options: QuantizeOptions
+    result: QuantizeResult
+    samples: int
+    tokens: int
+    bytes_before: int
+    export: Any  # export.ExportResult
+    verify: Any  # verify.VerifyReport
+    before_what: str = "in memory"
+
+    @property
+    def ok(self) -> bool:
+        return self.verify.ok
+
+    def to_dict(self) -> dict[str, Any]:
+        r = self.result
+        return {
+            "source": self.source,
+            "qformat": r.qformat,
+            "engine": self.options.engine,
+            "specs": [s.arch for s in r.specs],
+            "coverage": {"covered": [{"module": p, "arch": a, "experts": n} for p, a, n in r.coverage.covered], "uncovered": r.coverage.uncovered},
+            "calibration": {"samples": self.samples, "tokens": self.tokens, **r.routing.to_dict()},
+            "input_scale": r.input_scale,
+            "fallbacks": [vars(f) for f in r.fallbacks],
+            "gate_up_synced": r.gate_up_synced,
+            "bytes_before": self.bytes_before,
+            "bytes_before_of": self.before_what,
+            "export": self.export.to_dict(),
+            "verify": self.verify.to_dict(),
+        }
+
+    def __str__(self) -> str:
+        r, o, ex = self.result, self.options, self.export
+        lines = [f"model      {self.source}"]
+        if r.coverage.covered:
+            archs = sorted({a for _, a, _ in r.coverage.covered})
+            n_exp = {n for _, _, n in r.coverage.covered}
+            lines.append(
+                f"coverage   {len(r.coverage.covered)} fused expert module(s), {'some' if r.coverage.uncovered else 'all'} covered ({', '.join(archs)}; "
+                f"{'/'.join(map(str, sorted(n_exp)))} experts each) -> {r.num_linears} per-expert linears"
+            )
+        elif not r.coverage.uncovered:
+            lines.append("coverage   no fused expert modules in this model")
+        if r.coverage.uncovered:
+            lines.append(f"           NOT covered, left unquantized and excluded (--allow-uncovered): {', '.join(r.coverage.uncovered)}")
+        lines.append(f"calibrate  {self.samples} samples, {self.tokens} tokens; tokens per expert (routed, top-k counts each):")
+        for path, counts in r.routing.counts.items():
+            forced = r.routing.forced.get(path)
+            shown = " ".join(map(str, counts)) if len(counts) <= 16 else f"min {min(counts)} median {sorted(counts)[len(counts) // 2]} max {max(counts)}"
+            extra = f"  forced: {', '.join(f'#{e} {c}' for e, c in enumerate(forced) if c)}" if forced and any(forced) else ""
+            lines.append(f"           {path:<36} {shown}{extra}")
+        before = r.routing.uncovered(forced_too=False)
+        after = r.routing.uncovered(forced_too=True)
+        if not before:
+            lines.append("           every expert received tokens")
+        else:
+            idle = "; ".join(f"{p} #{','.join(map(str, es))}" for p, es in before.items())
+            lines.append(f"           no routed tokens: {idle}")
+            if not r.force_routing:
+                lines.append("           (rerun with --force-routing to calibrate them on their layer's inputs)")
+            elif after:
+                lines.append(f"           still no data after forced routing: {'; '.join(f'{p} #{e}' for p, e in after.items())}")
+            else:
+                lines.append("           forced routing calibrated them on their layer's inputs")
+        if r.qformat != "none":
+            inputs = (f"input: {r.input_scale}" + (" (one per layer and input, max over experts)" if r.input_scale == "shared" else " (each expert its own)")) if r.input_quantized else "input: none (weight-only format)"
+            lines.append(f"scales     {inputs}; gate/up weight amax shared ({r.gate_up_synced} pair(s) adjusted)")
+            for fb in r.fallbacks:
+                lines.append(f"           fallback {fb}")
+        lines.append(f"export     {ex.summary()}")
+        ratio = ex.bytes_after / self.bytes_before if self.bytes_before else float("nan")
+        lines.append(f"size       {_mb(self.bytes_before)} {self.before_what} -> {_mb(ex.bytes_after)} checkpoint ({ratio:.2f}x)")
+        lines.append(f"verify     {self.verify.summary()}")
+        for line in self.verify.problem_lines():
+            lines.append(f"           {line}")
+        lines.append(f"checkpoint {ex.path}" if self.ok else f"FAILED     checkpoint kept for inspection at {ex.path}")
+        return "\n".join(lines)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+
+
+def run_quantize(opts: QuantizeOptions) -> QuantizeReport:
+    """Load or build the model, quantize, export to ``opts.out``, verify; see :class:`QuantizeReport`."""
+    from .export import prepare_out_dir, quiet
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach the hub
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    prepare_out_dir(Path(opts.out), opts.overwrite)
+    with quiet():
+        return _run_quantize(opts)
+
+
+def _run_quantize(opts: QuantizeOptions) -> QuantizeReport:
+    from .export import export_checkpoint
+    from .tiny import byte_tokenizer, tiny_gemma4
+
+    if opts.model is None:
+        model = tiny_gemma4(multimodal=opts.multimodal)
+        tokenizer = byte_tokenizer()
+        source = f"built-in tiny Gemma 4 ({_describe(model)}, seeded random weights)"
+    else:
+        model = load_model(opts.model, opts.device_map, opts.dtype)
+        tokenizer = load_tokenizer(opts.model)
+        source = f"{opts.model} ({_describe(model)})"
+    texts = read_calibration_texts(opts.calib_file)
+    batches = calibration_batches(tokenizer, texts, opts.calib_size, opts.seq_len, opts.batch_size)
+    on_disk = checkpoint_bytes(opts.model) if opts.model is not None else 0
+    bytes_before, before_what = (on_disk, "source checkpoint") if on_disk else (param_bytes(model), "in memory")
+    result = quantize_model(
+        model, opts.qformat, batches, force_routing=opts.force_routing, input_scale=opts.input_scale,
+        chunk_tokens=opts.chunk_tokens, exclude=opts.exclude, allow_uncovered=opts.allow_uncovered, progress=opts.progress,
+    )
+    exported, verified = export_checkpoint(
+        model, Path(opts.out), engine=opts.engine, specs=result.specs, refuse_unquantized=opts.refuse_unquantized,
+        tokenizer=tokenizer, qformat=opts.qformat, routing=result.routing, progress=opts.progress, overwrite=opts.overwrite,
+    )
+    samples = sum(b["input_ids"].shape[0] for b in batches)
+    tokens = sum(b["input_ids"].numel() for b in batches)
+    return QuantizeReport(source, opts, result, samples, tokens, bytes_before, exported, verified, before_what)
