@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import MoeUnfuseError
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     except MoeUnfuseError as exc:
         print(f"moe-unfuse {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `moe-unfuse list --json | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

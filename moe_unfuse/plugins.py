@@ -50,7 +50,7 @@ class Registry:
             for path in self._spec_files():
                 if read_yaml(path).get("abstract"):
                     continue
-                spec = load_spec(path, dirs)
+                spec = load_spec(path, dirs, check_import=False)
                 if spec.arch in found:
                     raise SpecError(str(path), "arch", f"{spec.arch!r} is already defined by {found[spec.arch].source}", "rename one of the two specs")
                 found[spec.arch] = spec

@@ -106,9 +106,9 @@ def check_coverage(model: nn.Module, specs: Iterable[Spec] | None = None, allow_
     for f in find_fused_params(model, specs):
         if f.spec is None:
             cov.uncovered.append(f.path)
-        elif f.module_path not in seen:
-            seen.add(f.module_path)
-            cov.covered.append((f.module_path, f.spec.arch, expert_count(f.module) or 0))
+        elif f.target_path not in seen:  # the module the spec matches (DBRX: experts, not experts.mlp)
+            seen.add(f.target_path)
+            cov.covered.append((f.target_path, f.spec.arch, expert_count(f.target) or 0))
     if cov.uncovered and not allow_uncovered:
         raise UncoveredExpertsError(cov.uncovered)
     return cov

@@ -10,9 +10,10 @@ from __future__ import annotations
 import ast
 import copy
 import importlib
+import importlib.util
 import json
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -100,11 +101,17 @@ class Spec:
             return None
 
     def matches(self, module: Any) -> bool:
-        cls = self.resolve_class()
-        if cls is not None and isinstance(module, cls):
+        """An instance of the target class, or of a class named in ``match_names`` (remote code).
+
+        Names are compared first, so testing a model against every spec imports no modeling file.
+        """
+        names = {c.__name__ for c in type(module).__mro__}
+        if names.intersection(self.match_names):
             return True
-        names = {self.class_name, *self.match_names}
-        return any(c.__name__ in names for c in type(module).__mro__)
+        if self.class_name not in names:
+            return False
+        cls = self.resolve_class()
+        return cls is not None and isinstance(module, cls)
 
 
 def _deep_merge(base: dict, over: Mapping) -> dict:
@@ -120,9 +127,18 @@ def _deep_merge(base: dict, over: Mapping) -> dict:
     return out
 
 
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@lru_cache(maxsize=512)
+def _parse_yaml(path: str, mtime_ns: int) -> Any:
+    return yaml.load(Path(path).read_text(), Loader=_YAML_LOADER)
+
+
 def read_yaml(path: Path) -> dict:
+    """The file's mapping; parsed once per file version (base specs are read by every spec extending them)."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = copy.deepcopy(_parse_yaml(str(path), path.stat().st_mtime_ns))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "(file)"
@@ -219,7 +235,7 @@ def eval_shape_expr(expr: str | int, dims: Mapping[str, int]) -> int:
     return ev(tree)
 
 
-def _check_semantics(source: str, raw: dict) -> None:
+def _check_semantics(source: str, raw: dict, check_import: bool = True) -> None:
     for key in ("target", "dims", "params", "forward"):
         if key not in raw:
             raise SpecError(source, key, "missing required field", f"add {key} (or extend a base spec that has it)")
@@ -272,6 +288,16 @@ def _check_semantics(source: str, raw: dict) -> None:
     module, _, cls_name = cls_path.rpartition(".")
     if is_drifted(raw):
         return  # another transformers than verified_on: a missing class is drift, reported on use (drift.py)
+    if not check_import:
+        # Registry loading: find the module without executing it (importing ~70 modeling files
+        # costs seconds); the class itself is resolved, and reported if missing, on use.
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:
+            found = False
+        if not found:
+            raise SpecError(source, "target.class", f"cannot find module {module!r}", "fix the import path or install the package that defines it")
+        return
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:
@@ -341,12 +367,12 @@ def _check_kinds(source: str, raw: dict, seen: Mapping[str, str]) -> None:
         raise SpecError(source, "linear.bias", "after_matmul but no param declares a bias", "remove linear.bias or add params.NAME.bias")
 
 
-def parse(raw: dict, source: str) -> Spec:
+def parse(raw: dict, source: str, check_import: bool = True) -> Spec:
     """Validate a merged spec mapping and resolve it into a :class:`Spec`."""
     errors = sorted(jsonschema.Draft202012Validator(schema()).iter_errors(raw), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if errors:
         raise _schema_error(source, errors[0])
-    _check_semantics(source, raw)
+    _check_semantics(source, raw, check_import)
     params = tuple(
         ParamSpec(
             name=name,
@@ -383,10 +409,13 @@ def parse(raw: dict, source: str) -> Spec:
     )
 
 
-def load_spec(path: str | Path, search_dirs: tuple[Path, ...] = ()) -> Spec:
-    """Load, merge and validate one spec file; raises :class:`SpecError` with a one-line message."""
+def load_spec(path: str | Path, search_dirs: tuple[Path, ...] = (), check_import: bool = True) -> Spec:
+    """Load, merge and validate one spec file; raises :class:`SpecError` with a one-line message.
+
+    ``check_import=False`` checks only that the target's module exists (see ``_check_semantics``).
+    """
     path = Path(path)
     raw = merged_raw(path, search_dirs)
     if raw.get("abstract"):
         raise SpecError(str(path), "abstract", "is a base spec, not a loadable architecture", "load a spec that extends it")
-    return parse(raw, str(path))
+    return parse(raw, str(path), check_import)
