@@ -51,6 +51,13 @@ class LinearExact(nn.Linear):
 _MODULE_STATE = nn.Module().__dict__
 
 
+def _global_hooks() -> bool:
+    """Whether a global module forward hook is registered (``nn.modules.module.register_module_forward_hook``)."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+
+
 def blank_module(cls: type[nn.Module]) -> nn.Module:
     """An instance of ``cls`` with a fresh, empty ``nn.Module`` state and no ``__init__`` run.
 
@@ -96,20 +103,51 @@ class ExpertMLP(nn.Module):
         self._gate_fn = gate_fn
 
     @classmethod
-    def build(cls, projections: dict[str, nn.Linear], pack: Callable | None, gate_fn: Callable) -> "ExpertMLP":
-        """Same as the constructor, without ``nn.Module.__init__`` (see :func:`blank_module`)."""
+    def build(cls, projections: dict[str, nn.Linear], pack: Callable | None, gate_fn: Callable, packed_weight: torch.Tensor | None = None) -> "ExpertMLP":
+        """Same as the constructor, without ``nn.Module.__init__`` (see :func:`blank_module`).
+
+        ``packed_weight``: this expert's ``[gate; up]`` block of the fused tensor (a view), used by
+        :meth:`_packed_gate_up` to skip the split GEMMs when nothing could tell the difference.
+        """
         mlp = blank_module(cls)
         mlp._modules.update(projections)
         mlp.__dict__["_pack"] = pack
         mlp.__dict__["_gate_fn"] = gate_fn
+        mlp.__dict__["_packed_weight"] = packed_weight
         return mlp
+
+    def _packed_gate_up(self) -> torch.Tensor | None:
+        """The fused ``[gate; up]`` weight when one GEMM on it is indistinguishable from the two child
+        linears: both are plain ``nn.Linear`` with no hooks, their weights still view that block
+        (not replaced, cast or moved), and no gradient is wanted. It is then the original's own
+        GEMM, so the unfused forward costs what the fused one does; a quantizer's linears, a hook
+        or training take the per-projection path.
+        """
+        w = self.__dict__.get("_packed_weight")
+        if w is None:
+            return None
+        gate, up = self._modules["gate_proj"], self._modules["up_proj"]
+        if type(gate) is not nn.Linear or type(up) is not nn.Linear:
+            return None
+        if any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in (gate, up)) or _global_hooks():
+            return None  # someone observes the linears (calibration hooks, accelerate's patched forward)
+        gw, uw = gate.weight, up.weight
+        if torch.is_grad_enabled() and (gw.requires_grad or uw.requires_grad):
+            return None
+        step = gw.shape[0] * w.stride(0) * w.element_size()
+        if gw.data_ptr() != w.data_ptr() or uw.data_ptr() != w.data_ptr() + step or gw.dtype != w.dtype or gw.stride() != w.stride() or uw.stride() != w.stride():
+            return None
+        return w
 
     def packed(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """``pack(gate(x), up(x))`` (or ``up(x)`` alone): the gate function's input."""
         gate_proj = self._modules.get("gate_proj")
-        if gate_proj is not None:
-            return self._pack((gate_proj(x), self.up_proj(x)))
-        return self.up_proj(x)
+        if gate_proj is None:
+            return self.up_proj(x)
+        fused = self._packed_gate_up()
+        if fused is not None:
+            return nn.functional.linear(x, fused)
+        return self._pack((gate_proj(x), self.up_proj(x)))
 
     def gate(self, packed: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The gate function; element-wise, so it also takes every expert's ``packed`` stacked

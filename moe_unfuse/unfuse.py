@@ -87,6 +87,7 @@ def build_plan(module: nn.Module, spec: Spec, path: str = "") -> Plan:
     originals: dict[str, nn.Parameter] = {}
     rests: dict[str, torch.Tensor] = {}
     pieces: dict[str, tuple[torch.Tensor, ...]] = {}
+    packed_gate_up: tuple[torch.Tensor, ...] | None = None
     bias_pieces: dict[str, tuple[torch.Tensor, ...]] = {}
     for p in spec.params:
         where = f"params.{p.name}"
@@ -117,6 +118,8 @@ def build_plan(module: nn.Module, spec: Spec, path: str = "") -> Plan:
             raise SpecError(spec.source, f"{where}.into", f"{path}.{p.name}: {problem}", "check axes and into")
         originals[p.name] = fused
         pieces[p.name] = layout.unfuse(fused)
+        if p.into == ("gate_proj", "up_proj") and p.packing == "concatenated" and not p.bias and not spec.linear:
+            packed_gate_up = prepared.unbind(0)  # each expert's [gate; up] block: the original's GEMM operand
         if p.bias:
             b = _param(module, spec, f"{where}.bias", p.bias, (2,), path)
             if list(b.shape) != [num_experts, prepared.shape[1]]:
@@ -156,7 +159,7 @@ def build_plan(module: nn.Module, spec: Spec, path: str = "") -> Plan:
         if not callable(norm):
             raise SpecError(spec.source, "post_expert_norm.attribute", f"{path or type(module).__name__} has no module {spec.post_expert_norm!r}", "name the attribute holding the norm")
     prepare = getattr(forward, "prepare", None)
-    extra = {"dims": dims, "forward": prepare(module, spec, dims) if prepare is not None else {}}
+    extra = {"dims": dims, "forward": prepare(module, spec, dims) if prepare is not None else {}, "packed_gate_up": packed_gate_up}
     return Plan(path, module, spec, num_experts, originals, experts, gate_fn, pack, forward, extra, rests)
 
 
@@ -183,9 +186,10 @@ def apply_plan(plan: Plan, swap_class: bool = True) -> None:
     numerics = plan.spec.linear
     bias_after = numerics.get("bias") == "after_matmul"
     compute_dtype = getattr(torch, numerics["compute_dtype"]) if numerics.get("compute_dtype") else None
+    packed = plan.extra.get("packed_gate_up")
     for e, projections in enumerate(plan.experts):
         linears = {proj: linear_over(w, b, any_grad, bias_after, compute_dtype) for proj, (w, b) in projections.items()}
-        expert = ExpertProjection(linears["linear"]) if set(linears) == {"linear"} else ExpertMLP.build(linears, plan.pack, plan.gate_fn)
+        expert = ExpertProjection(linears["linear"]) if set(linears) == {"linear"} else ExpertMLP.build(linears, plan.pack, plan.gate_fn, packed[e] if packed else None)
         module._modules[str(e)] = expert
     offloaded = attach_expert_hooks(module, plan.spec, plan.num_experts, plan.originals)  # before owners are detached
     owners: dict[str, nn.Module] = {}

@@ -9,6 +9,18 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy CPU OpenMP's spinning workers
+    made the quantize/export tests 4x slower; one thread for the module, restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--arch", action="store", default=None, help="comma-separated arch names: run only their tests (see `moe-unfuse list`)")
 

@@ -142,3 +142,29 @@ def test_unfused_forward_with_keyword_arguments_and_sentinel_experts():
         unfuse(module)
         got = module(hidden, top_k_index=index, top_k_weights=weights)
     assert torch.equal(got, expected)
+
+
+def test_plain_linears_take_the_fused_gemm_and_observed_ones_the_split_path():
+    module = golden.build_experts(SPEC)
+    (hidden, index, weights), _ = golden.make_inputs(module, SPEC)
+    with torch.no_grad():
+        expected = module(hidden, index, weights)
+    unfuse(module)
+    expert = module[0]
+    with torch.no_grad():
+        assert expert._packed_gate_up() is not None  # plain, unobserved: one GEMM on the fused block
+    seen = []
+    handle = expert.gate_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        assert expert._packed_gate_up() is None
+        observed = module(hidden, index, weights)
+    handle.remove()
+    assert seen and torch.equal(observed, expected)  # the hook saw gate_proj run, output unchanged
+    with torch.enable_grad():
+        assert expert._packed_gate_up() is None  # training: gradients must reach the per-expert weights
+        out = module(hidden, index, weights)
+        out.sum().backward()
+    assert expert.gate_proj.weight.grad is not None and torch.equal(out.detach(), expected)
+    module.to(torch.bfloat16)  # the weights no longer view the fused block
+    with torch.no_grad():
+        assert expert._packed_gate_up() is None

@@ -21,17 +21,7 @@ from moe_unfuse.quantize import quantize_model
 from moe_unfuse.tiny import byte_tokenizer, tiny_gemma4
 from moe_unfuse.verify import CheckpointContractError, verify_checkpoint
 
-pytestmark = pytest.mark.arch("gemma4")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy CPU OpenMP's spinning workers
-    made these tests 4x slower; one thread, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.arch("gemma4"), pytest.mark.usefixtures("one_thread")]
 DTYPE_BYTES = {"BF16": 2, "F32": 4, "F8_E4M3": 1, "U8": 1}
 L0 = "model.layers.0.moe.experts"
 

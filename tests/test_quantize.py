@@ -16,17 +16,7 @@ from moe_unfuse.quantize import check_coverage, quantize_model
 from moe_unfuse.tiny import byte_tokenizer, tiny_gemma4
 from moe_unfuse.verify import verify_checkpoint
 
-pytestmark = pytest.mark.arch("gemma4")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy CPU OpenMP's spinning workers
-    made these tests 4x slower; one thread, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.arch("gemma4"), pytest.mark.usefixtures("one_thread")]
 
 
 def small_batches(n: int = 4, seq_len: int = 64) -> list[dict[str, torch.Tensor]]:
