@@ -339,7 +339,7 @@ class _Target:
 
 def audit_model(model: nn.Module, qformat: str = "nvfp4", specs: Iterable[Spec] | None = None, source: str = "", build_seconds: float = 0.0) -> AuditReport:
     """Audit an already built (typically meta-device) model; see :func:`audit`."""
-    from .unfuse import build_plan
+    from .unfusing import build_plan
 
     formats = list(dict.fromkeys([*SIZE_FORMATS, qformat]))
     rules = {f: _Rules(preset_rules(f)) for f in formats if f != "bf16"}

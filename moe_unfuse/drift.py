@@ -131,7 +131,7 @@ def problems(spec: Spec, module: nn.Module | None = None) -> list[Problem]:
     ``module``: an instance to check the parameters of; default a meta-device build from the
     spec's golden config (parameters are created in ``__init__``, so the class alone cannot tell).
     """
-    from .unfuse import build_plan
+    from .unfusing import build_plan
 
     cls, missing = _resolve(spec)
     if missing:

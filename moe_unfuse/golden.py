@@ -66,7 +66,7 @@ def build_experts(spec: Spec, dtype: torch.dtype = torch.float32, seed: int = SE
 
 def input_dim(module: nn.Module, spec: Spec) -> int:
     """Size of the experts' input features, read from the parameter holding up_proj (else the first)."""
-    from .unfuse import _owner, resolve_dims
+    from .unfusing import _owner, resolve_dims
 
     p = next((p for p in spec.params if "up_proj" in p.into), spec.params[0])
     owner, leaf = _owner(module, p.name)
@@ -78,7 +78,7 @@ def input_dim(module: nn.Module, spec: Spec) -> int:
 
 def make_inputs(module: nn.Module, spec: Spec, tokens: int = TOKENS, seed: int = SEED) -> tuple[tuple, dict]:
     """Random hidden states and a routing that hits every expert, in the forward's own argument order."""
-    from .unfuse import resolve_dims
+    from .unfusing import resolve_dims
 
     dtype = next(module.parameters()).dtype
     num_experts = resolve_dims(module, spec, "")["num_experts"]
@@ -135,7 +135,7 @@ def check_exact(spec: Spec, dtype: torch.dtype) -> CheckResult:
     fused layout: element-wise kernels round the last bits differently on a strided half of a fused
     output than on a contiguous tensor when the width is not a multiple of the SIMD width (I = 40).
     """
-    from .unfuse import unfuse
+    from .unfusing import unfuse
 
     module = build_experts(spec, dtype)
     args, kwargs = make_inputs(module, spec)
@@ -149,7 +149,7 @@ def check_exact(spec: Spec, dtype: torch.dtype) -> CheckResult:
 
 def check_implementations(spec: Spec, dtype: torch.dtype) -> list[CheckResult]:
     """Unfused forward vs ``grouped_mm`` / ``batched_mm``, within :data:`IMPL_TOLERANCE`."""
-    from .unfuse import unfuse
+    from .unfusing import unfuse
 
     impls = (spec.golden or {}).get("implementations", [])
     module = build_experts(spec, dtype)
@@ -172,7 +172,7 @@ def check_implementations(spec: Spec, dtype: torch.dtype) -> list[CheckResult]:
 
 def check_refuse(spec: Spec) -> list[CheckResult]:
     """unfuse then refuse restores every parameter bit for bit, also after the views were replaced."""
-    from .unfuse import refuse, unfuse
+    from .unfusing import refuse, unfuse
 
     results = []
     for replaced in (False, True):
@@ -251,7 +251,7 @@ def check_modelopt(spec: Spec) -> list[CheckResult]:
 
 def check_whole_model(spec: Spec) -> list[CheckResult]:
     """A whole tiny model gives identical logits before and after unfusing."""
-    from .unfuse import unfuse
+    from .unfusing import unfuse
 
     model_cfg = (spec.golden or {}).get("model")
     if not model_cfg:

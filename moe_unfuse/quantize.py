@@ -157,7 +157,7 @@ def quantize_model(
     """
     from . import register
     from .coverage import fused_expert_params
-    from .unfuse import unfuse
+    from .unfusing import unfuse
 
     start = time.perf_counter()
     specs = matching_specs(model, arch)

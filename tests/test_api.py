@@ -68,7 +68,7 @@ def test_unfuse_is_atomic_when_a_later_module_fails(monkeypatch):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     import importlib
 
-    unfuse_mod = importlib.import_module("moe_unfuse.unfuse")
+    unfuse_mod = importlib.import_module("moe_unfuse.unfusing")
 
     real = unfuse_mod.apply_plan
     calls = []

@@ -103,3 +103,13 @@ def test_check_without_golden_section_is_one_line(tmp_path, capsys):
     assert cli.main(["check", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"{path}: golden: missing" in err and err.count("\n") == 1
+
+
+def test_help_and_import_stay_free_of_torch():
+    """``moe-unfuse --help`` must not pay for torch/transformers/modelopt imports (lazy package attributes)."""
+    import subprocess
+    import sys
+
+    code = "import sys, moe_unfuse; from moe_unfuse.cli import build_parser; build_parser(); print(sorted(m for m in ('torch', 'transformers', 'modelopt') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -26,7 +26,7 @@ from moe_unfuse import golden
 from moe_unfuse.coverage import uncovered_expert_params
 from moe_unfuse.experts import UnfusedExpertsMixin
 from moe_unfuse.spec import Spec, merged_raw, parse
-from moe_unfuse.unfuse import REST_PREFIX, resolve_dims
+from moe_unfuse.unfusing import REST_PREFIX, resolve_dims
 
 SPECS = moe_unfuse.list_specs()
 

@@ -79,7 +79,7 @@ def dense_shared_forward(module, *args, **kwargs) -> torch.Tensor:
 
 def _bank_inputs(module, spec, values: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
     """Tokens per expert from the golden routing's first choice (every expert has some)."""
-    from ..unfuse import resolve_dims
+    from ..unfusing import resolve_dims
 
     num_experts = resolve_dims(module, spec, "")["num_experts"]
     return {"expert_sizes": torch.bincount(values["top_k_index"][:, 0], minlength=num_experts).tolist()}
@@ -87,7 +87,7 @@ def _bank_inputs(module, spec, values: dict[str, Any], generator: torch.Generato
 
 def _shared_inputs(module, spec, values: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
     """Per-token mixing weights ``[tokens, num_experts]``, like Inkling's router's shared gammas."""
-    from ..unfuse import resolve_dims
+    from ..unfusing import resolve_dims
 
     num_experts = resolve_dims(module, spec, "")["num_experts"]
     gammas = torch.rand(values["hidden_states"].shape[0], num_experts, generator=generator)

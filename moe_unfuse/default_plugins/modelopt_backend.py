@@ -25,7 +25,7 @@ class ModeloptBackend:
         from modelopt.torch.quantization.nn import QuantModule
 
         from ..experts import UnfusedExpertsMixin
-        from ..unfuse import apply_plan, build_plan
+        from ..unfusing import apply_plan, build_plan
 
         def _setup(self) -> None:
             apply_plan(build_plan(self, spec, type(self).__name__), swap_class=False)

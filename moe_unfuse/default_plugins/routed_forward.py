@@ -69,7 +69,7 @@ def _prepare(module, spec, dims: dict[str, int]) -> dict[str, Any]:
 
 def _golden_inputs(module, spec, values: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
     """With identity experts, route over real and identity ids alike, every id hit at least once."""
-    from ..unfuse import resolve_dims
+    from ..unfusing import resolve_dims
 
     dims = resolve_dims(module, spec, "")
     count = _prepare(module, spec, dims)["identity_experts"]
