@@ -23,7 +23,6 @@ layer has data, the max over the same input of every other layer: never zero, Na
 from __future__ import annotations
 
 import json
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -369,14 +368,3 @@ def share_gate_up_weight_amax(model: nn.Module) -> int:
                     setattr(uq, attr, shared.clone())
                     changed += 1
     return changed
-
-
-def amax_report(model: nn.Module) -> dict[str, dict[str, float]]:
-    """Input amax per experts module and input group, as max/min over experts (for the report)."""
-    out: dict[str, dict[str, float]] = {}
-    for path, module in unfused_experts(model):
-        for group in input_groups(module._moe_unfuse.spec.projection_names()):
-            vals = [_scalar(q.amax).item() for expert in module for q in _input_quantizers(expert, group) if q.amax is not None]
-            if vals:
-                out.setdefault(path, {})["/".join(group)] = max(vals) if all(math.isfinite(v) for v in vals) else float("nan")
-    return out

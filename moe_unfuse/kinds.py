@@ -10,9 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-#: Per-expert module shapes a forward kind can ask for.
-EXPERT_SHAPES = ("mlp", "linear")
-
 
 @dataclass(frozen=True)
 class ForwardKind:

@@ -12,8 +12,6 @@ from typing import Sequence
 
 import torch
 
-PACKINGS = ("concatenated", "interleaved")
-
 
 @dataclass(frozen=True)
 class Unflatten:

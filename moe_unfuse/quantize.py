@@ -317,7 +317,7 @@ class QuantizeReport:
         }
 
     def __str__(self) -> str:
-        r, o, ex = self.result, self.options, self.export
+        r, ex = self.result, self.export
         lines = [f"model      {self.source}"]
         if r.coverage.covered:
             archs = sorted({a for _, a, _ in r.coverage.covered})

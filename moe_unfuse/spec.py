@@ -25,7 +25,6 @@ from .errors import SpecError
 from .layout import Layout, layout_for
 
 SCHEMA_PATH = Path(__file__).with_name("spec.schema.json")
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 @cache

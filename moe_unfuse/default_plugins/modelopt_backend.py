@@ -62,12 +62,6 @@ class ModeloptBackend:
         self._classes[cls] = dm_cls
         return dm_cls
 
-    def is_registered(self, spec) -> bool:
-        from modelopt.torch.quantization.nn import QuantModuleRegistry
-
-        cls = spec.resolve_class()
-        return cls is not None and QuantModuleRegistry._registry.get(cls) is self._classes.get(cls)
-
 
 backend = ModeloptBackend()
 
