@@ -84,9 +84,9 @@ def register(arch: str | Spec | Path, backend: str = "modelopt", model: torch.nn
     from . import drift
     from .plugins import registry
     from .quantize import check_coverage
-    from .spec import Spec, load_spec
+    from .unfusing import spec_of
 
-    spec = arch if isinstance(arch, Spec) else load_spec(arch) if isinstance(arch, Path) else get_spec(arch)
+    spec = spec_of(arch)
     drift.check(spec)  # on a transformers not in verified_on: fail here, in one line, if the class changed
     backends = registry().backends
     if backend not in backends:

@@ -34,6 +34,7 @@ from torch import nn
 
 from .coverage import FusedParam, find_fused_params
 from .errors import MoeUnfuseError, SpecError
+from .policy import disable_entries
 from .spec import Spec
 
 #: formats of the size table; any other modelopt preset name works with ``qformat``
@@ -342,7 +343,7 @@ def audit_model(model: nn.Module, qformat: str = "nvfp4", specs: Iterable[Spec] 
     from .unfusing import build_plan
 
     formats = list(dict.fromkeys([*SIZE_FORMATS, qformat]))
-    rules = {f: _Rules(preset_rules(f)) for f in formats if f != "bf16"}
+    rules = {f: _Rules((*preset_rules(f), *disable_entries())) for f in formats if f != "bf16"}  # quantize's own policy
     fused = find_fused_params(model, specs)
     problems: list[str] = []
     targets: list[_Target] = []

@@ -346,25 +346,36 @@ def finalize_input_scales(model: nn.Module, policy: str = "shared") -> list[Scal
     return fallbacks
 
 
+def _weight_amax_groups(module: nn.Module) -> list[list[nn.Module]]:
+    """Linears that must share one weight amax: gate and up of each expert (engines fuse them into
+    one w13 with one global scale); every projection of a fused tensor when the spec exports the
+    fused layout (one scale per fused tensor, as modelopt's own fused-experts export writes)."""
+    spec = module._moe_unfuse.spec
+    experts = list(module)
+    if spec.export_layout == "fused":
+        return [[getattr(e, proj) for e in experts for proj in p.into if getattr(e, proj, None) is not None] for p in spec.params]
+    return [[e.gate_proj, e.up_proj] for e in experts if getattr(e, "gate_proj", None) is not None and getattr(e, "up_proj", None) is not None]
+
+
 def share_gate_up_weight_amax(model: nn.Module) -> int:
     """Give gate and up of each expert one weight amax (their max), so the exported NVFP4 global
     scale ``weight_scale_2`` (and FP8 ``weight_scale``) is the same for both halves of the fused
-    w13 the engines build. modelopt does this for names it recognizes; this covers every spec.
-    Returns how many pairs changed."""
+    w13 the engines build; for a spec exporting the fused layout, every projection stacked into one
+    fused tensor shares it (see :func:`_weight_amax_groups`). modelopt does this for names it
+    recognizes; this covers every spec. Returns how many groups changed."""
     changed = 0
     for _, module in unfused_experts(model):
-        for expert in module:
-            gate, up = getattr(expert, "gate_proj", None), getattr(expert, "up_proj", None)
-            gq, uq = getattr(gate, "weight_quantizer", None), getattr(up, "weight_quantizer", None)
-            if gq is None or uq is None or not (gq.is_enabled and uq.is_enabled):
+        for group in _weight_amax_groups(module):
+            quantizers = [getattr(lin, "weight_quantizer", None) for lin in group]
+            if not quantizers or any(q is None or not q.is_enabled for q in quantizers):
                 continue
             for attr in ("amax", "global_amax"):
-                a, b = getattr(gq, attr, None), getattr(uq, attr, None)
-                if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.is_meta or b.is_meta or a.shape != b.shape:
+                values = [getattr(q, attr, None) for q in quantizers]
+                if any(not isinstance(v, torch.Tensor) or v.is_meta or v.shape != values[0].shape for v in values):
                     continue
-                if not torch.equal(a, b):
-                    shared = torch.maximum(a, b)
-                    setattr(gq, attr, shared.clone())
-                    setattr(uq, attr, shared.clone())
+                if not all(torch.equal(v, values[0]) for v in values):
+                    shared = torch.stack(values).amax(0)
+                    for q in quantizers:
+                        setattr(q, attr, shared.clone())
                     changed += 1
     return changed

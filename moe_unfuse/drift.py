@@ -9,14 +9,27 @@ axes and shape (the validation ``unfuse`` itself runs). What changed comes back 
 :class:`DriftError` line naming the spec, the field and the fix, never as a traceback from deep
 inside a forward. A spec that still fits simply works. A spec without ``verified_on`` (a fresh
 draft) is unproven rather than drifted: its faults are the plain one-line SpecErrors.
+
+:func:`status` names where a spec stands on the installed transformers (``moe-unfuse list``):
+verified, fits (not verified on it, but the drift check passes), drifted, unproven, or missing
+(its class is not in the installed transformers). :func:`installed_version` and
+:func:`class_present` answer without importing transformers when they can, so listing specs stays
+fast.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.metadata
+import importlib.util
 import inspect
+import json
+import re
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import SpecError
@@ -28,7 +41,7 @@ if TYPE_CHECKING:
 
 
 class DriftError(SpecError):
-    """The installed transformers is not one the spec was verified on, and the class changed."""
+    """The installed transformers is not one the spec was verified on, and the spec no longer fits its class there."""
 
 
 @dataclass(frozen=True)
@@ -40,10 +53,20 @@ class Problem:
 
 
 def installed_version() -> str:
-    """The installed transformers version (monkeypatched by the drift tests)."""
-    import transformers
+    """The installed transformers version (monkeypatched by the tests that simulate a version).
 
-    return transformers.__version__
+    Read from the package metadata unless transformers is already imported: importing it only to
+    read its version would cost ``moe-unfuse list`` most of a second.
+    """
+    module = sys.modules.get("transformers")
+    if module is not None:
+        return module.__version__
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        import transformers
+
+        return transformers.__version__
 
 
 def verified_versions(raw_or_spec: Any) -> tuple[str, ...]:
@@ -64,19 +87,24 @@ def is_drifted(raw_or_spec: Any) -> bool:
     return bool(versions) and installed_version() not in versions
 
 
-def _context(spec: Spec) -> str:
+def _context(spec: Spec, problem: Problem) -> str:
+    # The spec is what does not fit: the class is simply what the installed transformers has (or
+    # lacks: a spec for a newer release, on an older one).
     verified = ", ".join(verified_versions(spec))
-    return f"transformers {installed_version()} is not in target.verified_on ({verified}) and {spec.class_name} changed"
+    what = f"has no {spec.class_name}" if problem.field == "target.class" else f"the spec does not fit its {spec.class_name}"
+    return f"transformers {installed_version()} is not in target.verified_on ({verified}) and {what}"
 
 
-def _fix(spec: Spec) -> str:
+def _fix(spec: Spec, problem: Problem) -> str:
     verified = verified_versions(spec)
-    pin = f", or install transformers=={verified[-1]}" if verified else ""
-    return f"update the spec to the installed class and prove it with `moe-unfuse check {spec.source}`{pin}"
+    pin = f"install transformers=={verified[-1]}" if verified else ""
+    if problem.field == "target.class" and pin:
+        return f"{pin}, which has the class, or point target.class at the installed class and prove it with `moe-unfuse check {spec.source}`"
+    return f"update the spec to the installed class and prove it with `moe-unfuse check {spec.source}`" + (f", or {pin}" if pin else "")
 
 
 def _error(spec: Spec, problem: Problem) -> DriftError:
-    return DriftError(spec.source, problem.field, f"{_context(spec)}: {problem.problem}", _fix(spec))
+    return DriftError(spec.source, problem.field, f"{_context(spec, problem)}: {problem.problem}", _fix(spec, problem))
 
 
 def _resolve(spec: Spec) -> tuple[type | None, Problem | None]:
@@ -84,10 +112,10 @@ def _resolve(spec: Spec) -> tuple[type | None, Problem | None]:
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:
-        return None, Problem("target.class", f"module {module} is gone ({exc.__class__.__name__})")
+        return None, Problem("target.class", f"no module {module} ({exc.__class__.__name__})")
     cls = getattr(mod, name, None)
     if not inspect.isclass(cls):
-        return None, Problem("target.class", f"{module} has no class {name!r} any more")
+        return None, Problem("target.class", f"{module} has no class {name!r}")
     return cls, None
 
 
@@ -155,19 +183,111 @@ def problems(spec: Spec, module: nn.Module | None = None) -> list[Problem]:
     return found
 
 
-_CHECKED: dict[tuple[str, str, str], tuple[Problem, ...]] = {}
+_CHECKED: dict[tuple[str, str, str], tuple[Problem, ...]] = {}  # (source, version, content) -> problems
+
+
+def _cached_problems(spec: Spec) -> tuple[Problem, ...]:
+    # Keyed by content, not just the source: two specs from one file (edited in between, or
+    # variants built in memory) are different specs.
+    key = (spec.source, installed_version(), json.dumps(dict(spec.raw), sort_keys=True, default=str) if spec.raw else repr(spec))
+    if key not in _CHECKED:
+        _CHECKED[key] = tuple(problems(spec))
+    return _CHECKED[key]
 
 
 def check(spec: Spec) -> None:
     """Raise :class:`DriftError` when ``spec`` is drifted (verified on other transformers versions
-    than the installed one) and the class changed; a no-op otherwise. Cached per spec and version."""
+    than the installed one) and no longer fits the installed class; a no-op otherwise. Cached per
+    spec and version."""
     if not is_drifted(spec):
         return
-    key = (spec.source, spec.arch, installed_version())
-    if key not in _CHECKED:
-        _CHECKED[key] = tuple(problems(spec))
-    if _CHECKED[key]:
-        raise _error(spec, _CHECKED[key][0])
+    found = _cached_problems(spec)
+    if found:
+        raise _error(spec, found[0])
+
+
+VERIFIED, FITS, DRIFTED, UNPROVEN, MISSING = "verified", "fits", "drifted", "unproven", "missing"
+
+
+def status(spec: Spec, present: bool | None = None) -> str:
+    """Where ``spec`` stands on the installed transformers: :data:`MISSING` (its class is not
+    there), :data:`VERIFIED` (the version is in ``verified_on``), :data:`UNPROVEN` (no
+    ``verified_on``: a draft), else :data:`FITS` or :data:`DRIFTED` by the drift check (which
+    imports the class; the other answers do not). ``present``: class presence, when known."""
+    if present is None:
+        present = class_present(spec.target_class)
+    if not present:
+        return MISSING
+    if is_verified(spec):
+        return VERIFIED
+    if not verified_versions(spec):
+        return UNPROVEN
+    return DRIFTED if _cached_problems(spec) else FITS
+
+
+_CLASS_LINE = "^class {}\\b"
+
+
+def _module_source(module: str) -> Path | bool | None:
+    """The source file of ``module``, found on disk the way the import system would, without
+    importing any package on the way (``transformers.models`` alone costs a third of a second).
+
+    False: the module certainly does not exist (no such top-level package, or no such submodule in
+    its package's directories); None: undecidable without importing (an extension module, a
+    namespace package, a package whose module has no ``__path__``).
+    """
+    parts = module.split(".")
+    loaded = sys.modules.get(parts[0])
+    if loaded is not None:
+        locations = list(getattr(loaded, "__path__", None) or [])
+    else:
+        try:
+            top = importlib.util.find_spec(parts[0])  # a top-level name: located, not imported
+        except (ImportError, ValueError):
+            return None
+        if top is None:
+            return False
+        locations = list(top.submodule_search_locations or [])
+    if len(parts) == 1 or not locations:
+        return None
+    for i, part in enumerate(parts[1:], start=1):
+        last = i == len(parts) - 1
+        package = next((Path(d) / part for d in locations if (Path(d) / part / "__init__.py").is_file()), None)
+        if package is None:
+            module_file = next((Path(d) / f"{part}.py" for d in locations if (Path(d) / f"{part}.py").is_file()), None)
+            if last and module_file is not None:
+                return module_file
+            other = any((Path(d) / part).is_dir() or any((Path(d) / f"{part}{s}").exists() for s in importlib.machinery.EXTENSION_SUFFIXES) for d in locations)
+            return None if other else False
+        if last:
+            return package / "__init__.py"
+        loaded = sys.modules.get(".".join(parts[: i + 1]))
+        locations = list(getattr(loaded, "__path__", None) or []) if loaded is not None else [str(package)]
+        if not locations:
+            return None
+    return None
+
+
+def class_present(target_class: str) -> bool:
+    """Whether the installed packages define ``target_class`` (a dotted path).
+
+    Decided from the module's source when that is certain (the file defines ``class NAME``, or the
+    module does not exist), so listing ~75 specs imports no modeling file; otherwise by importing.
+    """
+    module, _, name = target_class.rpartition(".")
+    source = _module_source(module)
+    if source is False:
+        return False
+    if source is not None:
+        try:
+            if re.search(_CLASS_LINE.format(re.escape(name)), source.read_text(encoding="utf-8"), re.MULTILINE):
+                return True
+        except (OSError, UnicodeDecodeError):
+            pass
+    try:
+        return inspect.isclass(getattr(importlib.import_module(module), name, None))
+    except ImportError:
+        return False
 
 
 @contextmanager

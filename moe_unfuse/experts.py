@@ -157,6 +157,13 @@ class ExpertMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.gate(self.packed(x)))
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The gate is a closure over the experts module (not picklable); the unfused experts
+        # module rebuilds it from its spec when it is unpickled or deep-copied.
+        state = dict(self.__dict__)
+        state["_gate_fn"] = None
+        return state
+
 
 def stack_packed(items: list[torch.Tensor | tuple[torch.Tensor, ...]]) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Stack per-expert ``packed`` values on a new leading expert axis.
@@ -220,6 +227,20 @@ class UnfusedExpertsMixin:
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._moe_unfuse.forward_fn(self, *args, **kwargs)
 
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        # ``Unfused<Cls>`` is made at run time, so pickle cannot find it by name: rebuild it from
+        # the original class (pickle, torch.save of a whole model, copy.deepcopy).
+        return (_rebuild_unfused, (self._moe_unfuse.original_class,), self.__getstate__())
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from .unfusing import build_gate
+
+        super().__setstate__(state)
+        gate_fn, _ = build_gate(self, self._moe_unfuse.spec)
+        for expert in self._modules.values():
+            if isinstance(expert, ExpertMLP):
+                expert.__dict__["_gate_fn"] = gate_fn
+
     def __len__(self) -> int:
         return self._moe_unfuse.num_experts
 
@@ -250,6 +271,12 @@ def post_expert_norm(module: nn.Module) -> Callable | None:
 
 
 _UNFUSED_CLASSES: dict[type, type] = {}
+
+
+def _rebuild_unfused(original_class: type) -> nn.Module:
+    """An empty ``Unfused<original_class>`` for pickle to fill (see ``UnfusedExpertsMixin.__reduce_ex__``)."""
+    cls = unfused_class(original_class)
+    return cls.__new__(cls)
 
 
 def unfused_class(cls: type) -> type:

@@ -1,46 +1,57 @@
 """Export a quantized, unfused model to a HF checkpoint the serving engines load, then verify it.
 
-modelopt's ``export_hf_checkpoint`` writes the per-expert keys (``...experts.{E}.{gate,up,down}_proj.
-{weight,weight_scale,weight_scale_2,input_scale}``) and ``hf_quant_config.json``. On top of that:
+modelopt's ``export_hf_checkpoint`` writes the per-expert keys and ``hf_quant_config.json``, and
+reverses transformers' load-time conversion so names are the hub checkpoint's own (the moe_unfuse
+handlers in its export registries make that work for every spec: see ``modelopt_backend``). Then,
+following the naming contract (:mod:`moe_unfuse.naming`):
 
-- ``--refuse-unquantized``: experts modules left unquantized are written back as the model's own
-  fused tensors, rebuilt from the exported per-expert weights with the spec's layout reverse
-  (``Layout.refuse``), so ``from_pretrained`` loads them into an identical model;
-- the spec's ``export.renames`` for the target engine are applied to every key and to the
-  module names in ``exclude_modules`` (``hf_quant_config.json``) and ``ignore`` (``config.json``);
+- experts whose spec declares ``export.layout: fused`` (GPT-OSS) are re-stacked into the hub's fused
+  tensors through the spec's layout reverse, quantized weights and per-block scales alike, with
+  modelopt's fused-tensor scale names (``{param}_weight_scale`` ...);
+- ``--refuse-unquantized``: experts left unquantized whose hub checkpoint is fused are written back
+  in that fused layout (``Layout.refuse``), so ``from_pretrained`` loads them into an identical model;
+- a spec's ``export.renames`` for the target engine (none ship today) apply to keys and exclude lists;
 - modules that must stay unquantized (routers, towers, projectors, lm_head, excluded experts) are
-  added to those lists under their final names when modelopt's list misses them;
+  added to ``exclude_modules`` and ``ignore`` under their final names, as ``prefix*`` patterns
+  every engine version matches;
 - ``moe_unfuse.json`` records the job (qformat, engine, specs, expert modules, routing counts).
 
-The checkpoint is written to ``<out>.partial``, verified (:func:`moe_unfuse.verify.verify_checkpoint`)
-and only then moved to ``<out>``; a checkpoint that fails verification is kept at ``<out>.invalid``.
+The checkpoint is written to ``<out>.partial`` under a lock on ``<out>``, verified
+(:func:`moe_unfuse.verify.verify_checkpoint`), then swapped into ``<out>`` atomically (a good earlier
+``<out>`` stays in place until then). A checkpoint that fails verification, or an export that fails
+on the way, is left at ``<out>.invalid`` with ``moe_unfuse.json`` saying why.
 """
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import fnmatch
 import json
 import os
 import re
+import io
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .errors import MoeUnfuseError
+from .naming import ExpertsNaming, NamingContract, model_contract
+from .policy import KEEP_UNQUANTIZED_RE
 from .spec import Spec
 
 METADATA_FILE = "moe_unfuse.json"
-#: Module-name regexes (searched) of modules that engines load unquantized.
-KEEP_UNQUANTIZED_RE = re.compile(r"(^|\.)(router|lm_head|vision_tower|audio_tower|embed_vision|embed_audio|multi_modal_projector|vision_model|visual|mm_projector)(\.|$)")
 #: A key under an experts module (``experts``, ``experts.``, ``shared_experts.``, ...): with 3+ dims, a fused expert tensor.
 FUSED_EXPERT_KEY_RE = re.compile(r"(^|\.|_)experts?(\.|$)")
 EXPERT_KEY_RE = re.compile(r"^(?P<prefix>.*?\.?experts)\.(?P<expert>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.(?P<suffix>[A-Za-z0-9_]+)$")
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "weight_scale_inv", "pre_quant_scale")
+#: The scales modelopt writes next to a quantized weight, re-stacked with it.
+STACKED_SCALES = ("weight_scale", "weight_scale_2", "input_scale")
 
 
 def engine_renames(specs: Iterable[Spec], engine: str) -> list[tuple[re.Pattern, str]]:
@@ -74,14 +85,71 @@ def excluded(name: str, patterns: Iterable[str]) -> bool:
     return False
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to write over a non-empty ``out`` unless ``overwrite``."""
+def prepare_out_dir(out: Path, overwrite: bool, source: Path | None = None) -> None:
+    """Refuse to write over a non-empty ``out`` unless ``overwrite``, and ever over (or into) the
+    model being quantized."""
+    if source is not None:
+        src, dst = Path(source).resolve(), Path(out).resolve()
+        if dst == src or src in dst.parents or dst in src.parents:
+            raise MoeUnfuseError(f"--out {out} is, contains or lies inside MODEL {source}; fix: write the checkpoint to a folder outside the model")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise MoeUnfuseError(f"--out {out} exists and is not empty; fix: pass --overwrite or another --out")
 
 
+@contextmanager
+def out_lock(out: Path) -> Iterator[None]:
+    """An exclusive lock on ``<out>.lock`` for the whole export: a second run on the same ``--out``
+    fails at once instead of sharing ``<out>.partial``."""
+    lock = out.with_name(out.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MoeUnfuseError(f"--out {out}: another moe-unfuse run is writing it (lock {lock}); fix: wait for it, or pass another --out") from None
+        yield
+    finally:
+        os.close(fd)
+        lock.unlink(missing_ok=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Put the complete folder ``new`` at ``out``: at every moment ``out`` is the old complete
+    checkpoint or the new one (an atomic exchange), then the old one is removed."""
+    if out.is_dir() and _exchange(new, out):
+        shutil.rmtree(new)  # ``new`` now holds the old checkpoint
+        return
+    if out.is_dir():  # no atomic exchange here: the old one moves aside first, and back on failure
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+        try:
+            new.rename(out)
+        except OSError:
+            old.rename(out)
+            raise
+        shutil.rmtree(old)
+        return
+    if out.exists():
+        out.unlink()
+    new.rename(out)
+
+
 # ----------------------------------------------------------------------------------------------
-# which experts modules stay unquantized
+# which experts modules are re-stacked into fused tensors
 
 
 def _is_quantized(linear: nn.Module) -> bool:
@@ -90,33 +158,45 @@ def _is_quantized(linear: nn.Module) -> bool:
 
 
 @dataclass
-class RefuseTarget:
-    """An unquantized experts module to write back in its fused layout."""
+class Restack:
+    """An experts module written in its hub's fused layout: ``quantized`` ones because the spec's
+    export layout is fused, unquantized ones for ``--refuse-unquantized``."""
 
-    path: str
+    naming: ExpertsNaming
     spec: Spec
-    num_experts: int
+    quantized: bool
+    to_hub: Callable[[dict], dict]  # in-memory fused tensors -> the hub's names and layout
+    hub_key: Callable[[str], str]  # an in-memory per-expert key -> the name the export wrote it under
     rests: dict[str, torch.Tensor] = field(default_factory=dict)  # rows a Narrow layout set aside
 
 
-def refuse_targets(model: nn.Module) -> tuple[list[RefuseTarget], list[str]]:
-    """(targets, skipped): experts modules whose every per-expert linear is unquantized, and the
-    paths of those that cannot be re-fused (partly quantized, or a layout without a tensor reverse)."""
+def plan_restacks(model: nn.Module, contract: NamingContract, refuse_unquantized: bool) -> tuple[list[Restack], list[str]]:
+    """(restacks, skipped): experts modules to write fused, and why others that asked could not be."""
     from .calibration import unfused_experts
     from .layout import Narrow
 
+    by_module = {e.module: e for e in contract.experts.values()}
     targets, skipped = [], []
     for path, module in unfused_experts(model):
         st = module._moe_unfuse
+        naming = by_module.get(path)
+        has_rest = any(isinstance(op, Narrow) for p in st.spec.params for op in p.layout(st.num_experts).prepare)
+        if naming is None or not naming.hub_fused and not has_rest:
+            continue  # stored per expert in the hub: the per-expert keys are its names
         linears = [getattr(expert, proj, None) for expert in module for proj in st.spec.projection_names()]
         if any(lin is None for lin in linears):
-            skipped.append(f"{path} (not a gate/up/down expert)")
+            if naming.layout == "fused" or refuse_unquantized:
+                skipped.append(f"{path} (not a gate/up/down expert)")
             continue
-        if any(_is_quantized(lin) for lin in linears):
-            if not all(_is_quantized(lin) for lin in linears):
-                skipped.append(f"{path} (partly quantized)")
+        quantized = [_is_quantized(lin) for lin in linears]
+        if any(quantized) and not all(quantized):
+            skipped.append(f"{path} (partly quantized)")
             continue
-        target = RefuseTarget(path, st.spec, st.num_experts)
+        if all(quantized) and naming.layout != "fused":
+            continue
+        if not all(quantized) and not (refuse_unquantized or naming.layout == "fused" or not naming.hub_fused):
+            continue  # (unquantized per-expert hub names with rows set aside: written with those rows, so it reloads)
+        target = Restack(naming, st.spec, all(quantized), contract.to_hub, contract.hub_key)
         ok = True
         for p in st.spec.params:
             layout = p.layout(st.num_experts)
@@ -124,12 +204,14 @@ def refuse_targets(model: nn.Module) -> tuple[list[RefuseTarget], list[str]]:
                 ok = False
             elif any(isinstance(op, Narrow) for op in layout.prepare):
                 rest = layout.rest(st.originals[p.name])
-                if rest is None or rest.device.type == "meta":
+                if target.quantized or rest is None or rest.device.type == "meta":
                     ok = False
                 else:
                     target.rests[p.name] = rest.detach().clone()
         if ok:
             targets.append(target)
+        elif naming.layout == "fused":
+            raise MoeUnfuseError(f"{st.spec.source}: export.layout: fused, but {path}'s layout has no single-tensor reverse; fix: use export.layout: per_expert")
         else:
             skipped.append(f"{path} (layout has no single-tensor reverse)")
     return targets, skipped
@@ -151,18 +233,60 @@ def shard_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
     return files, None
 
 
-def _refuse_tensors(target: RefuseTarget, prefix: str, get: Any) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Fused tensors of ``target`` from its exported per-expert tensors (``get(key)``); and the keys used."""
+def _stack_scalars(values: list[list[torch.Tensor]], name: str) -> torch.Tensor:
+    """One 0-d scale when every expert and projection agrees, else one per expert ``[E]`` when the
+    projections of each expert agree (gate and up share one fused row block)."""
+    flat = [v.reshape(()) for row in values for v in row]
+    if all(torch.equal(v, flat[0]) for v in flat):
+        return flat[0].clone()
+    per_expert = values[0]
+    if all(torch.equal(a.reshape(()), b.reshape(())) for row in values[1:] for a, b in zip(per_expert, row)):
+        return torch.stack([v.reshape(()) for v in per_expert])
+    raise MoeUnfuseError(f"{name}: the projections stacked into one fused tensor have different scales; fix: quantize with moe_unfuse.quantize_model, which shares them")
+
+
+def _restack_tensors(target: Restack, get: Callable[[str], torch.Tensor], has: Callable[[str], bool]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The fused tensors of ``target`` from its exported per-expert tensors; and the keys used."""
+    naming, n = target.naming, target.naming.num_experts
     fused: dict[str, torch.Tensor] = {}
     used: list[str] = []
+
+    def keys(into: Sequence[str], leaf: str) -> list[list[str]]:
+        if naming.hub_fused:
+            return [[naming.per_expert_key(e, proj, leaf) for e in range(n)] for proj in into]
+        return [[target.hub_key(f"{naming.module}.{e}.{proj}.{leaf}") for e in range(n)] for proj in into]
+
+    def hub_tensors(leaf: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One in-memory fused tensor under the hub's names and layout (several per-expert tensors
+        where the hub stores it per expert); a quantized one must keep its fused name."""
+        converted = target.to_hub({f"{naming.module}.{leaf}": tensor})
+        if target.quantized and list(converted) != [f"{naming.hub}.{leaf}"]:
+            raise MoeUnfuseError(f"{target.spec.source}: export.layout: fused, but the hub stores {naming.module}.{leaf} as {', '.join(converted)}; fix: use export.layout: per_expert")
+        return converted
+
     for p in target.spec.params:
-        layout = p.layout(target.num_experts)
-        for attr, name, lay in ((p.name, "weight", layout), *(((p.bias, "bias", p.bias_layout()),) if p.bias else ())):
-            keys = [[f"{prefix}.{e}.{proj}.{name}" for e in range(target.num_experts)] for proj in p.into]
-            pieces = [[get(k) for k in row] for row in keys]
-            rest = target.rests.get(p.name) if name == "weight" else None
-            fused[f"{prefix}.{attr}"] = lay.refuse(pieces, rest) if rest is not None else lay.refuse(pieces)
-            used.extend(k for row in keys for k in row)
+        layout = p.layout(n)
+        wkeys = keys(p.into, "weight")
+        pieces = [[get(k) for k in row] for row in wkeys]
+        rest = target.rests.get(p.name)
+        weights = hub_tensors(p.name, layout.refuse(pieces, rest) if rest is not None else layout.refuse(pieces))
+        fused.update(weights)
+        used.extend(k for row in wkeys for k in row)
+        for scale in STACKED_SCALES if target.quantized else ():
+            skeys = keys(p.into, scale)
+            present = [has(k) for row in skeys for k in row]
+            if not any(present):
+                continue
+            name = f"{next(iter(weights))}_{scale}"
+            if not all(present):
+                raise MoeUnfuseError(f"{name}: some experts have no {scale}; fix: calibrate every expert (--force-routing)")
+            values = [[get(k) for k in row] for row in skeys]
+            fused[name] = layout.refuse(values) if values[0][0].dim() >= 2 else _stack_scalars(values, name)
+            used.extend(k for row in skeys for k in row)
+        if p.bias:
+            bkeys = keys(p.into, "bias")
+            fused.update(hub_tensors(p.bias, p.bias_layout().refuse([[get(k) for k in row] for row in bkeys])))
+            used.extend(k for row in bkeys for k in row)
     return fused, used
 
 
@@ -180,6 +304,7 @@ class ExportResult:
     refused: list[str]
     refuse_skipped: list[str]
     exclusions_added: list[str]
+    fused: list[str] = field(default_factory=list)  # quantized experts written in the hub's fused layout
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(vars(self))
@@ -187,26 +312,33 @@ class ExportResult:
         return d
 
     def summary(self) -> str:
-        parts = [f"{len(self.files)} safetensors file(s)"]
+        parts = [f"{len(self.files)} safetensors file(s), hub names"]
         if self.renames:
             parts.append(f"{self.renamed} keys renamed for {self.engine} ({'; '.join(self.renames)})")
-        else:
-            parts.append(f"no renames for {self.engine}")
+        if self.fused:
+            parts.append(f"{len(self.fused)} quantized experts module(s) in the hub's fused layout")
         if self.refused:
             parts.append(f"{len(self.refused)} unquantized experts module(s) re-fused")
         if self.refuse_skipped:
             parts.append(f"not re-fused: {', '.join(self.refuse_skipped)}")
         if self.exclusions_added:
-            parts.append(f"added to exclude_modules: {', '.join(self.exclusions_added)}")
+            shown = ", ".join(self.exclusions_added[:6]) + (f" (+{len(self.exclusions_added) - 6} more)" if len(self.exclusions_added) > 6 else "")
+            parts.append(f"added to exclude_modules: {shown}")
         return "; ".join(parts)
 
 
+def exclude_pattern(module: str) -> str:
+    """The exclude entry for a module and everything under it: ``prefix*``, which every vLLM version
+    matches (0.22-0.26 expand only ``X*`` with no ``.`` before the ``*``, modelopt.py:266-285)."""
+    return f"{module}*"
+
+
 def _collapse_expert_names(names: Iterable[str]) -> list[str]:
-    """``a.experts.3.up_proj`` ... -> ``a.experts.*`` so a whole excluded layer is one entry."""
+    """``a.experts.3.up_proj`` ... -> ``a.experts*`` so a whole excluded layer is one entry."""
     out: list[str] = []
     for n in sorted(set(names)):
         m = re.match(r"^(.*\.experts)\.\d+(\.|$)", n)
-        entry = f"{m.group(1)}.*" if m else n
+        entry = exclude_pattern(m.group(1)) if m else n
         if entry not in out:
             out.append(entry)
     return out
@@ -215,68 +347,138 @@ def _collapse_expert_names(names: Iterable[str]) -> list[str]:
 def postprocess_checkpoint(
     path: Path,
     renames: Sequence[tuple[re.Pattern, str]],
-    targets: Sequence[RefuseTarget] = (),
+    targets: Sequence[Restack] = (),
     progress: bool = True,
+    contract: NamingContract | None = None,
 ) -> tuple[int, list[str], list[str]]:
-    """Re-fuse ``targets``, rename keys, and fix ``exclude_modules``/``ignore`` in place (each shard
-    is rewritten through a temporary file, so an interrupted run leaves no half-written shard).
-    Returns (keys renamed, modules re-fused, exclusions added)."""
+    """Name every key as the hub does (``contract.hub_key``: where modelopt's reverse conversion fell
+    back to in-memory names), re-stack ``targets``, apply ``renames``, and fix ``exclude_modules``/
+    ``ignore`` in place (each shard is rewritten through a temporary file, so an interrupted run
+    leaves no half-written shard). Returns (keys renamed, unquantized modules re-fused, exclusions added)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     files, weight_map = shard_files(path)
     where: dict[str, Path] = {}
+    stored: dict[str, str] = {}  # hub name -> the key modelopt wrote
     meta: dict[Path, dict[str, str]] = {}
     for f in files:
         with safe_open(f, "pt") as fh:
             meta[f] = fh.metadata() or {}
             for k in fh.keys():
-                where[k] = f
-
-    def get(key: str) -> torch.Tensor:
-        if key not in where:
-            raise MoeUnfuseError(f"{path}: cannot re-fuse, {key} is missing; fix: export without --refuse-unquantized and report this")
-        with safe_open(where[key], "pt") as fh:
-            return fh.get_tensor(key)
-
+                where[k], stored[k] = f, k
     added: dict[Path, dict[str, torch.Tensor]] = {f: {} for f in files}
     dropped: set[str] = set()
+    if contract is not None:
+        _to_hub_names(contract, where, stored, added, dropped)
+
+    def get(key: str) -> torch.Tensor:
+        for extra in added.values():
+            if key in extra:
+                return extra[key]
+        if key not in where:
+            raise MoeUnfuseError(f"{path}: cannot re-stack, {key} is missing from the export; fix: export without --refuse-unquantized and report this")
+        with safe_open(where[key], "pt") as fh:
+            return fh.get_tensor(stored[key])
+
     refused: list[str] = []
     for t in targets:
-        fused, used = _refuse_tensors(t, t.path, get)
-        home = where[used[0]]
+        fused, used = _restack_tensors(t, get, lambda k: k in where or any(k in extra for extra in added.values()))
+        home = next((f for f, extra in added.items() if used[0] in extra), None) or where[used[0]]
+        for extra in added.values():
+            for k in used:
+                extra.pop(k, None)
         added[home].update(fused)
         dropped.update(used)
-        refused.append(t.path)
+        if not t.quantized:
+            refused.append(t.naming.hub)
 
     renamed = 0
     new_map: dict[str, str] = {}
-    fused_modules: set[str] = set()
+    unquantized_fused: set[str] = set()
+    mode = 0o666 & ~_umask()
     for f in tqdm(files, desc="post-processing shards", unit="file", disable=not progress, leave=False):
         tensors: dict[str, torch.Tensor] = {}
         with safe_open(f, "pt") as fh:
-            for k in fh.keys():
-                if k in dropped:
+            for name, k in stored.items():
+                if where[name] != f or name in dropped:
                     continue
-                new = rename_key(k, renames)
+                new = rename_key(name, renames)
                 renamed += new != k
                 tensors[new] = fh.get_tensor(k)
         tensors.update(added[f])
-        fused_modules.update(k.rsplit(".", 1)[0] for k, t in tensors.items() if t.dim() >= 3 and FUSED_EXPERT_KEY_RE.search(k))
         tmp = f.with_name(f.name + ".tmp")
         save_file(tensors, str(tmp), metadata=meta[f] or {"format": "pt"})
-        os.chmod(tmp, f.stat().st_mode & 0o777)
+        os.chmod(tmp, mode)
         os.replace(tmp, f)
         new_map.update({k: f.name for k in tensors})
+    unquantized_fused = {k.rsplit(".", 1)[0] for k in new_map if FUSED_EXPERT_KEY_RE.search(k) and not any(f"{k}_{s}" in new_map for s in STACKED_SCALES) and _ndim(path / new_map[k], k) >= 3}
     if weight_map is not None:
         index_path = path / "model.safetensors.index.json"
         index = json.loads(index_path.read_text())
         index["weight_map"] = dict(sorted(new_map.items()))
         index_path.write_text(json.dumps(index, indent=2) + "\n")
 
-    exclusions = _fix_exclusions(path, renames, refused, new_map, fused_modules)
+    def hub_module(name: str) -> str:
+        if contract is None or any(c in name for c in "*?["):
+            return name
+        if name in contract.linear_hubs:
+            return contract.linear_hubs[name][0]
+        key = contract.hub_key(f"{name}.weight")
+        return key[: -len(".weight")] if key.endswith(".weight") else name
+
+    exclusions = _fix_exclusions(path, renames, refused, new_map, unquantized_fused, hub_module)
     return renamed, refused, exclusions
+
+
+def _to_hub_names(contract: NamingContract, where: dict[str, Path], stored: dict[str, str], added: dict[Path, dict[str, torch.Tensor]], dropped: set[str]) -> None:
+    """Where modelopt's reverse conversion fell back to in-memory names (a conversion mapping with ops
+    it cannot reverse on quantized tensors), finish it: unquantized tensors go through transformers'
+    own reverse (``save_pretrained``'s: renames and ops such as re-fusing q/k/v), quantized ones are
+    renamed (renames only; a name two keys would share is left as is, and verify reports it)."""
+    from safetensors import safe_open
+
+    unknown = [k for k in stored if contract.base(k) is None]
+    if not unknown:
+        return
+    scaled = {k.rsplit(".", 1)[0] for k in stored if k.rsplit(".", 1)[-1] in SCALE_SUFFIXES}
+    plain = [k for k in unknown if k.rsplit(".", 1)[0] not in scaled and k.rsplit(".", 1)[-1] not in SCALE_SUFFIXES]
+    if plain:
+        tensors = {}
+        for k in plain:
+            with safe_open(where[k], "pt") as fh:
+                tensors[k] = fh.get_tensor(k)
+        try:
+            converted = contract.to_hub(tensors)
+        except Exception:  # noqa: BLE001 - transformers could not reverse them: verify names what is left
+            converted = {}
+        if converted and all(n in contract.names for n in converted):
+            home = where[plain[0]]
+            for k in plain:
+                dropped.add(k)
+            for n, t in converted.items():
+                added[home][n] = t
+    targets: dict[str, list[str]] = {}
+    for k in unknown:
+        if k not in dropped:
+            targets.setdefault(contract.hub_key(k), []).append(k)
+    for name, ks in targets.items():
+        if len(ks) == 1 and name != ks[0] and name not in stored:
+            where[name], stored[name] = where.pop(ks[0]), stored.pop(ks[0])
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _ndim(file: Path, key: str) -> int:
+    from safetensors import safe_open
+
+    with safe_open(file, "pt") as fh:
+        return len(fh.get_slice(key).get_shape())
 
 
 def unquantized_modules(keys: Iterable[str]) -> set[str]:
@@ -290,25 +492,27 @@ def must_exclude(keys: Iterable[str]) -> set[str]:
     return {m for m in unquantized_modules(keys) if KEEP_UNQUANTIZED_RE.search(m) or re.search(r"\.experts\.\d+\.", m + ".")}
 
 
-def _fix_exclusions(path: Path, renames: Sequence[tuple[re.Pattern, str]], refused: Sequence[str], keys: Iterable[str], fused_modules: Iterable[str] = ()) -> list[str]:
-    """Rename the exclude list, and add what must be excluded but is not: re-fused experts, fused
-    expert tensors left in place (``--allow-uncovered``: they stay in their original dtype), lm_head,
-    and every module :func:`must_exclude` finds. Writes both configs; returns the entries added."""
+def _fix_exclusions(path: Path, renames: Sequence[tuple[re.Pattern, str]], refused: Sequence[str], keys: Iterable[str], fused_modules: Iterable[str] = (), hub_module: Callable[[str], str] = lambda m: m) -> list[str]:
+    """Rename the exclude list, write each entry in a form every engine matches, and add what must be
+    excluded but is not: re-fused experts, fused expert tensors left unquantized (``--allow-uncovered``),
+    lm_head, and every module :func:`must_exclude` finds. Writes both configs; returns the entries added."""
     hf_path, cfg_path = path / "hf_quant_config.json", path / "config.json"
     if not hf_path.is_file():
         return []  # not quantized: nothing is excluded from anything
     hf = json.loads(hf_path.read_text())
     quant = hf.setdefault("quantization", {})
     original = list(quant.get("exclude_modules") or [])
-    final = []
+    final: list[str] = []
     for name in original:
-        n = rename_module(name, renames)
+        n = rename_module(hub_module(name), renames)
+        if n.endswith(".*"):  # `a.experts.*` never matches the module `a.experts` in vLLM 0.22-0.26
+            n = n[:-2] + "*"
         if n not in final:
             final.append(n)
     for name in [*refused, *sorted(fused_modules)]:
         if not excluded(name, final):
-            final.append(name)
-    if "lm_head" not in final:
+            final.append(exclude_pattern(name))
+    if not excluded("lm_head", final):
         final.append("lm_head")
     missing = sorted(m for m in must_exclude(keys) if not excluded(m, final))
     added = _collapse_expert_names(missing)
@@ -359,16 +563,39 @@ def _version() -> str:
         return "0+local"
 
 
-def _expert_prefixes(model: nn.Module, renames: Sequence[tuple[re.Pattern, str]], refused: Iterable[str]) -> dict[str, dict[str, Any]]:
-    from .calibration import unfused_experts
+@contextmanager
+def _no_carried_expert_sources(contract: NamingContract) -> Iterator[None]:
+    """modelopt 0.48 copies source-checkpoint tensors the model has no parameter for (meant for MTP
+    heads) into the export verbatim (``read_unplaced_weights``). Once experts are unfused, their
+    source tensors look like such: the bf16 fused tensors would land next to the quantized
+    per-expert ones (or, where the hub is per expert, over them). Its ``unplaced_keys_for`` decides
+    what is carried and excluded; for the export's duration it leaves out every source key of an
+    unfused experts module. On modelopt 0.47, which has no such step, this does nothing."""
+    try:
+        from modelopt.torch.export import unified_export_hf as exporter
+    except ImportError:  # pragma: no cover - modelopt is a dependency
+        yield
+        return
+    original = getattr(exporter, "unplaced_keys_for", None)
+    if original is None:
+        yield
+        return
+    prefixes = tuple(f"{e.hub}." for e in contract.experts.values())
+    owned = {n for e in contract.experts.values() for n in (*e.names, *(k for k, _ in e.hub_fused_names))}
 
-    refused = set(refused)
-    out = {}
-    for path, module in unfused_experts(model):
-        st = module._moe_unfuse
-        final = path if path in refused else rename_key(f"{path}.0.", renames)[: -len(".0.")]
-        out[final] = {"module": path, "arch": st.spec.arch, "experts": st.num_experts, "projections": list(st.spec.projection_names()), "fused": path in refused}
-    return out
+    def unplaced_keys_for(model: nn.Module, ckpt: Any) -> list[str]:
+        return [k for k in original(model, ckpt) if k not in owned and not k.startswith(prefixes)]
+
+    exporter.unplaced_keys_for = unplaced_keys_for
+    try:
+        yield
+    finally:
+        exporter.unplaced_keys_for = original
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
 
 
 def export_checkpoint(
@@ -389,14 +616,23 @@ def export_checkpoint(
     A non-empty ``out`` is an error unless ``overwrite`` (then it is replaced once the new export passes).
 
     Returns (ExportResult, VerifyReport). On a failed verification the checkpoint is moved to
-    ``<out>.invalid`` instead of ``out`` (``ExportResult.path`` says where).
+    ``<out>.invalid`` instead of ``out`` (``ExportResult.path`` says where). An error on the way
+    leaves ``<out>.invalid`` with ``moe_unfuse.json`` naming it and raises a one-line
+    :class:`MoeUnfuseError`.
     """
-    from modelopt.torch.export import export_hf_checkpoint
-
-    from .verify import verify_checkpoint
-
     out = Path(out)
     prepare_out_dir(out, overwrite)
+    with out_lock(out):
+        return _export_locked(model, out, engine, list(specs), refuse_unquantized, tokenizer, qformat, routing, progress)
+
+
+def _export_locked(model: nn.Module, out: Path, engine: str, specs: list[Spec], refuse_unquantized: bool, tokenizer: Any, qformat: str, routing: Any, progress: bool) -> tuple[ExportResult, Any]:
+    from modelopt.torch.export import export_hf_checkpoint
+
+    from .default_plugins.modelopt_backend import install_export_handlers
+    from .verify import verify_checkpoint
+
+    install_export_handlers()
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]  # modelopt's export needs it
     staging = out.with_name(out.name + ".partial")
@@ -404,37 +640,54 @@ def export_checkpoint(
     for d in (staging, invalid):
         if d.exists():
             shutil.rmtree(d)
-    renames = engine_renames(specs, engine)
-    targets, skipped = refuse_targets(model) if refuse_unquantized else ([], [])
-    experts = _expert_prefixes(model, renames, [t.path for t in targets])
-    with quiet():
-        export_hf_checkpoint(model, export_dir=staging)
-    renamed, refused, exclusions = postprocess_checkpoint(staging, renames, targets, progress)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(staging)
-    metadata = {
-        "producer": f"moe_unfuse {_version()}",
-        "qformat": qformat,
-        "engine": engine,
-        "specs": [{"arch": s.arch, "class": s.target_class, "renames": [dict(r) for r in s.renames]} for s in specs],
-        "experts": experts,
-        "refused": refused,
-        "routing": routing.to_dict() if routing is not None else None,
-    }
-    (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-    report = verify_checkpoint(staging, engine=engine)
-    target = out if report.ok else invalid
-    if target.is_dir():
-        shutil.rmtree(target)
-    elif target.exists():
-        target.unlink()
-    staging.rename(target)
+    metadata: dict[str, Any] = {"producer": f"moe_unfuse {_version()}", "qformat": qformat, "engine": engine, "specs": [{"arch": s.arch, "class": s.target_class, "export_layout": s.export_layout, "renames": [dict(r) for r in s.renames]} for s in specs]}
+    step = "naming contract"
+    try:
+        contract = model_contract(model, specs)
+        renames = engine_renames(specs, engine)
+        targets, skipped = plan_restacks(model, contract, refuse_unquantized)
+        step = "modelopt export_hf_checkpoint"
+        with quiet(), redirect_stdout(io.StringIO()), _no_carried_expert_sources(contract):  # modelopt's prints say nothing the report does not
+            export_hf_checkpoint(model, export_dir=staging)
+        step = "post-processing"
+        renamed, refused, exclusions = postprocess_checkpoint(staging, renames, targets, progress, contract)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        restacked = {t.naming.hub for t in targets}
+        metadata.update({
+            "experts": {hub: {**e.to_dict(), "fused": hub in restacked, "quantized_fused": hub in restacked and hub not in refused} for hub, e in contract.experts.items()},
+            "refused": refused,
+            "routing": routing.to_dict() if routing is not None else None,
+        })
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        step = "verification"
+        report = verify_checkpoint(staging, engine=engine)
+    except (Exception, KeyboardInterrupt) as exc:
+        staging.mkdir(parents=True, exist_ok=True)
+        metadata["error"] = {"step": step, "message": _first_line(exc)}
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        staging.rename(invalid)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        if isinstance(exc, MoeUnfuseError):
+            raise MoeUnfuseError(f"export to {out} failed in {step} ({exc}); the partial export is at {invalid}") from None
+        raise MoeUnfuseError(f"export to {out} failed in {step} ({_first_line(exc)}); the partial export is at {invalid}; fix: report this with {invalid / METADATA_FILE}") from None
+    for f in staging.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~_umask())
+    if report.ok:
+        replace_dir(staging, out)
+        target = out
+    else:
+        staging.rename(invalid)
+        target = invalid
     report.path = target
     files, _ = shard_files(target)
     result = ExportResult(
         path=target, engine=engine, qformat=qformat, files=[f.name for f in files],
         bytes_after=sum(f.stat().st_size for f in files), renamed=renamed,
         renames=[f"{p.pattern} -> {r}" for p, r in renames], refused=refused, refuse_skipped=skipped, exclusions_added=exclusions,
+        fused=sorted(h for h in restacked if h not in refused),
     )
     return result, report
 

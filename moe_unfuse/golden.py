@@ -7,7 +7,6 @@ Used by the test-suite (``tests/test_golden.py``, one parametrized case per spec
 from __future__ import annotations
 
 import copy
-import importlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -15,8 +14,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from .errors import SpecError
 from .plugins import registry
-from .spec import Spec
+from .spec import Spec, resolve_object
 
 #: grouped_mm / batched_mm reorder the reductions (one grouped GEMM, fp32 accumulation and a
 #: sum over top-k instead of index_add_), so they can only agree to rounding: fp32 eps is 1.2e-7
@@ -24,16 +24,24 @@ from .spec import Spec
 IMPL_TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 TOKENS = 48
 SEED = 0
+#: Routings every exact check runs, whatever the spec says (``golden.top_k`` only adds one): k=1
+#: has no sum, a sum of two bf16 outputs rounds alike in bf16 and fp32, so only k=3 catches a wrong
+#: accumulation dtype. Capped at the module's expert count.
+TOP_KS = (1, 2, 3)
 
 
-def import_object(path: str) -> Any:
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+def import_object(path: str, kind: str | None = None, source: str = "(golden)", where: str = "golden") -> Any:
+    """The class at ``path``, checked to be of ``kind`` (moe_unfuse.spec.KINDS; None: any) before anyone calls it."""
+    return resolve_object(path, kind, source, where)
 
 
 def build_config(spec: Spec, implementation: str = "eager") -> Any:
     golden = spec.golden or {}
-    config = import_object(golden["config"])(**golden["config_kwargs"])
+    config_cls = resolve_object(golden["config"], "config", spec.source, "golden.config")
+    try:
+        config = config_cls(**golden["config_kwargs"])
+    except (TypeError, ValueError) as exc:
+        raise SpecError(spec.source, "golden.config_kwargs", f"{config_cls.__name__} rejects them ({exc.__class__.__name__}: {_first_line(exc)})", "give keyword arguments the config class takes") from None
     _set_implementation(config, implementation)
     return config
 
@@ -50,11 +58,11 @@ def build_experts(spec: Spec, dtype: torch.dtype = torch.float32, seed: int = SE
 
     check_drift(spec)  # a transformers not in verified_on: what changed, in one line
     golden = spec.golden or {}
-    config = build_config(spec)
-    arg = getattr(config, golden["config_attr"]) if golden.get("config_attr") else config
-    cls = spec.resolve_class()
+    cls = spec.resolve_class()  # an nn.Module subclass, checked before anything is called
     if cls is None:
         raise LookupError(f"{spec.target_class} is not in the installed transformers")
+    config = build_config(spec)
+    arg = getattr(config, golden["config_attr"]) if golden.get("config_attr") else config
     args = (arg,) if golden.get("config_arg", True) else ()
     module = cls(*args, **golden.get("module_kwargs", {}))
     gen = torch.Generator().manual_seed(seed)
@@ -64,8 +72,13 @@ def build_experts(spec: Spec, dtype: torch.dtype = torch.float32, seed: int = SE
     return module.to(dtype).eval()
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
 def input_dim(module: nn.Module, spec: Spec) -> int:
-    """Size of the experts' input features, read from the parameter holding up_proj (else the first)."""
+    """Size of the experts' input features as the spec lays out the parameter holding up_proj (else the first)."""
     from .unfusing import _owner, resolve_dims
 
     p = next((p for p in spec.params if "up_proj" in p.into), spec.params[0])
@@ -76,15 +89,53 @@ def input_dim(module: nn.Module, spec: Spec) -> int:
     return t.shape[2]
 
 
-def make_inputs(module: nn.Module, spec: Spec, tokens: int = TOKENS, seed: int = SEED) -> tuple[tuple, dict]:
-    """Random hidden states and a routing that hits every expert, in the forward's own argument order."""
+def _widths(module: nn.Module, spec: Spec) -> list[int]:
+    """Input widths to try, the spec's reading first, then the sizes the real module holds (its
+    config's hidden_size, every axis of its fused parameters): the original forward decides."""
+    widths = []
+    try:
+        widths.append(input_dim(module, spec))
+    except (RuntimeError, IndexError, KeyError, ValueError, SpecError):
+        pass
+    hidden = getattr(getattr(module, "config", None), "hidden_size", None)
+    if isinstance(hidden, int):
+        widths.append(hidden)
+    widths += [n for p in module.parameters() if p.dim() >= 2 for n in p.shape[1:]]
+    return list(dict.fromkeys(widths))
+
+
+def golden_top_ks(module: nn.Module, spec: Spec) -> tuple[int, ...]:
+    """:data:`TOP_KS` up to the module's expert count, plus ``golden.top_k``; a top_k above the expert
+    count is a SpecError (clamping it would test another routing than the spec claims)."""
+    from .unfusing import resolve_dims
+
+    num_experts = resolve_dims(module, spec, "")["num_experts"]
+    top_k = (spec.golden or {}).get("top_k")
+    if top_k is not None and top_k > num_experts:
+        raise SpecError(spec.source, "golden.top_k", f"{top_k} is more than the module's {num_experts} experts", f"use a top_k of at most {num_experts}")
+    return tuple(sorted({k for k in TOP_KS if k <= num_experts} | ({top_k} if top_k else set())))
+
+
+def make_inputs(module: nn.Module, spec: Spec, tokens: int = TOKENS, seed: int = SEED, top_k: int | None = None, keywords: bool = False,
+                width: int | None = None) -> tuple[tuple, dict]:
+    """Random hidden states and a routing that hits every expert, in the forward's own argument
+    order (``keywords``: by the forward's own parameter names instead). ``top_k``: default
+    ``golden.top_k``, else 2; ``width``: of the hidden states, default as the spec lays out the
+    parameters (:func:`check_exact` tries the real module's sizes when the original rejects it).
+    """
+    return _inputs(module, spec, width if width is not None else input_dim(module, spec), tokens, seed, top_k, keywords)
+
+
+def _inputs(module: nn.Module, spec: Spec, width: int, tokens: int, seed: int, top_k: int | None, keywords: bool) -> tuple[tuple, dict]:
     from .unfusing import resolve_dims
 
     dtype = next(module.parameters()).dtype
     num_experts = resolve_dims(module, spec, "")["num_experts"]
-    top_k = min((spec.golden or {}).get("top_k", 2), num_experts)
+    top_k = top_k or (spec.golden or {}).get("top_k", 2)
+    if top_k > num_experts:
+        raise SpecError(spec.source, "golden.top_k", f"{top_k} is more than the module's {num_experts} experts", f"use a top_k of at most {num_experts}")
     gen = torch.Generator().manual_seed(seed + 1)
-    hidden = torch.randn(tokens, input_dim(module, spec), generator=gen).to(dtype)
+    hidden = torch.randn(tokens, width, generator=gen).to(dtype)
     scores = torch.rand(tokens, num_experts, generator=gen)
     scores[torch.arange(tokens), torch.arange(tokens) % num_experts] += 2.0
     weights, index = scores.topk(top_k, dim=-1)
@@ -92,6 +143,8 @@ def make_inputs(module: nn.Module, spec: Spec, tokens: int = TOKENS, seed: int =
     extra = getattr(registry().forwards.get(spec.forward_kind), "golden_inputs", None)
     if extra is not None:  # the forward kind's other roles (expert sizes, gammas, identity-expert routing)
         values.update(extra(module, spec, values, gen))
+    if keywords:
+        return (), {name: values[role] for name, role in spec.forward_args}
     return tuple(values[role] for _, role in spec.forward_args), {}
 
 
@@ -127,8 +180,17 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+def validate(module: nn.Module, spec: Spec) -> None:
+    """The checks ``unfuse`` runs before it touches anything (dims, shapes, splits, gate): a wrong
+    layout is the same one-line SpecError here as there, before any input is made."""
+    from .unfusing import build_plan
+
+    build_plan(module, spec)
+
+
 def check_exact(spec: Spec, dtype: torch.dtype) -> CheckResult:
-    """Unfused forward == original eager forward, bit for bit (``torch.equal``).
+    """Unfused forward == original eager forward, bit for bit (``torch.equal``), for every routing
+    of :func:`golden_top_ks` and called both positionally and by the forward's own keyword names.
 
     Exact on CPU because the per-expert GEMMs run on views of the fused weights (same values, same
     kernel as the fused GEMM's halves) and the gate is applied to gate and up packed back into the
@@ -138,13 +200,44 @@ def check_exact(spec: Spec, dtype: torch.dtype) -> CheckResult:
     from .unfusing import unfuse
 
     module = build_experts(spec, dtype)
-    args, kwargs = make_inputs(module, spec)
-    with torch.no_grad(), implementation(module, "eager"):
-        expected = module(*args, **kwargs)
+    validate(module, spec)
+    ks = golden_top_ks(module, spec)
+    # The width the original accepts: the spec's reading first, then the real module's sizes, so a
+    # misread layout fails the comparison below instead of crashing the original.
+    cases, expected, skipped = [], [], ["no input width found"]
+    for width in _widths(module, spec):
+        cases = [(f"k={k} {'keyword' if kw else 'positional'}", make_inputs(module, spec, top_k=k, keywords=kw, width=width)) for k in ks for kw in (False, True)]
+        expected, skipped = [], []
+        with torch.no_grad(), implementation(module, "eager"):
+            for label, (args, kwargs) in cases:
+                try:
+                    expected.append(module(*args, **kwargs))
+                except Exception as exc:  # noqa: BLE001 - a routing the original itself cannot run (Longcat at k=1) is not tested
+                    expected.append(None)
+                    skipped.append(f"{label} ({type(exc).__name__} in the original)")
+        if any(ref is not None for ref in expected):
+            break
+    if all(ref is None for ref in expected):
+        return CheckResult(f"exact-{_dtype_name(dtype)}", False, f"the original forward fails on every golden input: {skipped[0]}")
     unfuse(module, spec)
+    worst, failed = 0.0, []
     with torch.no_grad():
-        got = module(*args, **kwargs)
-    return CheckResult(f"exact-{_dtype_name(dtype)}", torch.equal(got, expected), f"max|diff| {_max_diff(got, expected):.3g}")
+        for (label, (args, kwargs)), ref in zip(cases, expected):
+            if ref is None:
+                continue
+            try:
+                got = module(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - the original ran on these inputs: the spec misreads the layout
+                raise SpecError(spec.source, "params", f"the unfused forward fails ({label}) on inputs the original accepts ({type(exc).__name__}: {_first_line(exc)})",
+                                "check axes, packing and shape against the class (is the layout transposed?)") from None
+            diff = _max_diff(got, ref) if got.shape == ref.shape else float("inf")
+            worst = max(worst, diff)
+            if got.shape != ref.shape or not torch.equal(got, ref):
+                failed.append(f"{label}: max|diff| {diff:.3g}")
+    detail = f"k={','.join(map(str, ks))}, positional and keyword: max|diff| {worst:.3g}" if not failed else f"{len(failed)} of {len(cases)} calls differ; {'; '.join(failed[:3])}"
+    if skipped:
+        detail += f"; not run: {', '.join(skipped)}"
+    return CheckResult(f"exact-{_dtype_name(dtype)}", not failed, detail)
 
 
 def check_implementations(spec: Spec, dtype: torch.dtype) -> list[CheckResult]:
@@ -155,7 +248,8 @@ def check_implementations(spec: Spec, dtype: torch.dtype) -> list[CheckResult]:
     module = build_experts(spec, dtype)
     if not impls or not supports_implementations(module):
         return []
-    args, kwargs = make_inputs(module, spec)
+    validate(module, spec)
+    args, kwargs = make_inputs(module, spec, top_k=max(golden_top_ks(module, spec)))
     expected = {}
     with torch.no_grad():
         for impl in impls:
@@ -220,7 +314,8 @@ def check_modelopt(spec: Spec) -> list[CheckResult]:
 
     results = []
     module = build_experts(spec)
-    args, kwargs = make_inputs(module, spec)
+    validate(module, spec)
+    args, kwargs = make_inputs(module, spec, top_k=max(golden_top_ks(module, spec)))
     with torch.no_grad(), implementation(module, "eager"):
         expected = module(*args, **kwargs)
     harness = quantize(module, spec, mtq.FP8_DEFAULT_CFG, lambda m: m(*args, **kwargs))
@@ -256,8 +351,8 @@ def check_whole_model(spec: Spec) -> list[CheckResult]:
     model_cfg = (spec.golden or {}).get("model")
     if not model_cfg:
         return []
-    cls = import_object(model_cfg["class"])
-    config_cls = import_object(model_cfg["config"]) if model_cfg.get("config") else cls.config_class
+    cls = resolve_object(model_cfg["class"], "model", spec.source, "golden.model.class")
+    config_cls = resolve_object(model_cfg["config"], "config", spec.source, "golden.model.config") if model_cfg.get("config") else cls.config_class
     config = config_cls(**model_cfg["config_kwargs"])
     _set_implementation(config, "eager")
     config._attn_implementation = "eager"

@@ -217,8 +217,49 @@ def build_instance(cls: type, config_cls: type | None = None, config_kwargs: dic
         if any(p.dim() >= 2 for p in module.parameters()):
             return module, candidate, kwargs
         errors.append(f"{candidate.__name__}: built, but owns no fused parameter")
+    if config_cls is None and config_kwargs is None:
+        sizes, problem = size_kwargs(cls)
+        if problem is None:
+            try:
+                with torch.device("meta"):
+                    module = cls(**{**sizes, **(module_kwargs or {})})
+            except Exception as exc:  # noqa: BLE001 - reported with the config attempts below
+                problem = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            else:
+                if any(p.dim() >= 2 for p in module.parameters()):
+                    return module, None, {**sizes, **(module_kwargs or {})}
+                problem = "built, but owns no fused parameter"
+        errors.append(f"keyword arguments: {problem}")
     tried = "; ".join(errors[:3]) or "no config class found in its module"
-    raise MoeUnfuseError(f"{cls.__name__}: cannot build an instance from a config ({tried}); fix: pass --config CLASS and --config-kwargs JSON")
+    raise MoeUnfuseError(f"{cls.__name__}: cannot build an instance from a config or from keyword arguments ({tried}); fix: pass --config CLASS and --config-kwargs JSON, or --module-kwargs JSON")
+
+
+#: Constructor parameter name fragments -> the tiny size given to a class built from plain
+#: integers (``__init__(self, num_experts, hidden_size, intermediate_size)``), best match first.
+SIZE_HINTS = (
+    (("num_experts", "n_experts", "num_local_experts", "n_routed_experts", "experts"), TINY_CONFIG["num_experts"]),
+    (("top_k", "topk", "experts_per_tok"), TINY_CONFIG["num_experts_per_tok"]),
+    (("intermediate", "ffn", "expert_dim", "inter_dim", "moe_dim"), TINY_CONFIG["intermediate_size"]),
+    (("hidden", "d_model", "model_dim", "embed_dim"), TINY_CONFIG["hidden_size"]),
+)
+
+
+def size_kwargs(cls: type) -> tuple[dict[str, int], str | None]:
+    """Tiny sizes for each constructor parameter without a default, by name (see :data:`SIZE_HINTS`);
+    a problem naming the first parameter no hint covers, else None."""
+    try:
+        params = list(inspect.signature(_undecorated(cls.__init__)).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return {}, "no inspectable constructor"
+    sizes: dict[str, int] = {}
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is not p.empty:
+            continue
+        size = next((value for hints, value in SIZE_HINTS if any(h in p.name.lower() for h in hints)), None)
+        if size is None:
+            return {}, f"no size for constructor parameter {p.name!r}"
+        sizes[p.name] = size
+    return sizes, (None if sizes else "the constructor takes no size")
 
 
 def _import_path(obj: type) -> str:
@@ -311,8 +352,12 @@ def infer(cls: type, config_cls: type | None = None, config_kwargs: dict[str, An
     if not decorated:
         notes.append("undecorated class (no use_experts_implementation flags): orientation and packing are read from the parameter shapes; check the forward")
 
-    fused = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
-    biases = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 2 and n.endswith("_bias")}
+    num_experts = _expert_count(module, used_kwargs)
+    # fused parameters are found by structure: 3-D with the expert count leading (any name)
+    fused = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3 and (num_experts is None or p.shape[0] == num_experts)}
+    roles = _structural_roles(fused, flags)
+    # with names that say nothing, any [E, n] parameter may be a bias; else only *_bias ones
+    biases = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 2 and (n.endswith("_bias") or (roles and p.shape[0] == num_experts and n not in fused))}
     others = [n for n, p in module.named_parameters() if n not in fused and n not in biases and p.dim() >= 2]
     if others:
         notes.append(f"parameters {', '.join(others)} are not 3-D [expert, ., .] tensors of the module itself: describe them by hand (flattened experts, submodules)")
@@ -321,6 +366,10 @@ def infer(cls: type, config_cls: type | None = None, config_kwargs: dict[str, An
     gate_up = fused.get("gate_up_proj")
     down = fused.get("down_proj")
     transposed = flags.get("is_transposed")
+    if gate_up is None and down is None and roles:  # names unknown: roles read from the shapes
+        gate_up = next((fused[n] for n, r in roles.items() if r[0] == "gate_up"), None)
+        down = next((fused[n] for n, r in roles.items() if r[0] == "down"), None)
+        transposed = roles[next(iter(roles))][1] if transposed is None else transposed
     if transposed is None and down is not None:
         ref = gate_up if gate_up is not None else fused.get("up_proj")
         if ref is not None:
@@ -330,8 +379,9 @@ def infer(cls: type, config_cls: type | None = None, config_kwargs: dict[str, An
     axes = ["expert", "in", "out"] if transposed else ["expert", "out", "in"]
 
     num_experts_attr = None
-    dims: dict[str, str] = {}
+    dims: dict[str, Any] = {}
     params: dict[str, Any] = {}
+    shapes: dict[str, tuple[Any, list[str], dict[str, Any]]] = {}
     has_gate = flags.get("has_gate", gate_up is not None)
     for name, p in fused.items():
         out_size, in_size = (p.shape[2], p.shape[1]) if transposed else (p.shape[1], p.shape[2])
@@ -341,35 +391,36 @@ def infer(cls: type, config_cls: type | None = None, config_kwargs: dict[str, An
             into = [name]
         elif name == "gate_up_proj":
             into = ["up_proj"]
+        elif name in roles:
+            into = {"gate_up": ["gate_proj", "up_proj"], "up": ["up_proj"], "down": ["down_proj"]}[roles[name][0]]
+            if roles[name][2]:
+                notes.append(roles[name][2])
         else:
             notes.append(f"parameter {name} {list(p.shape)}: unknown role, give its into: by hand")
             continue
         num_experts_attr = num_experts_attr or _pick_attr(attrs, p.shape[0], "num_experts")
         entry: dict[str, Any] = {"axes": list(axes)}
-        shape: list[Any] = [p.shape[0]]  # [expert, out, in] here; storage order below
-        role_dims = {"down_proj": ("hidden", "intermediate")}.get(name, ("intermediate", "hidden"))
-        for size, dim, factor in ((out_size, role_dims[0], len(into)), (in_size, role_dims[1], 1)):
-            attr = _pick_attr(attrs, size // factor, dim) if size % factor == 0 else None
-            if attr is None:
-                shape.append(None)
+        shapes[name] = (p, into, entry)
+    # Shapes after every role is known, twice: a size read from one parameter (no attribute holds
+    # it) also names the matching axis of a parameter listed before it.
+    for final in (False, True):
+        for name, (p, into, entry) in shapes.items():
+            if "shape" in entry:
                 continue
-            if dims.setdefault(dim, attr) != attr:
-                shape.append(None)
-                continue
-            shape.append(f"{factor}*{dim}" if factor > 1 else dim)
-        if transposed:
-            shape[1:] = shape[:0:-1]
-        if None not in shape[1:] and num_experts_attr:
-            entry["shape"] = ["num_experts", *shape[1:]]
-        else:
-            notes.append(f"{name} {list(p.shape)}: no module attribute holds every size, so its shape is left out")
+            shape = _shape(name, p, into, transposed, attrs, dims, fused)
+            if None not in shape and num_experts_attr:
+                entry["shape"] = ["num_experts", *shape]
+            elif final:
+                notes.append(f"{name} {list(p.shape)}: no module attribute holds every size, so its shape is left out")
+    for name, (p, into, entry) in shapes.items():
+        out_size = p.shape[2] if transposed else p.shape[1]
         entry["into"] = into
         if len(into) == 2:
             concatenated = flags.get("is_concatenated", True)
             entry["packing"] = "concatenated" if concatenated else "interleaved"
             if not decorated:
                 notes.append(f"{name}: packing assumed concatenated (gate rows, then up rows); check the forward's split")
-        bias_name = f"{name}_bias"
+        bias_name = f"{name}_bias" if f"{name}_bias" in biases else _structural_bias(name, p, out_size, biases, fused, transposed)
         if bias_name in biases:
             entry["bias"] = bias_name
         params[name] = entry
@@ -422,14 +473,106 @@ def infer(cls: type, config_cls: type | None = None, config_kwargs: dict[str, An
         if facts.accumulate:
             spec["forward"]["accumulate"] = facts.accumulate
 
-    golden: dict[str, Any] = {"config": _import_path(cfg_cls), "config_kwargs": used_kwargs}
-    if module_kwargs:
-        golden["module_kwargs"] = module_kwargs
+    if cfg_cls is None:  # built from plain integer keyword arguments: no config involved
+        golden: dict[str, Any] = {"config": _import_path(_config_base()), "config_kwargs": {}, "config_arg": False, "module_kwargs": used_kwargs}
+    else:
+        golden = {"config": _import_path(cfg_cls), "config_kwargs": used_kwargs}
+        if module_kwargs:
+            golden["module_kwargs"] = module_kwargs
     golden["top_k"] = 2
     if decorated:
         golden["implementations"] = ["grouped_mm", "batched_mm"]
     spec["golden"] = golden
     return Draft(cls, spec, notes)
+
+
+def _shape(name: str, p: Any, into: list[str], transposed: bool | None, attrs: dict[str, int], dims: dict[str, Any], fused: dict[str, Any]) -> list[Any]:
+    """``p``'s shape after the expert axis, in storage order, as dims expressions (None where no
+    dim fits); records each dim's source in ``dims``: an attribute holding the size, else the
+    parameter axis it was read from."""
+    out_size, in_size = (p.shape[2], p.shape[1]) if transposed else (p.shape[1], p.shape[2])
+    out_axis, in_axis = (2, 1) if transposed else (1, 2)
+    role_dims = ("hidden", "intermediate") if into == ["down_proj"] else ("intermediate", "hidden")
+    shape: list[Any] = []
+    for size, dim, factor, axis in ((out_size, role_dims[0], len(into), out_axis), (in_size, role_dims[1], 1, in_axis)):
+        attr = _pick_attr(attrs, size // factor, dim) if size % factor == 0 else None
+        if attr is None and isinstance(dims.get(dim), dict):
+            ref = dims[dim]
+            attr = ref if fused[ref["param"]].shape[ref["axis"]] * factor == size else None
+        elif attr is None and factor == 1 and dim not in dims:  # no attribute holds it: read the parameter's size
+            attr = {"param": name, "axis": axis}
+        if attr is None or dims.setdefault(dim, attr) != attr:
+            shape.append(None)
+            continue
+        shape.append(f"{factor}*{dim}" if factor > 1 else dim)
+    return shape[::-1] if transposed else shape
+
+
+def _expert_count(module: Any, used_kwargs: dict[str, Any]) -> int | None:
+    """The expert count of an instance built here: the tiny size given, else the most common
+    leading size of its 3-D parameters."""
+    tiny = TINY_CONFIG["num_experts"]
+    leading = [p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3]
+    if tiny in leading:
+        return tiny
+    return max(set(leading), key=leading.count) if leading else None
+
+
+def _structural_roles(fused: dict[str, Any], flags: dict[str, Any]) -> dict[str, tuple]:
+    """``name -> (role, transposed, note)`` for fused parameters whose names say nothing, read from
+    the tiny sizes (H 64, I 40): ``{H, 2I}`` holds gate and up, ``{H, I}`` is up or down, and the
+    orientation is where the 2I axis sits. ``note``: set when a name had to decide (non-gated)."""
+    hidden, inter = TINY_CONFIG["hidden_size"], TINY_CONFIG["intermediate_size"]
+    known = {"gate_up_proj", "gate_proj", "up_proj", "down_proj"}
+    if known & set(fused):
+        return {}
+    roles: dict[str, tuple] = {}
+    transposed = flags.get("is_transposed")
+    for name, p in fused.items():
+        if sorted(p.shape[1:]) == sorted((hidden, 2 * inter)):
+            t = p.shape[2] == 2 * inter
+            transposed = t if transposed is None else transposed
+            roles[name] = ("gate_up", t, None)
+    pairs = [n for n, p in fused.items() if sorted(p.shape[1:]) == sorted((hidden, inter))]
+    guessed = None
+    if transposed is None and len(pairs) == 2 and not roles:
+        # non-gated: up is H -> I, down is I -> H; without a gate_up to orient by, a name decides
+        down = next((n for n in pairs if "down" in n or n.endswith("2")), None)
+        if down is not None:
+            transposed = fused[down].shape[2] == hidden
+            guessed = f"{down} taken as down_proj by its name (its shape {list(fused[down].shape)} fits either role): check the orientation"
+    for name in pairs:
+        if transposed is None:
+            continue
+        out = fused[name].shape[2] if transposed else fused[name].shape[1]
+        roles[name] = ("down" if out == hidden else "up", transposed, None)
+    if guessed:
+        first = next(iter(roles))
+        roles[first] = (*roles[first][:2], guessed)
+    return roles
+
+
+def _structural_bias(name: str, p: Any, out_size: int, biases: dict[str, Any], fused: dict[str, Any], transposed: bool | None) -> str | None:
+    """The ``[E, out]`` parameter that is ``name``'s bias: the only one of its out size, or, when
+    several fit, the one whose name shares the most leading characters with ``name``."""
+    fits = [b for b, t in biases.items() if t.dim() == 2 and t.shape == (p.shape[0], out_size) and b not in fused]
+    if not fits:
+        return None
+    return max(fits, key=lambda b: (len(_common_prefix(b, name)), _common_suffix(b, name)))
+
+
+def _common_prefix(a: str, b: str) -> str:
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    return a[:i]
+
+
+def _common_suffix(a: str, b: str) -> int:
+    i = 0
+    while i < min(len(a), len(b)) and a[-1 - i] == b[-1 - i]:
+        i += 1
+    return i
 
 
 def _own_apply_gate(cls: type) -> bool:

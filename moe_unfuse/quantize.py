@@ -8,7 +8,9 @@ policy and gate/up weight-scale sharing). ``run_quantize`` is the whole job behi
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,20 +31,13 @@ from .calibration import (
     unfused_experts,
 )
 from .errors import MoeUnfuseError, UncoveredExpertsError
+from .policy import disable_entries
 from .options import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SIZE, DEFAULT_CHUNK_TOKENS, DEFAULT_SEQ_LEN, QFORMATS
 from .spec import Spec
 
-#: Module-name patterns that always stay unquantized (on top of modelopt's own list): routers, the
-#: output head, and every non-text tower and projector, which engines load in BF16.
-KEEP_UNQUANTIZED = (
-    "*router*", "*lm_head*", "*vision_tower*", "*embed_vision*", "*audio_tower*", "*embed_audio*",
-    "*multi_modal_projector*", "*vision_model*", "*visual*", "*mm_projector*",
-)
-
-
 def build_quant_config(qformat: str, exclude: Iterable[str] = ()) -> dict | None:
-    """The modelopt config for ``qformat`` with :data:`KEEP_UNQUANTIZED` and ``exclude`` (module-name
-    globs) disabled; None for ``none``."""
+    """The modelopt config for ``qformat`` with :mod:`moe_unfuse.policy`'s modules and ``exclude``
+    (module-name globs) disabled; None for ``none``."""
     import modelopt.torch.quantization as mtq
 
     if qformat not in QFORMATS:
@@ -51,12 +46,12 @@ def build_quant_config(qformat: str, exclude: Iterable[str] = ()) -> dict | None
     if name is None:
         return None
     cfg = copy.deepcopy(getattr(mtq, name))
-    patterns = [*KEEP_UNQUANTIZED, *exclude]
+    entries = disable_entries(exclude)
     quant_cfg = cfg["quant_cfg"]
     if isinstance(quant_cfg, list):
-        quant_cfg.extend({"quantizer_name": f"{p}*quantizer", "enable": False} for p in patterns)
+        quant_cfg.extend(entries)
     else:  # the older dict form
-        quant_cfg.update({f"{p}*quantizer": {"enable": False} for p in patterns})
+        quant_cfg.update({e["quantizer_name"]: {"enable": False} for e in entries})
     return cfg
 
 
@@ -162,11 +157,12 @@ def quantize_model(
     start = time.perf_counter()
     specs = matching_specs(model, arch)
     coverage = check_coverage(model, specs, allow_uncovered)
-    cfg = build_quant_config(qformat, exclude)
+    sliced = _hub_sliced_linears(model, specs) if qformat != "none" else []
+    cfg = build_quant_config(qformat, [*exclude, *sliced])
     stats = RoutingStats()
     if cfg is None:
         unfuse(model, specs or None, allow_uncovered=allow_uncovered)
-        stats = calibrate(model, batches, force_routing=False, progress=progress)
+        stats = _calibrate(model, batches, False, chunk_tokens, progress)
     else:
         import modelopt.torch.quantization as mtq
 
@@ -175,9 +171,10 @@ def quantize_model(
 
         def forward_loop(m: nn.Module) -> None:
             nonlocal stats
-            stats = calibrate(m, batches, force_routing=force_routing, chunk_tokens=chunk_tokens, progress=progress)
+            stats = _calibrate(m, batches, force_routing, chunk_tokens, progress)
 
-        mtq.quantize(model, cfg, forward_loop=forward_loop)
+        with contextlib.redirect_stdout(io.StringIO()):  # modelopt's prints ("Inserted N quantizers"): stdout is the report's
+            mtq.quantize(model, cfg, forward_loop=forward_loop)
     left = [name for name, _ in fused_expert_params(model)]
     if left and not allow_uncovered:  # a spec matched, yet the quantizer did not convert the module
         raise UncoveredExpertsError(left)
@@ -191,6 +188,28 @@ def quantize_model(
     return QuantizeResult(qformat, specs, coverage, stats, fallbacks, input_scale, force_routing, synced, num_linears, time.perf_counter() - start, input_quantized)
 
 
+def _hub_sliced_linears(model: nn.Module, specs: Sequence[Spec]) -> list[str]:
+    """Linears the hub stores as part of a larger tensor (:meth:`NamingContract.map_linears`): they
+    stay unquantized, so the export can write them back under the hub's name."""
+    from .naming import model_contract
+
+    if not hasattr(model, "config") or not hasattr(type(model), "_from_config"):
+        return []
+    try:
+        contract = model_contract(model, specs)
+    except Exception:  # noqa: BLE001 - a model transformers cannot rebuild on meta: nothing to keep
+        return []
+    return sorted(path for path, (_, one_to_one) in contract.linear_hubs.items() if not one_to_one)
+
+
+def _calibrate(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], force_routing: bool, chunk_tokens: int, progress: bool) -> RoutingStats:
+    """:func:`calibrate`, with a model whose forward fails named in one line instead of a traceback."""
+    try:
+        return calibrate(model, batches, force_routing=force_routing, chunk_tokens=chunk_tokens, progress=progress)
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+        raise MoeUnfuseError(f"the model's forward failed on the calibration batches ({type(exc).__name__}: {_first_line(exc)}); fix: check that the model runs on its own (e.g. vocabulary and --seq-len within its limits)") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # loading
 
@@ -202,7 +221,10 @@ def load_model(path: Path | str, device_map: str | None = "auto", dtype: str = "
     path = Path(path)
     if not (path / "config.json").is_file():
         raise MoeUnfuseError(f"{path}: no config.json; fix: pass a local model folder (hub names are not downloaded; use `hf download` first)")
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - invalid JSON, a list, an unknown model_type: all one line
+        raise MoeUnfuseError(f"{path}/config.json: cannot be read by transformers ({_first_line(exc)}); fix: restore the model's config.json") from None
     archs = getattr(config, "architectures", None) or []
     cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
     if cls is None:
@@ -226,10 +248,19 @@ def checkpoint_bytes(path: Path | str) -> int:
 def load_tokenizer(path: Path | str) -> Any:
     import transformers
 
+    fix = "fix: save the model's tokenizer in that folder (tokenizer.json or tokenizer.model and tokenizer_config.json)"
     try:
-        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, TypeError) as exc:
-        raise MoeUnfuseError(f"{path}: no usable tokenizer ({str(exc).splitlines()[0][:120]}); fix: save the model's tokenizer in that folder") from None
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a missing or broken tokenizer
+        raise MoeUnfuseError(f"{path}: no usable tokenizer ({_first_line(exc)}); {fix}") from None
+    if not tokenizer("calibration text", add_special_tokens=False)["input_ids"]:
+        raise MoeUnfuseError(f"{path}: the tokenizer found there turns text into no tokens (no tokenizer files?); {fix}")
+    return tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 def param_bytes(model: nn.Module) -> int:
@@ -338,7 +369,9 @@ class QuantizeReport:
             lines.append(f"           {path:<36} {shown}{extra}")
         before = r.routing.uncovered(forced_too=False)
         after = r.routing.uncovered(forced_too=True)
-        if not before:
+        if not r.routing.counts:
+            lines.append("           (no experts modules: nothing to count)")
+        elif not before:
             lines.append("           every expert received tokens")
         else:
             idle = "; ".join(f"{p} #{','.join(map(str, es))}" for p, es in before.items())
@@ -374,7 +407,11 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeReport:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach the hub
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    prepare_out_dir(Path(opts.out), opts.overwrite)
+    if not opts.progress:  # transformers' own bars too ("Loading weights", "Writing model shards")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    prepare_out_dir(Path(opts.out), opts.overwrite, Path(opts.model) if opts.model is not None else None)
     with quiet():
         return _run_quantize(opts)
 

@@ -177,3 +177,33 @@ is infinite. The same argument fails for the reals, where no successor is define
 The violinist tuned the A string twice, looked at the conductor, and waited. Outside, a delivery van
 reversed with a beep that was almost, but not quite, an F sharp.
 """
+
+
+def _round_sizes(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Sizes (keys naming a size, dim or rank; nested configs too) rounded up to multiples of 16."""
+    out: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if isinstance(value, dict):
+            value = _round_sizes(value)
+        elif isinstance(value, int) and not isinstance(value, bool) and any(w in key for w in ("size", "dim", "rank")) and value > 1 and value % 16:
+            value = (value + 15) // 16 * 16
+        out[key] = value
+    return out
+
+
+def tiny_model_for(spec: Any, dtype: torch.dtype = torch.bfloat16, seed: int = SEED) -> torch.nn.Module:
+    """The whole tiny model of ``spec``'s ``golden.model``, sized for export: every size that is not a
+    multiple of 16 rounded up (NVFP4 quantizes in blocks of 16 along the input features) and a
+    vocabulary that holds :func:`byte_tokenizer`'s ids, with seeded random weights."""
+    import importlib
+
+    model_cfg = spec.golden["model"]
+    module, _, name = model_cfg["class"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    kwargs = _round_sizes(dict(model_cfg["config_kwargs"]))
+    for key in {"vocab_size", *(k for k in kwargs if k.startswith("vocab_size"))}:
+        kwargs[key] = max(kwargs.get(key, 0), VOCAB_SIZE)
+    config = cls.config_class(**kwargs)
+    config.architectures = [cls.__name__]
+    torch.manual_seed(seed)
+    return cls._from_config(config, dtype=dtype).eval()

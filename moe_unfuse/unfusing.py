@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -15,7 +16,7 @@ from .experts import ExpertMLP, ExpertProjection, UnfusedExpertsMixin, UnfuseSta
 from .layout import Split
 from .offload import attach_expert_hooks, release_expert_hooks
 from .plugins import registry
-from .spec import Spec, eval_shape_expr
+from .spec import Spec, eval_shape_expr, load_spec
 
 
 @dataclass
@@ -45,8 +46,13 @@ def _attr(module: nn.Module, dotted: str) -> Any:
 
 
 def resolve_dims(module: nn.Module, spec: Spec, path: str) -> dict[str, int]:
+    """Each dim's size: a module attribute, or ``{param: NAME, axis: N}`` read from a parameter's
+    shape (for a size that no integer attribute holds)."""
     dims: dict[str, int] = {}
     for name, attr in spec.dims.items():
+        if isinstance(attr, dict):
+            dims[name] = _param_dim(module, spec, name, attr, path)
+            continue
         try:
             value = _attr(module, attr)
         except AttributeError:
@@ -55,6 +61,22 @@ def resolve_dims(module: nn.Module, spec: Spec, path: str) -> dict[str, int]:
             raise SpecError(spec.source, f"dims.{name}", f"attribute {attr!r} is {type(value).__name__}, not int", "name an integer attribute")
         dims[name] = value
     return dims
+
+
+def _param_dim(module: nn.Module, spec: Spec, name: str, ref: dict, path: str) -> int:
+    try:
+        owner, leaf = _owner(module, ref["param"])
+        p = owner._parameters.get(leaf)
+    except AttributeError:
+        p = None
+    state = module.__dict__.get("_moe_unfuse")
+    if p is None and state is not None:  # unfused: the fused original is kept for refuse
+        p = state.originals.get(ref["param"])
+    if p is None:
+        raise SpecError(spec.source, f"dims.{name}.param", f"{path or type(module).__name__} has no parameter {ref['param']!r}", "name a parameter the class owns")
+    if not -p.dim() <= ref["axis"] < p.dim():
+        raise SpecError(spec.source, f"dims.{name}.axis", f"{ref['param']} is {p.dim()}-D {list(p.shape)}, it has no axis {ref['axis']}", f"use an axis from 0 to {p.dim() - 1}")
+    return int(p.shape[ref["axis"]])
 
 
 def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -109,17 +131,20 @@ def build_plan(module: nn.Module, spec: Spec, path: str = "") -> Plan:
         if prepared.shape[0] != num_experts:
             raise SpecError(spec.source, f"{where}.axes", f"{path}.{p.name} has {prepared.shape[0]} along the expert axis, num_experts is {num_experts}", "put the expert axis first or fix dims.num_experts")
         if p.extra_experts is not None:
-            extra = eval_shape_expr(p.extra_experts, dims)
+            try:
+                extra = eval_shape_expr(p.extra_experts, dims)
+            except (KeyError, ValueError) as exc:
+                raise SpecError(spec.source, f"{where}.extra_experts", str(exc), "use dims names, integers and + - * //") from None
             if fused.shape[0] != num_experts + extra:
                 raise SpecError(spec.source, f"{where}.extra_experts", f"{path}.{p.name} has {fused.shape[0]} expert rows, not num_experts + {extra} = {num_experts + extra}", "fix extra_experts or dims")
-            rests[p.name] = layout.rest(fused)
+            rests[p.name] = layout.rest(fused.detach())
         problem = layout.split.check(prepared.shape[1])
         if problem:
             raise SpecError(spec.source, f"{where}.into", f"{path}.{p.name}: {problem}", "check axes and into")
         originals[p.name] = fused
         pieces[p.name] = layout.unfuse(fused)
         if p.into == ("gate_proj", "up_proj") and p.packing == "concatenated" and not p.bias and not spec.linear:
-            packed_gate_up = prepared.unbind(0)  # each expert's [gate; up] block: the original's GEMM operand
+            packed_gate_up = prepared.detach().unbind(0)  # each expert's [gate; up] block: the original's GEMM operand
         if p.bias:
             b = _param(module, spec, f"{where}.bias", p.bias, (2,), path)
             if list(b.shape) != [num_experts, prepared.shape[1]]:
@@ -134,6 +159,26 @@ def build_plan(module: nn.Module, spec: Spec, path: str = "") -> Plan:
                 bias = bias_pieces[p.name][k][e] if p.name in bias_pieces else None
                 experts[e][proj] = (pieces[p.name][k][e], bias)
 
+    gate_fn, pack = build_gate(module, spec, path)
+    if spec.forward_kind not in reg.forwards:
+        raise SpecError(spec.source, "forward.kind", f"unknown forward kind {spec.forward_kind!r}", f"use one of: {', '.join(sorted(reg.forwards))}")
+    forward = reg.forwards[spec.forward_kind]
+    if spec.post_expert_norm is not None:
+        try:
+            norm = _attr(module, spec.post_expert_norm)
+        except AttributeError:
+            norm = None
+        if not callable(norm):
+            raise SpecError(spec.source, "post_expert_norm.attribute", f"{path or type(module).__name__} has no module {spec.post_expert_norm!r}", "name the attribute holding the norm")
+    prepare = getattr(forward, "prepare", None)
+    extra = {"dims": dims, "forward": prepare(module, spec, dims) if prepare is not None else {}, "packed_gate_up": packed_gate_up}
+    return Plan(path, module, spec, num_experts, originals, experts, gate_fn, pack, forward, extra, rests)
+
+
+def build_gate(module: nn.Module, spec: Spec, path: str = "") -> tuple[Any, Any]:
+    """The gate function and the gate/up packer of ``module``'s experts (also rebuilt on unpickling:
+    a gate is a closure over the module, so it is recomputed rather than pickled)."""
+    reg = registry()
     act = _activation(module, spec, path)
     gate_kind = spec.gate["kind"]
     if gate_kind not in reg.gates:
@@ -148,19 +193,7 @@ def build_plan(module: nn.Module, spec: Spec, path: str = "") -> Plan:
         gate_fn = reg.gates[gate_kind](module, dict(spec.gate), act, split)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise SpecError(spec.source, "gate", f"cannot build {gate_kind!r} gate for {path}: {exc}", "check the gate's parameters against the module") from None
-    if spec.forward_kind not in reg.forwards:
-        raise SpecError(spec.source, "forward.kind", f"unknown forward kind {spec.forward_kind!r}", f"use one of: {', '.join(sorted(reg.forwards))}")
-    forward = reg.forwards[spec.forward_kind]
-    if spec.post_expert_norm is not None:
-        try:
-            norm = _attr(module, spec.post_expert_norm)
-        except AttributeError:
-            norm = None
-        if not callable(norm):
-            raise SpecError(spec.source, "post_expert_norm.attribute", f"{path or type(module).__name__} has no module {spec.post_expert_norm!r}", "name the attribute holding the norm")
-    prepare = getattr(forward, "prepare", None)
-    extra = {"dims": dims, "forward": prepare(module, spec, dims) if prepare is not None else {}, "packed_gate_up": packed_gate_up}
-    return Plan(path, module, spec, num_experts, originals, experts, gate_fn, pack, forward, extra, rests)
+    return gate_fn, pack
 
 
 def _activation(module: nn.Module, spec: Spec, path: str) -> Any:
@@ -179,7 +212,37 @@ def _activation(module: nn.Module, spec: Spec, path: str) -> Any:
 
 
 def apply_plan(plan: Plan, swap_class: bool = True) -> None:
-    """Replace the fused parameters by per-expert children (the only step that mutates)."""
+    """Replace the fused parameters by per-expert children (the only step that mutates).
+
+    All or nothing for the module: whatever stops it part way (an error, a KeyboardInterrupt)
+    finds the module restored to its fused state before the exception propagates.
+    """
+    module = plan.module
+    owners = {id(o): o for o in (module, *(_owner(module, name)[0] for name in plan.originals))}
+    saved = (type(module), dict(module.__dict__), dict(module._modules), dict(module._buffers), {k: dict(o._parameters) for k, o in owners.items()})
+    try:
+        _apply_plan(plan, swap_class)
+    except BaseException:
+        _rollback(module, owners, saved, module.__dict__.get("_moe_unfuse_offloaded"))
+        raise
+
+
+def _rollback(module: nn.Module, owners: dict[int, nn.Module], saved: tuple, offloaded: Any) -> None:
+    """Put back what :func:`_apply_plan` changed: class, attributes, children, buffers, parameters."""
+    cls, attrs, modules, buffers, params = saved
+    release_expert_hooks(offloaded)
+    module.__class__ = cls
+    module.__dict__.clear()
+    module.__dict__.update(attrs)
+    for live, old in ((module._modules, modules), (module._buffers, buffers)):
+        live.clear()
+        live.update(old)
+    for key, owner in owners.items():
+        owner._parameters.clear()
+        owner._parameters.update(params[key])
+
+
+def _apply_plan(plan: Plan, swap_class: bool) -> None:
     module = plan.module
     requires_grad = {name: p.requires_grad for name, p in plan.originals.items()}
     any_grad = any(requires_grad.values())
@@ -192,6 +255,7 @@ def apply_plan(plan: Plan, swap_class: bool = True) -> None:
         expert = ExpertProjection(linears["linear"]) if set(linears) == {"linear"} else ExpertMLP.build(linears, plan.pack, plan.gate_fn, packed[e] if packed else None)
         module._modules[str(e)] = expert
     offloaded = attach_expert_hooks(module, plan.spec, plan.num_experts, plan.originals)  # before owners are detached
+    module.__dict__["_moe_unfuse_offloaded"] = offloaded  # for a rollback until the state holds it
     owners: dict[str, nn.Module] = {}
     for name in plan.originals:
         owner, leaf = _owner(module, name)
@@ -220,6 +284,7 @@ def apply_plan(plan: Plan, swap_class: bool = True) -> None:
     if swap_class:
         module.__class__ = unfused_class(type(module))
         _rebind_accelerate_forward(module)
+    del module.__dict__["_moe_unfuse_offloaded"]
 
 
 def _rebind_accelerate_forward(module: nn.Module) -> None:
@@ -307,21 +372,33 @@ class Report:
         return "\n".join(lines)
 
 
-ArchArg = str | Spec | Iterable[str | Spec] | None
+ArchArg = str | Path | Spec | Iterable[str | Path | Spec] | None
+
+
+def spec_of(arch: str | Path | Spec) -> Spec:
+    """A loaded spec, an arch name, or a spec file path (``.yaml``/``.yml``, or an existing file;
+    ``extends`` resolves next to it and in the registered spec folders)."""
+    if isinstance(arch, Spec):
+        return arch
+    reg = registry()
+    path = Path(arch)
+    if isinstance(arch, Path) or path.suffix in (".yaml", ".yml") or path.is_file():
+        dirs = tuple(dict.fromkeys(p.parent if p.is_file() else p for p in reg.spec_paths))
+        return load_spec(path, dirs)
+    return reg.spec(arch)
 
 
 def _specs_for(arch: ArchArg) -> list[Spec]:
-    reg = registry()
     if arch is None:
-        return list(reg.specs().values())
-    items = [arch] if isinstance(arch, (str, Spec)) else list(arch)
-    return [a if isinstance(a, Spec) else reg.spec(a) for a in items]
+        return list(registry().specs().values())
+    items = [arch] if isinstance(arch, (str, Path, Spec)) else list(arch)
+    return [spec_of(a) for a in items]
 
 
 def unfuse(model: nn.Module, arch: ArchArg = None, allow_uncovered: bool = False) -> Report:
     """Unfuse, in place, every module a spec matches; atomic and idempotent.
 
-    ``arch``: an arch name, a loaded :class:`Spec`, or several; None tries every known spec.
+    ``arch``: an arch name, a spec file path, a loaded :class:`Spec`, or several; None tries every known spec.
 
     Raises :class:`UncoveredExpertsError` when fused expert parameters remain that no spec covers
     (``allow_uncovered=True`` skips them knowingly).
@@ -349,14 +426,13 @@ def unfuse(model: nn.Module, arch: ArchArg = None, allow_uncovered: bool = False
     if arch is not None and not plans and not report.modules:
         wanted = ", ".join(s.class_name for s in specs)
         raise MoeUnfuseError(f"no {wanted} module in {type(model).__name__}; fix: pass the arch of this model (moe-unfuse list) or arch=None")
-    done: list[Plan] = []
     try:
         for plan in plans:
-            apply_plan(plan)
-            done.append(plan)
-    except BaseException:
-        for plan in reversed(done):
-            _refuse_module(plan.module)
+            apply_plan(plan)  # restores its own module if stopped part way
+    except BaseException:  # also KeyboardInterrupt: the modules done before go back too
+        for plan in reversed(plans):
+            if "_moe_unfuse" in plan.module.__dict__:  # unfused by this call: planned modules were fused
+                _refuse_module(plan.module)
         raise
     for plan in plans:
         report.modules.append(ModuleReport(plan.path, plan.spec.arch, plan.spec.class_name, plan.num_experts, plan.spec.projection_names(), "unfused"))

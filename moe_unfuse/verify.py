@@ -1,21 +1,30 @@
 """The export contract: invariants every exported MoE checkpoint must hold, checked from the files.
 
-``verify_checkpoint(path, engine=...)`` reads only safetensors headers and the few small tensors it
-needs (scales), so it runs on a 50 GB checkpoint in seconds. Checks, each failing with the keys:
+``verify_checkpoint(path, engine=...)`` reads only safetensors headers and the small tensors it needs
+(scales), and builds the model config.json describes on the meta device for the naming contract
+(:mod:`moe_unfuse.naming`), so it runs on a 50 GB checkpoint in seconds. Checks, each failing with
+the offending keys:
 
-- ``no-fused-experts``: no 3-D (or higher) expert tensor, unless its module is left unquantized
-  and listed in ``exclude_modules`` (a ``--refuse-unquantized`` export), or nothing is quantized;
-- ``experts-complete``: every experts module has experts ``0..E-1`` (E from ``moe_unfuse.json`` or
-  config.json), each with every projection's ``weight`` and, when quantized, its scales
-  (``weight_scale``; ``input_scale`` unless weight-only; ``weight_scale_2`` for NVFP4);
-- ``gate-up-global-scale``: gate and up of each expert share ``weight_scale_2`` (engines fuse them
-  into one w13 with one global scale; a mismatch gave garbage output in vLLM);
-- ``input-scales``: every ``input_scale`` is finite and > 0 (a zero one produced NaN in vLLM);
-- ``unquantized-excluded``: routers, vision/audio towers, embed_vision/audio, projectors, lm_head and
-  unquantized experts carry no scales and are listed in ``exclude_modules`` under their final names;
-- ``quant-config``: ``hf_quant_config.json`` and config.json's ``quantization_config`` agree;
-- ``engine-names``: every expert key and exclude entry is already in the engine's naming (the
-  spec's ``export.renames`` leave it unchanged) and no path segment is doubled (``.moe.moe.``).
+- ``hub-names``: every tensor is a name ``save_pretrained`` writes for the unquantized model (fused
+  experts expanded per the spec's export layout) or a quantization scale of one; every such name is
+  present; shapes and dtypes fit the format (NVFP4 packs two weights a byte, FP8 one);
+- ``shards``: a sharded checkpoint's index lists exactly the tensors its files hold, inside the folder;
+- ``no-fused-experts``: no fused 3-D expert tensor is left in a quantized checkpoint unless the spec
+  exports that module fused, or it is unquantized and excluded; never fused and per-expert weights of
+  one module together;
+- ``experts-complete``: every expert of every experts module has each projection's weight and, when
+  quantized, its scales (``weight_scale``; ``input_scale`` unless weight-only; NVFP4 ``weight_scale_2``);
+- ``gate-up-global-scale``: gate and up of each expert share ``weight_scale_2``;
+- ``scales``: every ``input_scale`` and ``weight_scale_2`` is finite and > 0, every ``weight_scale``
+  finite and >= 0 (> 0 when per tensor);
+- ``unquantized-excluded``: routers, towers, projectors, lm_head and unquantized experts carry no scales
+  and are excluded; no quantized module is excluded;
+- ``quant-config``: quantized tensors come with a quantization config, and ``hf_quant_config.json``
+  and config.json's ``quantization_config`` agree;
+- one check per rule of :data:`ENGINE_RULES` for ``engine``: what that engine's loader reads, each
+  rule citing the loader source and versions it was read from (``../shared/reference/engine_contracts.md``).
+
+Unreadable input (a missing or corrupt file, invalid JSON) raises a one-line :class:`MoeUnfuseError`.
 """
 
 from __future__ import annotations
@@ -24,28 +33,21 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 from .errors import MoeUnfuseError
-from .export import (
-    EXPERT_KEY_RE,
-    FUSED_EXPERT_KEY_RE,
-    KEEP_UNQUANTIZED_RE,
-    METADATA_FILE,
-    SCALE_SUFFIXES,
-    engine_renames,
-    excluded,
-    must_exclude,
-    rename_key,
-    rename_module,
-    shard_files,
-)
+from .export import METADATA_FILE, SCALE_SUFFIXES, excluded, must_exclude
+from .naming import QUANT_SUFFIXES, NamingContract, build_contract, meta_model_from_config
+from .options import ENGINES
+from .policy import KEEP_UNQUANTIZED_RE
 from .spec import Spec
 
-DOUBLED_RE = re.compile(r"(?:^|\.)([A-Za-z_][A-Za-z0-9_]*)\.\1\.experts\.\d+(?:\.|$)")
+PER_EXPERT_RE = re.compile(r"^(?P<prefix>.*?\.experts)\.(?P<expert>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.(?P<suffix>[A-Za-z0-9_]+)$")
 GATE_UP_PAIRS = (("gate_proj", "up_proj"), ("w1", "w3"))
-NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 SHOW = 8
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+#: Scale dtypes per format (False: FP8, True: NVFP4), as modelopt writes and the engines read them.
+_SCALE_DTYPES = {False: {"weight_scale": "F32", "input_scale": "F32"}, True: {"weight_scale": "F8_E4M3", "weight_scale_2": "F32", "input_scale": "F32"}}
 
 
 @dataclass
@@ -108,22 +110,62 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-class _Checkpoint:
-    """Keys, shapes and dtypes of every tensor (headers only); tensors on demand."""
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MoeUnfuseError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:80]}); fix: re-export the checkpoint") from None
+
+
+class Checkpoint:
+    """Keys, shapes and dtypes of every tensor (headers only), tensors on demand, and the index's faults."""
 
     def __init__(self, path: Path):
         from safetensors import safe_open
 
         self.path = path
-        self.files, _ = shard_files(path)
         self.where: dict[str, Path] = {}
         self.shape: dict[str, list[int]] = {}
         self.dtype: dict[str, str] = {}
-        for f in self.files:
-            with safe_open(f, "pt") as fh:
-                for k in fh.keys():
-                    sl = fh.get_slice(k)
-                    self.where[k], self.shape[k], self.dtype[k] = f, list(sl.get_shape()), sl.get_dtype()
+        self.index_problems: list[str] = []
+        index = _read_json(path / "model.safetensors.index.json")
+        if index is not None:
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict):
+                raise MoeUnfuseError(f"{path}/model.safetensors.index.json: no weight_map; fix: re-export the checkpoint")
+            names = set(weight_map.values())
+            for name in sorted(names):
+                if not isinstance(name, str) or Path(name).name != name:
+                    self.index_problems.append(f"{name} (shard outside the folder)")
+            files = sorted(path / n for n in names if isinstance(n, str) and Path(n).name == n)
+        else:
+            weight_map = None
+            files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise MoeUnfuseError(f"{path}: no *.safetensors files; fix: point at a checkpoint folder written by save_pretrained/export")
+        for f in files:
+            if not f.is_file():
+                raise MoeUnfuseError(f"{f}: shard named in the index is missing; fix: copy the whole checkpoint folder")
+            try:
+                with safe_open(f, "pt") as fh:
+                    for k in fh.keys():
+                        if k in self.where:
+                            self.index_problems.append(f"{k} (in {self.where[k].name} and {f.name})")
+                        sl = fh.get_slice(k)
+                        self.where[k], self.shape[k], self.dtype[k] = f, list(sl.get_shape()), sl.get_dtype()
+            except MoeUnfuseError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - safetensors raises several types on a corrupt file
+                raise MoeUnfuseError(f"{f}: not a readable safetensors file ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__}); fix: re-export the checkpoint") from None
+        if weight_map is not None:
+            for k, fname in weight_map.items():
+                if k not in self.where:
+                    self.index_problems.append(f"{k} (in the index, in no shard)")
+                elif self.where[k].name != fname:
+                    self.index_problems.append(f"{k} (index says {fname}, found in {self.where[k].name})")
+            self.index_problems.extend(f"{k} (in {self.where[k].name}, not in the index)" for k in self.where if k not in weight_map)
 
     def tensor(self, key: str) -> Any:
         from safetensors import safe_open
@@ -131,114 +173,220 @@ class _Checkpoint:
         with safe_open(self.where[key], "pt") as fh:
             return fh.get_tensor(key)
 
-    def json(self, name: str) -> dict | None:
-        p = self.path / name
-        return json.loads(p.read_text()) if p.is_file() else None
+    def json(self, name: str) -> Any:
+        return _read_json(self.path / name)
 
 
-def _num_experts(config: dict | None) -> int | None:
-    if not config:
-        return None
-    for cfg in (config, config.get("text_config") or {}):
-        for k in NUM_EXPERTS_KEYS:
-            if isinstance(cfg.get(k), int):
-                return cfg[k]
-    return None
+# ----------------------------------------------------------------------------------------------
+# the engines' loaders, as data
 
 
-def _infer_specs(ckpt: _Checkpoint) -> list[Spec]:
-    """Specs matching the model config.json describes, built on the meta device (no weights)."""
-    import torch
-    import transformers
+@dataclass(frozen=True)
+class Context:
+    """What an engine rule looks at."""
 
+    ckpt: Checkpoint
+    contract: NamingContract | None
+    metadata: dict
+    hf_quant: dict | None
+    qc: dict | None
+    algo: str | None
+    excludes: list[str]
+
+
+@dataclass(frozen=True)
+class EngineRule:
+    """One thing an engine's loader requires of a checkpoint, with where it was read."""
+
+    name: str
+    engines: tuple[str, ...]
+    versions: str
+    source: str
+    what: str
+    check: Callable[[Context], list[str]]
+
+
+def _per_expert_input_scales_not_0d(ctx: Context) -> list[str]:
+    return [f"{k} shape {ctx.ckpt.shape[k]}" for k in ctx.ckpt.where if k.endswith(".input_scale") and PER_EXPERT_RE.match(k) and ctx.ckpt.shape[k] != []]
+
+
+def _exclude_patterns_vllm_cannot_match(ctx: Context) -> list[str]:
+    return [f"{p} (write {p[:-2]}*)" for p in ctx.excludes if p.endswith(".*")]
+
+
+def _vllm_config_fields(ctx: Context) -> list[str]:
+    if ctx.algo is None:
+        return []
+    bad = []
+    method = (ctx.qc or {}).get("quant_method", "")
+    if not str(method).startswith("modelopt"):
+        bad.append(f"config.json quantization_config.quant_method {method!r} (must start with 'modelopt')")
+    if not isinstance((ctx.qc or {}).get("ignore"), list):
+        bad.append("config.json quantization_config.ignore (missing)")
+    if "NVFP4" in ctx.algo.upper():
+        q = (ctx.hf_quant or {}).get("quantization", {})
+        bad.extend(f"hf_quant_config.json quantization.{f} (missing)" for f in ("group_size", "kv_cache_quant_algo", "exclude_modules") if f not in q)
+    return bad
+
+
+def _moe_prefixed_expert_keys(ctx: Context) -> list[str]:
+    return sorted(k for k in ctx.ckpt.where if ".moe.experts." in k and (ctx.contract is None or ctx.contract.base(k) is None))
+
+
+def _gpt_oss_not_fused(ctx: Context) -> list[str]:
+    return sorted(f"{hub} (per-expert keys; vLLM reads only the fused {hub}.gate_up_proj)" for hub, e in (ctx.contract.experts if ctx.contract else {}).items() if e.arch == "gpt_oss" and any(k.startswith(hub + ".0.") for k in ctx.ckpt.where))
+
+
+#: Each rule names the engine versions whose loader source it was read from.
+ENGINE_RULES: tuple[EngineRule, ...] = (
+    EngineRule("expert-input-scale-0d", ("vllm", "sglang"), "vLLM 0.19.1-0.33.0, SGLang 0.5.23", "vllm layers/fused_moe/routed_experts.py:332-350 (reshape(()))",
+               "every per-expert input_scale is a 0-d scalar", _per_expert_input_scales_not_0d),
+    EngineRule("exclude-patterns", ("vllm",), "vLLM 0.22.1-0.26", "vllm model_executor/layers/quantization/modelopt.py:266-285",
+               "exclude entries are module names or 'prefix*' (a trailing '.*' never matches the module itself)", _exclude_patterns_vllm_cannot_match),
+    EngineRule("quant-config-fields", ("vllm", "sglang"), "vLLM 0.19.1-0.33.0", "vllm weight_utils.py:240-246; modelopt.py:359, :820",
+               "quantization_config.quant_method starts with 'modelopt' and lists 'ignore'; NVFP4 needs group_size, kv_cache_quant_algo, exclude_modules", _vllm_config_fields),
+    EngineRule("experts-under-decoder-layer", ("vllm", "trtllm"), "vLLM 0.31.0-0.33.0 (0.19-0.20 double the prefix), TensorRT-LLM gemma4 mapper",
+               "vllm models/gemma4.py:646-653, models/utils.py:438-448; tensorrt_llm gemma4_weight_mapper.py (_remap_moe_keys)",
+               "no expert key under a '.moe.experts.' prefix the model does not have", _moe_prefixed_expert_keys),
+    EngineRule("gpt-oss-fused-experts", ("vllm",), "vLLM 0.33.0", "vllm models/gpt_oss.py:73-82, 1250, 1393",
+               "GPT-OSS experts are the fused gate_up_proj/down_proj (per-expert keys are dropped silently)", _gpt_oss_not_fused),
+)
+
+
+def engine_rules(engine: str) -> list[EngineRule]:
+    if engine not in ENGINES:
+        raise MoeUnfuseError(f"unknown engine {engine!r}; fix: use one of {', '.join(ENGINES)}")
+    return [r for r in ENGINE_RULES if engine in r.engines]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _contract(ckpt: Checkpoint, config: Any, arch: Any, metadata: dict) -> tuple[NamingContract | None, str]:
+    """The naming contract of the model config.json describes (specs from ``arch``, else the ones
+    ``moe_unfuse.json`` records, else every spec matching), or None and why."""
+    from .plugins import registry
     from .quantize import matching_specs
 
-    archs = (ckpt.json("config.json") or {}).get("architectures") or []
-    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
-    if cls is None:
-        return []
-    try:
-        config = transformers.AutoConfig.from_pretrained(ckpt.path, local_files_only=True)
-        config.quantization_config = None
-        with torch.device("meta"):
-            model = cls._from_config(config)
-    except Exception:  # an unbuildable config only costs the inference, the other checks still run
-        return []
-    return matching_specs(model)
-
-
-def _specs_for(ckpt: _Checkpoint, arch: Any, metadata: dict | None) -> tuple[list[Spec], list[tuple[re.Pattern, str]] | None, str]:
-    """(specs, stored renames when no spec resolves, where they came from)."""
-    from .plugins import registry
-
+    if not isinstance(config, dict):
+        return None, "config.json is missing or not a JSON object"
+    model = meta_model_from_config(config, str(ckpt.path))
+    if model is None:
+        return None, f"config.json architectures {config.get('architectures')} cannot be built by the installed transformers"
     reg = registry()
     if arch is not None:
         items = [arch] if isinstance(arch, (str, Spec)) else list(arch)
-        return [a if isinstance(a, Spec) else reg.spec(a) for a in items], None, "arch"
-    if metadata and metadata.get("specs"):
-        known = reg.specs()
-        specs = [known[s["arch"]] for s in metadata["specs"] if s.get("arch") in known]
-        if len(specs) == len(metadata["specs"]):
-            return specs, None, METADATA_FILE
-        return [], [], METADATA_FILE  # renames resolved from the stored copies below
-    return _infer_specs(ckpt), None, "config.json"
-
-
-def _stored_renames(metadata: dict, engine: str) -> list[tuple[re.Pattern, str]]:
-    return [(re.compile(r["match"]), r["replace"]) for s in metadata.get("specs", []) for r in s.get("renames", []) if r.get("engine") in (engine, "*", None)]
+        specs = [a if isinstance(a, Spec) else reg.spec(a) for a in items]
+    elif metadata.get("specs") and all(s.get("arch") in reg.specs() for s in metadata["specs"]):
+        specs = [reg.spec(s["arch"]) for s in metadata["specs"]]
+    else:
+        specs = matching_specs(model)
+    return build_contract(model, specs), ""
 
 
 def verify_checkpoint(path: Path | str, engine: str | None = None, arch: str | Spec | Iterable[str | Spec] | None = None, raise_on_error: bool = False) -> VerifyReport:
     """Check the export contract on the checkpoint folder ``path`` (see the module docstring).
 
-    ``engine``: whose naming to check (default: the one ``moe_unfuse.json`` records, else ``vllm``).
-    ``arch``: the spec(s) whose renames define that naming (default: from ``moe_unfuse.json``, else
-    inferred from config.json). ``raise_on_error`` raises :class:`CheckpointContractError`.
+    ``engine``: whose loader rules to check (default: the one ``moe_unfuse.json`` records, else
+    ``vllm``). ``arch``: the spec(s) that define the experts' export layout (default: from
+    ``moe_unfuse.json``, else every spec matching config.json's model). ``raise_on_error`` raises
+    :class:`CheckpointContractError`.
     """
     path = Path(path)
     if not path.is_dir():
         raise MoeUnfuseError(f"{path}: not a folder; fix: pass the checkpoint folder (with config.json and *.safetensors)")
-    ckpt = _Checkpoint(path)
+    ckpt = Checkpoint(path)
     metadata = ckpt.json(METADATA_FILE)
-    engine = engine or (metadata or {}).get("engine") or "vllm"
+    metadata = metadata if isinstance(metadata, dict) else {}
+    engine = engine or metadata.get("engine") or "vllm"
+    rules = engine_rules(engine)
     hf_quant = ckpt.json("hf_quant_config.json")
     config = ckpt.json("config.json")
-    quant = (hf_quant or {}).get("quantization", {})
+    if config is not None and not isinstance(config, dict):
+        raise MoeUnfuseError(f"{path}/config.json: not a JSON object; fix: re-export the checkpoint")
+    if hf_quant is not None and not isinstance(hf_quant, dict):
+        raise MoeUnfuseError(f"{path}/hf_quant_config.json: not a JSON object; fix: re-export the checkpoint")
+    quant = (hf_quant or {}).get("quantization") or {}
     algo = quant.get("quant_algo")
     qc = (config or {}).get("quantization_config")
-    if algo is None and isinstance(qc, dict):
+    qc = qc if isinstance(qc, dict) else None
+    if algo is None and qc is not None:
         algo = qc.get("quant_algo")
-    excludes: list[str] = list(quant.get("exclude_modules") or (qc or {}).get("ignore") or [])
+    excludes: list[str] = [str(e) for e in (quant.get("exclude_modules") or (qc or {}).get("ignore") or [])]
     quantized = algo is not None
-
-    specs, stored, _ = _specs_for(ckpt, arch, metadata)
-    renames = engine_renames(specs, engine) if stored is None else _stored_renames(metadata or {}, engine)
-
+    contract, why = _contract(ckpt, config, arch, metadata)
+    contract = contract.for_keys(ckpt.where) if contract is not None else None
     keys = list(ckpt.where)
-    per_expert = {k: m for k in keys if (m := EXPERT_KEY_RE.match(k))}
-    module_of = {k: k.rsplit(".", 1)[0] for k in keys}
+    ctx = Context(ckpt, contract, metadata, hf_quant, qc, algo, excludes)
 
     checks = [
-        _check_no_fused(ckpt, keys, per_expert, excludes, quantized),
-        _check_complete(ckpt, per_expert, metadata, config, excludes, quantized, algo),
-        _check_gate_up(ckpt, per_expert, algo),
-        _check_input_scales(ckpt, keys),
-        _check_excluded(ckpt, keys, module_of, excludes, quantized),
-        _check_quant_config(hf_quant, qc, quantized),
-        _check_names(keys, per_expert, excludes, renames, engine, metadata),
+        _check_names(ckpt, contract, why, algo),
+        Check("shards", not ckpt.index_problems, "index and shards disagree" if ckpt.index_problems else "index and shards agree", ckpt.index_problems),
+        _check_no_fused(ckpt, contract, excludes, quantized),
+        _check_complete(ckpt, contract, excludes, algo),
+        _check_gate_up(ckpt),
+        _check_scales(ckpt, keys),
+        _check_excluded(ckpt, keys, excludes, quantized),
+        _check_quant_config(ckpt, hf_quant, qc, quantized),
     ]
+    for rule in rules:
+        bad = rule.check(ctx)
+        checks.append(Check(rule.name, not bad, f"{rule.what} ({engine}: {rule.versions}; {rule.source})" if bad else f"{rule.what}", bad))
     report = VerifyReport(path, engine, algo, checks)
     return report.raise_for_errors() if raise_on_error else report
 
 
-def _check_no_fused(ckpt: _Checkpoint, keys: list[str], per_expert: dict, excludes: list[str], quantized: bool) -> Check:
-    bad = []
-    fused = [k for k in keys if len(ckpt.shape[k]) >= 3 and k not in per_expert and FUSED_EXPERT_KEY_RE.search(k)]
+def _nvfp4(algo: str | None) -> bool:
+    return algo is not None and "FP4" in algo.upper()
+
+
+def _check_names(ckpt: Checkpoint, contract: NamingContract | None, why: str, algo: str | None) -> Check:
+    if contract is None:
+        return Check("hub-names", False, f"no naming contract: {why}", [], )
+    bad = [f"{k} (not a tensor save_pretrained writes for this model)" for k in contract.unknown(ckpt.where)]
+    bad.extend(f"{n} (missing)" for n in contract.missing(ckpt.where))
+    for k in ckpt.where:
+        base = contract.base(k)
+        if base != k or k not in contract.names:
+            continue
+        want, have, dtype = list(contract.names[k]), ckpt.shape[k], ckpt.dtype[k]
+        scaled = any(f"{k[: -len('.weight')]}.{s}" in ckpt.where for s in QUANT_SUFFIXES) if k.endswith(".weight") else any(f"{k}_{s}" in ckpt.where for s in QUANT_SUFFIXES)
+        if not scaled:
+            if have != want:
+                bad.append(f"{k} shape {have} (expected {want})")
+            elif dtype not in FLOAT_DTYPES:
+                bad.append(f"{k} dtype {dtype} (unquantized, expected a float type)")
+        if scaled:
+            scale_key = (lambda x, m=k[: -len(".weight")]: f"{m}.{x}") if k.endswith(".weight") else (lambda x, n=k: f"{n}_{x}")
+            # weight scales: every quantized weight (input scales are required of experts, below;
+            # modelopt exports some dense linears weight-only, e.g. Jamba's mamba.dt_proj)
+            bad.extend(f"{scale_key(x)} (missing: {algo} needs it next to a quantized weight)" for x in _required_scales(algo) if x != "input_scale" and scale_key(x) not in ckpt.where)
+            for x, want_dtype in _SCALE_DTYPES[_nvfp4(algo)].items():
+                if scale_key(x) in ckpt.where and ckpt.dtype[scale_key(x)] != want_dtype:
+                    bad.append(f"{scale_key(x)} dtype {ckpt.dtype[scale_key(x)]} (expected {want_dtype})")
+        if not scaled:
+            pass
+        elif _nvfp4(algo):
+            halved = len(have) == len(want) and sum(a != b for a, b in zip(have, want)) == 1 and any(2 * a == b for a, b in zip(have, want) if a != b)
+            if dtype != "U8" or not halved:
+                bad.append(f"{k} {dtype} {have} (NVFP4 packs two per byte: U8 with one dim of {want} halved)")
+        elif dtype != "F8_E4M3" or have != want:
+            bad.append(f"{k} {dtype} {have} (FP8 expected F8_E4M3 {want})")
+    n = len(contract.names)
+    return Check("hub-names", not bad, "tensors that are not the hub checkpoint's names, or do not fit them" if bad else f"{len(ckpt.where)} tensors, all {n} hub names present, shapes and dtypes fit", bad)
+
+
+def _check_no_fused(ckpt: Checkpoint, contract: NamingContract | None, excludes: list[str], quantized: bool) -> Check:
+    bad: list[str] = []
+    fused_ok = {f"{e.hub}.{name}" for e in (contract.experts.values() if contract else ()) if e.layout == "fused" and not e.refused for name, _, bias in e.params for name in (name, bias) if name}
+    fused = [k for k in ckpt.where if len(ckpt.shape[k]) >= 3 and not PER_EXPERT_RE.match(k) and re.search(r"(^|\.|_)experts?(\.|$)", k)]
     for k in fused:
         module = k.rsplit(".", 1)[0]
-        if quantized and not excluded(module, excludes):
+        if any(key.startswith(module + ".") and PER_EXPERT_RE.match(key) and key.endswith(".weight") for key in ckpt.where):
+            bad.append(f"{k} (and per-expert weights of {module})")
+        elif quantized and k not in fused_ok and not excluded(module, excludes):
             bad.append(f"{k} {ckpt.shape[k]}")
-    detail = "fused 3-D expert tensors in a quantized checkpoint, not excluded (a quantizer skipped them)" if bad else f"none quantized-and-fused ({len(fused)} fused tensor(s) left unquantized and excluded)" if fused else "none"
+    detail = "fused expert tensors that are neither the spec's fused export nor unquantized and excluded" if bad else f"{len(fused)} fused expert tensor(s), each declared fused or unquantized and excluded" if fused else "none"
     return Check("no-fused-experts", not bad, detail, bad)
 
 
@@ -246,140 +394,104 @@ def _required_scales(algo: str | None) -> tuple[str, ...]:
     if algo is None:
         return ()
     a = algo.upper()
-    weight_only = "W4A16" in a or "WEIGHT_ONLY" in a or a.startswith("INT4_AWQ") or a == "W4A16_AWQ"
+    weight_only = "W4A16" in a or "WEIGHT_ONLY" in a or a.startswith("INT4_AWQ")
     scales = ["weight_scale"] + ([] if weight_only else ["input_scale"])
     if "NVFP4" in a:
         scales.append("weight_scale_2")
     return tuple(scales)
 
 
-def _check_complete(ckpt: _Checkpoint, per_expert: dict, metadata: dict | None, config: dict | None, excludes: list[str], quantized: bool, algo: str | None) -> Check:
-    layers: dict[str, dict[int, dict[str, set[str]]]] = {}
-    for k, m in per_expert.items():
-        layers.setdefault(m["prefix"], {}).setdefault(int(m["expert"]), {}).setdefault(m["proj"], set()).add(m["suffix"])
-    expected_meta = (metadata or {}).get("experts") or {}
-    default_n = _num_experts(config)
-    bad: list[str] = []
-    for prefix, info in expected_meta.items():
-        if info.get("fused"):
-            if not any(k.startswith(prefix + ".") and len(ckpt.shape[k]) >= 3 for k in ckpt.where):
-                bad.append(f"{prefix} (fused tensors missing)")
-        elif prefix not in layers:
-            bad.append(f"{prefix} (no per-expert keys)")
+def _check_complete(ckpt: Checkpoint, contract: NamingContract | None, excludes: list[str], algo: str | None) -> Check:
     required = _required_scales(algo)
-    for prefix, experts in layers.items():
-        meta = expected_meta.get(prefix, {})
-        n = meta.get("experts") or default_n or (max(experts) + 1)
-        projections = set(meta.get("projections") or {p for e in experts.values() for p in e})
-        for e in range(n):
-            if e not in experts:
-                bad.append(f"{prefix}.{e} (missing)")
-                continue
-            for proj in sorted(projections):
-                have = experts[e].get(proj, set())
-                module = f"{prefix}.{e}.{proj}"
-                if "weight" not in have:
-                    bad.append(f"{module}.weight")
-                    continue
-                if quantized and not excluded(module, excludes):
-                    bad.extend(f"{module}.{s}" for s in required if s not in have)
-        extra = sorted(e for e in experts if e >= n)
-        bad.extend(f"{prefix}.{e} (beyond num_experts {n})" for e in extra)
-    n_layers = len(layers) + sum(1 for i in expected_meta.values() if i.get("fused"))
-    detail = f"missing expert tensors (required per projection: weight{', ' + ', '.join(required) if required else ''})" if bad else f"{n_layers} experts module(s), every expert has weight{' and ' + ', '.join(required) if required else ''}"
+    bad: list[str] = []
+    modules = contract.experts.values() if contract else ()
+    for e in modules:
+        for name in e.weights:
+            if name.endswith(".weight"):
+                module, scale_key = name[: -len(".weight")], lambda s, m=name[: -len(".weight")]: f"{m}.{s}"
+            else:
+                module, scale_key = name.rsplit(".", 1)[0], lambda s, n=name: f"{n}_{s}"
+            if name not in ckpt.where:
+                bad.append(f"{name} (missing)")
+            elif required and not excluded(module, excludes):
+                bad.extend(scale_key(s) for s in required if scale_key(s) not in ckpt.where)
+    detail = f"missing expert tensors (required per weight: {', '.join(('weight',) + required)})" if bad else f"{len(list(modules))} experts module(s), every expert weight present" + (f" with {', '.join(required)}" if required else "")
     return Check("experts-complete", not bad, detail, bad)
 
 
-def _check_gate_up(ckpt: _Checkpoint, per_expert: dict, algo: str | None) -> Check:
+def _check_gate_up(ckpt: Checkpoint) -> Check:
     import torch
 
-    keys = set(per_expert)
     bad, pairs = [], 0
-    for k, m in per_expert.items():
-        if m["suffix"] != "weight_scale_2":
+    for k in ckpt.where:
+        m = PER_EXPERT_RE.match(k)
+        if not m or m["suffix"] != "weight_scale_2":
             continue
         for gate, up in GATE_UP_PAIRS:
             if m["proj"] != gate:
                 continue
             other = f"{m['prefix']}.{m['expert']}.{up}.weight_scale_2"
-            if other not in keys:
+            if other not in ckpt.where:
                 bad.append(f"{other} (missing, gate has one)")
                 continue
             pairs += 1
             a, b = ckpt.tensor(k), ckpt.tensor(other)
             if a.shape != b.shape or not torch.equal(a, b):
                 bad.append(f"{m['prefix']}.{m['expert']} ({gate} {a.flatten()[0].item():.6g} != {up} {b.flatten()[0].item():.6g})")
-    detail = "gate and up weight_scale_2 differ" if bad else f"{pairs} expert(s) share one weight_scale_2" if pairs else "no NVFP4 global scales"
+    detail = "gate and up weight_scale_2 differ (vLLM and SGLang use gate's for both)" if bad else f"{pairs} expert(s) share one weight_scale_2" if pairs else "no per-expert NVFP4 global scales"
     return Check("gate-up-global-scale", not bad, detail, bad)
 
 
-def _check_input_scales(ckpt: _Checkpoint, keys: list[str]) -> Check:
+def _check_scales(ckpt: Checkpoint, keys: list[str]) -> Check:
     import torch
 
     bad, n = [], 0
     for k in keys:
-        if not k.endswith("input_scale"):
+        kind = next((s for s in ("weight_scale_2", "input_scale", "weight_scale") if k.endswith(s)), None)
+        if kind is None:
             continue
         n += 1
         t = ckpt.tensor(k).float()
-        if t.numel() == 0 or not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
-            v = t.flatten()[0].item() if t.numel() else "empty"
+        per_block = kind == "weight_scale" and t.dim() >= 2
+        ok = t.numel() > 0 and bool(torch.isfinite(t).all()) and bool((t >= 0).all() if per_block else (t > 0).all())
+        if not ok:
+            v = "empty" if not t.numel() else t.flatten()[(~torch.isfinite(t.flatten()) | (t.flatten() <= 0)).nonzero()[0, 0]].item() if not per_block else "negative or non-finite block scale"
             bad.append(f"{k}={v}")
-    detail = "input_scale not finite and > 0" if bad else f"{n} input_scale(s), all finite and > 0"
-    return Check("input-scales", not bad, detail, bad)
+    detail = "scales that are not finite and > 0" if bad else f"{n} scale tensor(s), all finite and > 0 (per-block weight scales >= 0)"
+    return Check("scales", not bad, detail, bad)
 
 
-def _check_excluded(ckpt: _Checkpoint, keys: list[str], module_of: dict, excludes: list[str], quantized: bool) -> Check:
+def _check_excluded(ckpt: Checkpoint, keys: list[str], excludes: list[str], quantized: bool) -> Check:
     if not quantized:
         return Check("unquantized-excluded", True, "checkpoint is unquantized (nothing to exclude)")
-    keyset = set(keys)
+    module_of = {k: k.rsplit(".", 1)[0] for k in keys}
+    scaled = sorted({module_of[k] for k in keys if k.rsplit(".", 1)[-1] in SCALE_SUFFIXES})
     bad = [f"{m} (unquantized, not in exclude_modules)" for m in sorted(must_exclude(keys)) if not excluded(m, excludes)]
-    quantized_sensitive = sorted({module_of[k] for k in keys if k.rsplit(".", 1)[-1] in SCALE_SUFFIXES and KEEP_UNQUANTIZED_RE.search(module_of[k])})
-    bad.extend(f"{m} (quantized; must stay unquantized)" for m in quantized_sensitive)
-    bad.extend(f"{m}.weight dtype {ckpt.dtype[m + '.weight']} (excluded, yet not a float type)" for m in sorted(must_exclude(keys)) if f"{m}.weight" in keyset and not ckpt.dtype[m + ".weight"].startswith(("BF", "F16", "F32", "F64")))
+    bad.extend(f"{m} (quantized; must stay unquantized)" for m in scaled if KEEP_UNQUANTIZED_RE.search(m))
+    bad.extend(f"{m} (quantized, yet excluded: an engine loads it as unquantized)" for m in scaled if excluded(m, excludes) and not KEEP_UNQUANTIZED_RE.search(m))
     if not excluded("lm_head", excludes):
         bad.append("lm_head (not in exclude_modules)")
     n = len(must_exclude(keys))
-    detail = "modules that must stay unquantized and be excluded" if bad else f"{n} unquantized router/tower/projector/expert module(s) and lm_head excluded"
+    detail = "modules that must stay unquantized and be excluded, or quantized ones excluded" if bad else f"{n} unquantized router/tower/projector/expert module(s) and lm_head excluded, no quantized module excluded"
     return Check("unquantized-excluded", not bad, detail, bad)
 
 
-def _check_quant_config(hf_quant: dict | None, qc: Any, quantized: bool) -> Check:
+def _check_quant_config(ckpt: Checkpoint, hf_quant: dict | None, qc: dict | None, quantized: bool) -> Check:
     if not quantized:
+        scaled = sorted(k for k in ckpt.where if k.rsplit(".", 1)[-1] in SCALE_SUFFIXES or ckpt.dtype[k] in ("F8_E4M3", "U8"))
+        if scaled:
+            return Check("quant-config", False, "quantized tensors but no quant_algo in hf_quant_config.json or config.json", scaled)
         return Check("quant-config", qc is None, "config.json has a quantization_config but no quant_algo" if qc else "no quantization config (unquantized)")
     bad = []
     if hf_quant is None:
         bad.append("hf_quant_config.json (missing)")
-    if not isinstance(qc, dict):
+    if qc is None:
         bad.append("config.json quantization_config (missing)")
-    if hf_quant is not None and isinstance(qc, dict):
-        q = hf_quant.get("quantization", {})
+    if hf_quant is not None and qc is not None:
+        q = hf_quant.get("quantization") or {}
         if q.get("quant_algo") != qc.get("quant_algo"):
             bad.append(f"quant_algo {q.get('quant_algo')} != {qc.get('quant_algo')}")
         a, b = set(q.get("exclude_modules") or []), set(qc.get("ignore") or qc.get("exclude_modules") or [])
         if a != b:
             bad.extend(f"{n} (only in {'hf_quant_config.json' if n in a else 'config.json'})" for n in sorted(a ^ b))
     return Check("quant-config", not bad, "hf_quant_config.json and config.json disagree" if bad else "hf_quant_config.json and config.json agree", bad)
-
-
-def _check_names(keys: list[str], per_expert: dict, excludes: list[str], renames: Sequence[tuple[re.Pattern, str]], engine: str, metadata: dict | None) -> Check:
-    bad = []
-    for prefix, info in ((metadata or {}).get("experts") or {}).items():
-        # The module each experts prefix came from, renamed for this engine, must be that prefix
-        # (catches an export made for another engine, which the fixed-point test below cannot see).
-        expected = info["module"] if info.get("fused") else rename_module(f"{info['module']}.0", renames)[: -len(".0")]
-        if expected != prefix:
-            bad.append(f"{prefix} ({engine} names it {expected})")
-    for k in per_expert:
-        if DOUBLED_RE.search(k):
-            bad.append(f"{k} (doubled segment)")
-        elif (new := rename_key(k, renames)) != k:
-            bad.append(f"{k} (expected {new})")
-    for n in excludes:
-        if DOUBLED_RE.search(n + "."):
-            bad.append(f"exclude {n} (doubled segment)")
-        elif (new := rename_module(n, renames)) != n:
-            bad.append(f"exclude {n} (expected {new})")
-    rules = "; ".join(f"{p.pattern} -> {r}" for p, r in renames) or "no renames"
-    detail = f"not in {engine} naming ({rules})" if bad else f"{len(per_expert)} expert keys in {engine} naming ({rules})"
-    return Check("engine-names", not bad, detail, bad)

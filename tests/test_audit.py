@@ -104,8 +104,8 @@ def test_audit_tiny_gemma4_config(tmp_path):
     patterns = {g.pattern: g for g in report.plans["nvfp4"].quantized}
     assert patterns["model.language_model.layers.*.experts.*.gate_proj"].count == layers * experts
     excluded = {g.pattern: g.detail for g in report.plans["nvfp4"].excluded}
-    assert excluded["model.language_model.layers.*.router.proj"] == "excluded by '*router*'"
-    assert any(p.startswith("model.vision_tower") and d == "excluded by '*vision_tower*'" for p, d in excluded.items())
+    assert excluded["model.language_model.layers.*.router.proj"] == "excluded by '*.router.*'"
+    assert any(p.startswith("model.vision_tower") and d == "excluded by '*.vision_tower.*'" for p, d in excluded.items())
     only = {g.pattern for g in report.plans["nvfp4_experts_only"].quantized}
     assert only == {f"model.language_model.layers.*.experts.*.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
 
@@ -252,3 +252,25 @@ def test_spec_that_omits_a_fused_param_leaves_it_uncovered():
     assert [n for n, _ in uncovered_expert_params(module, [GEMMA4])] == ["extra_bank"]
     with pytest.raises(UncoveredExpertsError, match="extra_bank"):
         moe_unfuse.unfuse(module, GEMMA4)
+
+
+def test_audit_and_quantize_share_one_unquantized_policy() -> None:
+    """The audio tower of a multimodal Gemma 4: audit used to plan it 4-bit while quantize kept it BF16."""
+    import moe_unfuse
+    from moe_unfuse.audit import audit_model
+    from moe_unfuse.quantize import quantize_model
+    from moe_unfuse.tiny import tiny_gemma4
+
+    with torch.device("meta"):
+        meta = tiny_gemma4(multimodal=True)
+    plan = audit_model(meta, "nvfp4").plans["nvfp4"]
+    planned = {g.pattern for g in plan.quantized}
+    assert not any("audio_tower" in p or "vision_tower" in p or "router" in p for p in planned)
+    model = tiny_gemma4(multimodal=True)
+    ids = {"input_ids": torch.randint(4, 200, (2, 32), generator=torch.Generator().manual_seed(0))}
+    quantize_model(model, "nvfp4", [ids], progress=False)
+    quantized = {n for n, m in model.named_modules() if getattr(getattr(m, "weight_quantizer", None), "is_enabled", False)}
+    from moe_unfuse.audit import _pattern
+
+    assert {_pattern(n) for n in quantized} == planned
+    assert moe_unfuse.policy.keep_unquantized("model.visual.blocks.0") and not moe_unfuse.policy.keep_unquantized("model.visual_proj")

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 import moe_unfuse
+from moe_unfuse import cli, drift
 from moe_unfuse.commands import coverage
 from moe_unfuse.errors import MoeUnfuseError
+from moe_unfuse.spec import Spec
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -25,6 +27,36 @@ def test_readme_table_matches_the_specs():
     current = text[start:end + len(coverage.END)]
     expected = coverage.readme_section(coverage.rows())
     assert current == expected, "README.md coverage table is stale; run: moe-unfuse coverage --markdown --write README.md"
+
+
+def test_readme_section_does_not_depend_on_the_installed_transformers(monkeypatch):
+    """CI runs the suite on two transformers releases: the section must be current on both, so it
+    carries nothing of the installed one (no status column, no version, no class presence)."""
+    section = coverage.readme_section(coverage.rows())
+    monkeypatch.setattr(drift, "installed_version", lambda: "0.0.1")
+    monkeypatch.setattr(Spec, "resolve_class", lambda self: None)
+    elsewhere = coverage.rows()
+    assert all(r["status"] == "class not in transformers 0.0.1" for r in elsewhere)
+    assert coverage.readme_section(elsewhere) == section
+    assert "| status |" not in section and "verified on |" in section
+
+
+def test_status_says_where_each_spec_stands(monkeypatch):
+    version = drift.installed_version()
+    row = coverage.rows(["mixtral"])[0]
+    assert row["status"] == f"verified on transformers {version}"
+    monkeypatch.setattr(drift, "installed_version", lambda: "99.0.0")
+    drift._CHECKED.clear()
+    assert coverage.rows(["mixtral"])[0]["status"] == "fits transformers 99.0.0 (not verified on it)"
+    drift._CHECKED.clear()
+
+
+def test_write_to_a_missing_file_is_one_line_error(tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "README.md"
+    assert cli.main(["coverage", "--markdown", "--write", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{missing}: cannot be read (No such file or directory); fix:" in err
+    assert not missing.exists()
 
 
 def test_every_spec_has_a_row_with_its_class():

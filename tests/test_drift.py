@@ -1,10 +1,11 @@
 """Version drift: a spec used with a transformers it was not verified on.
 
-The drift is simulated: the installed version string is monkeypatched to one outside
-``verified_on``, and the target class is replaced by real transformers classes changed the way a
-release could change them (a parameter renamed or reshaped, the forward's arguments renamed, the
-class removed). Each must give one DriftError line naming the spec, what changed and the fix;
-an unchanged class must keep working.
+The versions are simulated, so these tests pass on whichever transformers is installed: the
+specs under test list ``VERIFIED`` in ``verified_on``, and the installed version string is
+monkeypatched to ``VERIFIED`` or to ``FUTURE`` (outside it). The target class is replaced by real
+transformers classes changed the way a release could change them (a parameter renamed or
+reshaped, the forward's arguments renamed, the class removed). Each must give one DriftError line
+naming the spec, what no longer fits and the fix; an unchanged class must keep working.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from moe_unfuse.errors import SpecError
 from moe_unfuse.spec import parse
 
 FAKE = "moe_unfuse_drift_fake"
+VERIFIED = "1.2.3"  # the version the simulated specs were verified on
 FUTURE = "99.0.0"
 
 
@@ -74,24 +76,41 @@ def future(monkeypatch):
     drift._CHECKED.clear()
 
 
-def spec_for(class_name: str) -> moe_unfuse.Spec:
-    """The mixtral spec, pointed at another class (still verified_on the real installed version)."""
+@pytest.fixture
+def verified(monkeypatch):
+    """The installed transformers is the one the simulated specs were verified on."""
+    monkeypatch.setattr(drift, "installed_version", lambda: VERIFIED)
+    drift._CHECKED.clear()
+
+
+def mixtral_raw(target: str) -> dict:
+    """The mixtral spec's mapping, pointed at ``target`` and verified on ``VERIFIED`` only."""
     raw = copy.deepcopy(dict(moe_unfuse.get_spec("mixtral").raw))
-    raw["target"]["class"] = f"{FAKE}.{class_name}"
-    return parse(raw, f"specs/drifted_{class_name.lower()}.yaml")
+    raw["target"]["class"] = target
+    raw["target"]["verified_on"] = {"transformers": [VERIFIED]}
+    return raw
+
+
+def spec_for(class_name: str) -> moe_unfuse.Spec:
+    """The mixtral spec, pointed at another class (verified on ``VERIFIED``)."""
+    return parse(mixtral_raw(f"{FAKE}.{class_name}"), f"specs/drifted_{class_name.lower()}.yaml")
 
 
 def assert_one_line(err: Exception, *parts: str) -> None:
     msg = str(err)
     assert "\n" not in msg, msg
-    for part in [f"transformers {FUTURE} is not in target.verified_on (5.23.0)", "fix:", *parts]:
+    for part in [f"transformers {FUTURE} is not in target.verified_on ({VERIFIED}) and ", "fix:", *parts]:
         assert part in msg, msg
+    assert " changed:" not in msg, msg  # the spec is what no longer fits; the class is just what is installed
 
 
-def test_verified_version_needs_no_check():
+def test_verified_version_needs_no_check(monkeypatch):
     spec = moe_unfuse.get_spec("mixtral")
-    assert drift.is_verified(spec)
+    monkeypatch.setattr(drift, "installed_version", lambda: drift.verified_versions(spec)[-1])
+    assert drift.is_verified(spec) and not drift.is_drifted(spec)
     drift.check(spec)  # no-op
+    monkeypatch.setattr(drift, "installed_version", lambda: FUTURE)
+    assert not drift.is_verified(spec) and drift.is_drifted(spec)
 
 
 def test_unverified_version_with_an_unchanged_class_still_works(fake_module, future):
@@ -109,7 +128,7 @@ def test_renamed_parameter(fake_module, future):
     experts = RenamedExperts(golden.build_config(spec))
     with pytest.raises(DriftError) as err:
         moe_unfuse.unfuse(experts, spec, allow_uncovered=True)
-    assert_one_line(err.value, spec.source, "params.gate_up_proj", "no parameter 'gate_up_proj'")
+    assert_one_line(err.value, spec.source, "params.gate_up_proj", "and the spec does not fit its RenamedExperts: ", "no parameter 'gate_up_proj'")
     assert "gate_up_proj" not in dict(experts.named_parameters()) and "w13" in dict(experts.named_parameters())  # untouched
     with pytest.raises(DriftError) as err:
         moe_unfuse.register(spec)
@@ -122,7 +141,7 @@ def test_reshaped_parameter(fake_module, future):
     spec = spec_for("TransposedExperts")
     with pytest.raises(DriftError) as err:
         drift.check(spec)
-    assert_one_line(err.value, "params.gate_up_proj.shape", "[4, 64, 80]", "[4, 80, 64]")
+    assert_one_line(err.value, "params.gate_up_proj.shape", "[4, 64, 80]", "[4, 80, 64]", "does not fit its TransposedExperts:")
 
 
 def test_renamed_forward_arguments(fake_module, future):
@@ -136,25 +155,21 @@ def test_renamed_forward_arguments(fake_module, future):
 
 
 @pytest.mark.parametrize(("target", "what"), [
-    (f"{FAKE}.GoneExperts", f"{FAKE} has no class 'GoneExperts' any more"),
-    ("moe_unfuse_no_such_module.MixtralExperts", "module moe_unfuse_no_such_module is gone"),
+    (f"{FAKE}.GoneExperts", f"{FAKE} has no class 'GoneExperts'"),
+    ("moe_unfuse_no_such_module.MixtralExperts", "no module moe_unfuse_no_such_module (ModuleNotFoundError)"),
 ])
 def test_missing_class_loads_but_fails_on_use(fake_module, future, target, what):
-    raw = copy.deepcopy(dict(moe_unfuse.get_spec("mixtral").raw))
-    raw["target"]["class"] = target
-    spec = parse(raw, "specs/gone.yaml")  # loading works: other specs stay usable
+    spec = parse(mixtral_raw(target), "specs/gone.yaml")  # loading works: other specs stay usable
     assert spec.resolve_class() is None
     with pytest.raises(DriftError) as err:
         moe_unfuse.register(spec)
-    assert_one_line(err.value, "specs/gone.yaml", "target.class", what, "install transformers==5.23.0")
+    assert_one_line(err.value, "specs/gone.yaml", "target.class", f"and has no {spec.class_name}: {what}", f"install transformers=={VERIFIED}")
 
 
-def test_on_a_verified_version_the_same_faults_are_spec_errors(fake_module):
+def test_on_a_verified_version_the_same_faults_are_spec_errors(fake_module, verified):
     """Drift is only claimed when the version is unverified; otherwise the spec is simply wrong."""
-    raw = copy.deepcopy(dict(moe_unfuse.get_spec("mixtral").raw))
-    raw["target"]["class"] = f"{FAKE}.GoneExperts"
     with pytest.raises(SpecError) as err:
-        parse(raw, "specs/typo.yaml")
+        parse(mixtral_raw(f"{FAKE}.GoneExperts"), "specs/typo.yaml")
     assert not isinstance(err.value, DriftError) and "has no class 'GoneExperts'" in str(err.value)
     spec = spec_for("RenamedExperts")
     with pytest.raises(SpecError) as err:
@@ -168,7 +183,7 @@ def test_check_command_reports_drift_in_one_line(fake_module, future, tmp_path, 
     from moe_unfuse.commands import check
 
     path = tmp_path / "drifted.yaml"
-    path.write_text(f"extends: _standard\narch: drifted\ntarget:\n  class: {FAKE}.RenamedExperts\n  verified_on: {{transformers: ['5.23.0']}}\n"
+    path.write_text(f"extends: _standard\narch: drifted\ntarget:\n  class: {FAKE}.RenamedExperts\n  verified_on: {{transformers: ['{VERIFIED}']}}\n"
                     "golden:\n  config: transformers.MixtralConfig\n  config_kwargs: {hidden_size: 64, intermediate_size: 40, num_local_experts: 4}\n")
     with pytest.raises(DriftError) as err:
         check.run(Namespace(spec=str(path), no_modelopt=True))

@@ -14,37 +14,19 @@ every spec gets in ``test_golden.py``.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 import torch
 from torch import nn
 
 import moe_unfuse
+from helpers import arch_param
 from moe_unfuse import golden
 from moe_unfuse.coverage import uncovered_expert_params
 from moe_unfuse.experts import UnfusedExpertsMixin
-from moe_unfuse.spec import Spec, merged_raw, parse
+from moe_unfuse.spec import Spec
 from moe_unfuse.unfusing import REST_PREFIX, resolve_dims
-
-SPECS = moe_unfuse.list_specs()
-
-
-def arch_param(*archs: str, id: str | None = None) -> Any:
-    """A test parameter marked for every arch it exercises, skipped when one has no spec."""
-    missing = [a for a in archs if a not in SPECS]
-    marks = [pytest.mark.arch(a) for a in archs]
-    if missing:
-        marks.append(pytest.mark.skip(reason=f"no spec for {', '.join(missing)}"))
-    return pytest.param(archs, marks=marks, id=id or archs[0])
-
-
-def variant(arch: str, edit: Callable[[dict], Any]) -> Spec:
-    """``arch``'s spec with ``edit`` applied to its merged mapping."""
-    raw = copy.deepcopy(merged_raw(Path(SPECS[arch].source)))
-    edit(raw)
-    return parse(raw, f"{arch}-variant.yaml")
 
 
 def run_exact(spec: Spec, dtype: torch.dtype, inputs: Callable[[nn.Module], tuple] | None = None) -> tuple[bool, float]:
@@ -85,26 +67,15 @@ def modelopt_expert_wrappers() -> tuple[type, ...]:
     return tuple(getattr(hf, n) for n in names if hasattr(hf, n))
 
 
-def build_model(model_def: dict) -> nn.Module:
-    cls = golden.import_object(model_def["class"])
-    config_cls = golden.import_object(model_def["config"]) if model_def.get("config") else cls.config_class
-    config = config_cls(**model_def["config_kwargs"])
-    golden._set_implementation(config, "eager")
-    config._attn_implementation = "eager"
-    torch.manual_seed(golden.SEED)
-    return cls(config).eval()
-
-
 @pytest.mark.parametrize("archs", WHOLE_MODEL_PARAMS)
-def test_whole_model_quantized_by_register(archs):
+def test_whole_model_quantized_by_register(archs, tiny_model):
     """Every expert projection of every layer becomes a calibrated QuantLinear; modelopt's own
     wrappers appear nowhere (DBRX's DbrxExpertGLU is detached before modelopt could wrap it);
     quantizers off leaves the logits bit-identical, the experts' quantizers alone change them."""
     import modelopt.torch.quantization as mtq
 
-    specs = [SPECS[a] for a in archs]
-    model_def = WHOLE_MODELS[archs[0]] or specs[0].golden["model"]
-    model = build_model(model_def)
+    specs = [moe_unfuse.get_spec(a) for a in archs]
+    model = tiny_model(WHOLE_MODELS[archs[0]] or archs[0])
     targets = [path for path, m in model.named_modules() if any(s.matches(m) for s in specs)]
     assert all(any(s.matches(m) for m in model.modules()) for s in specs)
     vocab = model.config.get_text_config().vocab_size
@@ -146,40 +117,40 @@ def test_whole_model_quantized_by_register(archs):
 # --- declared numerics, each needed ------------------------------------------------------------------
 
 @pytest.mark.arch("gpt_oss")
-def test_gpt_oss_needs_bias_after_matmul():
+def test_gpt_oss_needs_bias_after_matmul(mutated_spec):
     """GPT-OSS writes ``x @ W + b``; F.linear(x, W, b) is one addmm that rounds the sum once (bf16)."""
-    assert run_exact(SPECS["gpt_oss"], torch.bfloat16)[0]
-    fused_bias = variant("gpt_oss", lambda r: r.pop("linear"))
+    assert run_exact(moe_unfuse.get_spec("gpt_oss"), torch.bfloat16)[0]
+    fused_bias = mutated_spec.parse("gpt_oss", lambda r: r.pop("linear"))
     ok, diff = run_exact(fused_bias, torch.bfloat16)
     assert not ok and diff > 0
 
 
 @pytest.mark.arch("openai_privacy_filter")
 @pytest.mark.parametrize("drop", ["compute_dtype", "accumulate"])
-def test_openai_privacy_filter_needs_fp32_compute_and_accumulation(drop):
+def test_openai_privacy_filter_needs_fp32_compute_and_accumulation(mutated_spec, drop):
     """bf16 weights, fp32 projections and fp32 sum over experts, as the original; either missing differs."""
-    assert run_exact(SPECS["openai_privacy_filter"], torch.bfloat16)[0]
+    assert run_exact(moe_unfuse.get_spec("openai_privacy_filter"), torch.bfloat16)[0]
     edit = (lambda r: r["linear"].pop("compute_dtype")) if drop == "compute_dtype" else (lambda r: r["forward"].pop("accumulate"))
-    ok, _ = run_exact(variant("openai_privacy_filter", edit), torch.bfloat16)
+    ok, _ = run_exact(mutated_spec.parse("openai_privacy_filter", edit), torch.bfloat16)
     assert not ok
 
 
 @pytest.mark.arch("nemotron_h")
-def test_nemotron_h_accumulates_in_routing_weights_dtype():
+def test_nemotron_h_accumulates_in_routing_weights_dtype(mutated_spec):
     """NemotronH's router yields fp32 weights for bf16 hidden states; the sum runs in fp32, then casts back."""
 
     def inputs(module):
-        (hidden, index, weights), _ = golden.make_inputs(module, SPECS["nemotron_h"])
+        (hidden, index, weights), _ = golden.make_inputs(module, moe_unfuse.get_spec("nemotron_h"))
         return hidden, index, weights.float()
 
-    assert run_exact(SPECS["nemotron_h"], torch.bfloat16, inputs)[0]
-    assert not run_exact(variant("nemotron_h", lambda r: r["forward"].pop("accumulate")), torch.bfloat16, inputs)[0]
+    assert run_exact(moe_unfuse.get_spec("nemotron_h"), torch.bfloat16, inputs)[0]
+    assert not run_exact(mutated_spec.parse("nemotron_h", lambda r: r["forward"].pop("accumulate")), torch.bfloat16, inputs)[0]
 
 
 @pytest.mark.arch("muse_spark")
-def test_muse_spark_needs_post_expert_norm():
+def test_muse_spark_needs_post_expert_norm(mutated_spec):
     """The shared norm runs on each expert's output (before the routing weight), and only once."""
-    spec = SPECS["muse_spark"]
+    spec = moe_unfuse.get_spec("muse_spark")
     module = golden.build_experts(spec)
     calls = []
     module.post_expert_norm.register_forward_hook(lambda *a: calls.append(1))
@@ -189,7 +160,7 @@ def test_muse_spark_needs_post_expert_norm():
         module(hidden, index, weights)
     assert len(calls) == len(module) and module.post_expert_norm not in list(module[0].modules())
     assert run_exact(spec, torch.float32)[0]
-    assert not run_exact(variant("muse_spark", lambda r: r.pop("post_expert_norm")), torch.float32)[0]
+    assert not run_exact(mutated_spec.parse("muse_spark", lambda r: r.pop("post_expert_norm")), torch.float32)[0]
 
 
 @pytest.mark.parametrize("archs", [arch_param("llama4"), arch_param("inkling_shared")])
@@ -206,7 +177,7 @@ def test_batched_originals_exact_for_every_token_count(archs, dtype):
     per-expert quantizers. bf16 (oneDNN) and larger token counts agree at any thread count; the
     golden test (12 and 48 tokens per expert) runs at the default thread count.
     """
-    spec = SPECS[archs[0]]
+    spec = moe_unfuse.get_spec(archs[0])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -232,9 +203,9 @@ def test_batched_originals_exact_for_every_token_count(archs, dtype):
 # --- layout variants -------------------------------------------------------------------------------
 
 @pytest.mark.arch("nemotron_h")
-def test_nemotron_h_with_latent_size():
+def test_nemotron_h_with_latent_size(mutated_spec):
     """With moe_latent_size the experts take the latent width (48), not hidden_size (64)."""
-    spec = variant("nemotron_h", lambda r: r["golden"]["config_kwargs"].update(moe_latent_size=48))
+    spec = mutated_spec.parse("nemotron_h", lambda r: r["golden"]["config_kwargs"].update(moe_latent_size=48))
     module = golden.build_experts(spec)
     assert module.up_proj.shape[-1] == 48 and module.hidden_dim == 64
     results = [golden.check_exact(spec, torch.float32), golden.check_exact(spec, torch.bfloat16), *golden.check_refuse(spec), *golden.check_modelopt(spec)]
@@ -245,7 +216,7 @@ def test_nemotron_h_with_latent_size():
 def test_longcat_identity_experts_and_unused_rows():
     """Routing reaches the zero (identity) experts; their gate_up_proj rows are no parameter while
     unfused, survive refuse bit for bit, also when the expert views were replaced by copies."""
-    spec = SPECS["longcat_flash"]
+    spec = moe_unfuse.get_spec("longcat_flash")
     module = golden.build_experts(spec)
     (hidden, index, weights), _ = golden.make_inputs(module, spec)
     assert index.max().item() >= module.num_routed_experts  # identity experts are exercised
@@ -266,7 +237,7 @@ def test_longcat_identity_experts_and_unused_rows():
 def test_dbrx_mlp_detached_while_unfused():
     """The emptied DbrxExpertGLU is out of the module tree while unfused (still readable as
     ``experts.mlp``) and a child again, the same object, after refuse."""
-    spec = SPECS["dbrx"]
+    spec = moe_unfuse.get_spec("dbrx")
     module = golden.build_experts(spec)
     mlp = module.mlp
     before = {k: v.clone() for k, v in module.state_dict().items()}
@@ -280,12 +251,12 @@ def test_dbrx_mlp_detached_while_unfused():
 
 
 @pytest.mark.arch("dbrx")
-def test_dbrx_unfused_before_mtq_quantize():
+def test_dbrx_unfused_before_mtq_quantize(tiny_model):
     """Unfusing first, then plain ``mtq.quantize`` (no register): modelopt's DBRX hook, which reads
     ``experts.mlp``, still runs, and every expert projection is calibrated."""
     import modelopt.torch.quantization as mtq
 
-    model = build_model(SPECS["dbrx"].golden["model"])
+    model = tiny_model("dbrx")
     moe_unfuse.unfuse(model, "dbrx")
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     mtq.quantize(model, copy.deepcopy(mtq.FP8_DEFAULT_CFG), forward_loop=lambda m: m(input_ids=ids))
@@ -298,7 +269,7 @@ def test_dbrx_unfused_before_mtq_quantize():
 def test_jetmoe_experts_are_single_linears_and_skip_empty_experts():
     """One linear per expert; an expert with no tokens is not run (nothing to calibrate on) yet the
     output equals the original's, which runs F.linear on the empty slice."""
-    spec = SPECS["jetmoe"]
+    spec = moe_unfuse.get_spec("jetmoe")
     module = golden.build_experts(spec)
     inputs = torch.randn(10, 64, generator=torch.Generator().manual_seed(0))
     sizes = [3, 0, 7, 0]

@@ -4,36 +4,20 @@ the new layout pieces reverse exactly."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import torch
-import yaml
 
 import moe_unfuse
+from helpers import spec_names
 from moe_unfuse import SpecError, golden, load_spec
 from moe_unfuse.default_plugins.clamped_gates import clamped_swiglu_alpha
 from moe_unfuse.experts import LinearExact, linear_over
 from moe_unfuse.hookspecs import hookimpl
 from moe_unfuse.kinds import ForwardKind, GateKind
 from moe_unfuse.layout import Narrow, Split, layout_for
-from moe_unfuse.spec import merged_raw
-
-SPECS = moe_unfuse.list_specs()
-
-
-def mutated(arch: str, edit: Callable[[dict], Any]) -> dict:
-    raw = copy.deepcopy(merged_raw(Path(SPECS[arch].source)))
-    edit(raw)
-    return raw
-
-
-def write(tmp_path: Path, raw: dict) -> Path:
-    path = tmp_path / "broken.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
 
 
 def assert_one_line(err: SpecError, path: Path, field: str) -> None:
@@ -69,8 +53,8 @@ LOAD_CASES = [
 
 
 @pytest.mark.parametrize("arch, edit, field", LOAD_CASES)
-def test_bad_value_is_one_line_error_at_load(tmp_path, arch, edit, field):
-    path = write(tmp_path, mutated(arch, edit))
+def test_bad_value_is_one_line_error_at_load(mutated_spec, arch, edit, field):
+    path = mutated_spec.path(arch, edit)
     with pytest.raises(SpecError) as info:
         load_spec(path)
     assert_one_line(info.value, path, field)
@@ -87,12 +71,12 @@ UNFUSE_CASES = [
 
 
 @pytest.mark.parametrize("arch, edit, field", UNFUSE_CASES)
-def test_bad_value_for_the_module_errors_at_unfuse_and_leaves_it_untouched(tmp_path, arch, edit, field):
-    raw = mutated(arch, edit)
+def test_bad_value_for_the_module_errors_at_unfuse_and_leaves_it_untouched(mutated_spec, arch, edit, field):
+    raw = mutated_spec.raw(arch, edit)
     for p in raw["params"].values():  # shape: null in an edit means "drop it"
         if "shape" in p and p["shape"] is None:
             del p["shape"]
-    path = write(tmp_path, raw)
+    path = mutated_spec.write(raw)
     spec = load_spec(path)
     module = golden.build_experts(spec)
     before = {k: v.clone() for k, v in module.state_dict().items()}
@@ -114,7 +98,7 @@ def _declared(arch: str, gate: dict, activation: dict | None) -> Any:
         if activation is not None:
             raw["activation"] = activation
 
-    return pytest.param(arch, edit, id=arch, marks=[pytest.mark.arch(arch)] + ([] if arch in SPECS else [pytest.mark.skip(reason=f"no {arch} spec")]))
+    return pytest.param(arch, edit, id=arch, marks=[pytest.mark.arch(arch)] + ([] if arch in spec_names() else [pytest.mark.skip(reason=f"no {arch} spec")]))
 
 
 DECLARED_GATES = [
@@ -127,25 +111,25 @@ DECLARED_GATES = [
 
 
 @pytest.mark.parametrize("arch, edit", DECLARED_GATES)
-def test_declared_gate_kind_matches_the_class_gate_exactly(tmp_path, arch, edit):
+def test_declared_gate_kind_matches_the_class_gate_exactly(mutated_spec, arch, edit):
     """The same spec with ``module_method`` replaced by a declared kind stays bit-exact (the golden
     configs set the clamp limit to 1.0, so the clamps bind on these O(1) activations)."""
-    spec = load_spec(write(tmp_path, mutated(arch, edit)))
+    spec = load_spec(mutated_spec.path(arch, edit))
     results = [golden.check_exact(spec, torch.float32), golden.check_exact(spec, torch.bfloat16)]
     assert all(r.ok for r in results), [f"{r.name}: {r.detail}" for r in results]
 
 
 @pytest.mark.arch("gpt_oss")
-def test_declared_gate_sees_the_clamp(tmp_path):
+def test_declared_gate_sees_the_clamp(mutated_spec):
     """Negative control: a different limit than the module's breaks exactness, so the clamp is applied."""
-    spec = load_spec(write(tmp_path, mutated("gpt_oss", lambda r: r["gate"].update(limit=0.5))))
+    spec = load_spec(mutated_spec.path("gpt_oss", lambda r: r["gate"].update(limit=0.5)))
     assert not golden.check_exact(spec, torch.float32).ok
 
 
 # --- forward and gate kinds as third-party plugins --------------------------------------------------
 
 @pytest.mark.arch("gpt_oss")
-def test_plugin_forward_and_gate_kinds(tmp_path):
+def test_plugin_forward_and_gate_kinds(mutated_spec, registered_plugin):
     """A plugin adds a gate kind with its own parameters and a forward kind with its own roles; the
     spec language checks both at load, and the unfused module is exact with them."""
 
@@ -173,26 +157,24 @@ def test_plugin_forward_and_gate_kinds(tmp_path):
             register("plugin_routed", ForwardKind(forward=plugin_routed, roles=("tokens", "expert_ids", "scores"), golden_inputs=lambda module, spec, v, gen: {
                 "tokens": v["hidden_states"], "expert_ids": v["top_k_index"], "scores": v["top_k_weights"]}))
 
-    obj = Plugin()
-    moe_unfuse.register_plugin(obj, name="kinds-plugin")
-    try:
-        def edit(raw: dict) -> None:
-            raw["gate"] = {"kind": "plugin_swiglu", "slope": {"attribute": "alpha"}, "bound": {"attribute": "limit"}}
-            raw["forward"] = {"kind": "plugin_routed", "args": {"hidden_states": "tokens", "router_indices": "expert_ids", "routing_weights": "scores"}}
+    obj = registered_plugin(Plugin(), name="kinds-plugin")
 
-        spec = load_spec(write(tmp_path, mutated("gpt_oss", edit)))
-        assert golden.check_exact(spec, torch.float32).ok and golden.check_exact(spec, torch.bfloat16).ok
-        bad = write(tmp_path, mutated("gpt_oss", lambda r: (edit(r), r["gate"].update(alpha=1.0))))
-        with pytest.raises(SpecError) as info:
-            load_spec(bad)
-        assert_one_line(info.value, bad, "gate.alpha")
-        assert "slope, bound" in str(info.value)
-        bad = write(tmp_path, mutated("gpt_oss", lambda r: (edit(r), r["forward"]["args"].update(routing_weights="top_k_weights"))))
-        with pytest.raises(SpecError) as info:
-            load_spec(bad)
-        assert_one_line(info.value, bad, "forward.args.routing_weights")
-    finally:
-        moe_unfuse.unregister_plugin(obj)
+    def edit(raw: dict) -> None:
+        raw["gate"] = {"kind": "plugin_swiglu", "slope": {"attribute": "alpha"}, "bound": {"attribute": "limit"}}
+        raw["forward"] = {"kind": "plugin_routed", "args": {"hidden_states": "tokens", "router_indices": "expert_ids", "routing_weights": "scores"}}
+
+    spec = load_spec(mutated_spec.path("gpt_oss", edit))
+    assert golden.check_exact(spec, torch.float32).ok and golden.check_exact(spec, torch.bfloat16).ok
+    bad = mutated_spec.path("gpt_oss", lambda r: (edit(r), r["gate"].update(alpha=1.0)))
+    with pytest.raises(SpecError) as info:
+        load_spec(bad)
+    assert_one_line(info.value, bad, "gate.alpha")
+    assert "slope, bound" in str(info.value)
+    bad = mutated_spec.path("gpt_oss", lambda r: (edit(r), r["forward"]["args"].update(routing_weights="top_k_weights")))
+    with pytest.raises(SpecError) as info:
+        load_spec(bad)
+    assert_one_line(info.value, bad, "forward.args.routing_weights")
+    moe_unfuse.unregister_plugin(obj)
     assert "plugin_routed" not in moe_unfuse.registry().forwards
 
 

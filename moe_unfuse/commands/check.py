@@ -1,9 +1,11 @@
 """Validate a spec file and run its golden checks, so a new model is proven without writing code.
 
 Loads SPEC.yaml (a bad field is one line naming file, field and fix), then runs every golden check
-(moe_unfuse.golden.run_golden: bit-exact against the eager forward in fp32 and bf16, close to
-grouped_mm/batched_mm, refuse bit-exact, modelopt quantizers-off exact and FP8 calibrating every
-expert, whole-model logits) and prints each. Exit status 0 when all pass, 1 when one fails.
+(moe_unfuse.golden.run_golden: bit-exact against the eager forward in fp32 and bf16 with top-k 1, 2
+and 3 whatever golden.top_k says, called positionally and by the forward's own argument names; close
+to grouped_mm/batched_mm, refuse bit-exact, modelopt quantizers-off exact and FP8 calibrating every
+expert, whole-model logits) and prints each. Exit status 0 when all pass, 1 when one fails, 2 for a
+spec error (a layout the class does not have is one, not a crash).
 
   moe-unfuse check specs/mixtral.yaml
 """

@@ -1,16 +1,19 @@
 """Print the coverage table: every spec's arch, class, layout kind and golden-test status.
 
 Everything in it is derived from the specs (layout kind from params, gate and forward; what the
-golden test covers from golden) and from the installed transformers (is the class there). The
-status column says, by default, whether the class exists in the installed transformers; --run
-runs each spec's golden checks now (slow: about a second or more per spec); --results FILE reads
-the outcomes a test run recorded:
+golden test covers from golden; the transformers versions it passed on from verified_on) and, in
+the status column only, from the installed transformers. The status column says, by default,
+where each spec stands on the installed transformers (verified on it, fits it unverified,
+drifted, or class not in it: as `moe-unfuse list`); --run runs each spec's golden checks now
+(slow: about a second or more per spec); --results FILE reads the outcomes a test run recorded:
 
   pytest -p moe_unfuse.golden_results --golden-results golden.json
   moe-unfuse coverage --results golden.json
 
 --write README.md replaces the section between <!-- coverage:start --> and <!-- coverage:end -->
-with the markdown table (the test-suite checks that README's table matches the specs).
+with the markdown table without the status column: the README section depends on the specs only,
+never on the installed versions, so it is current on every transformers the suite runs on (the
+test-suite checks that README's table matches the specs).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Any
 START = "<!-- coverage:start -->"
 END = "<!-- coverage:end -->"
 COLUMNS = ("arch", "class", "layout", "golden test", "verified on", "status")
+#: The README's columns: no status, which depends on the installed transformers.
+README_COLUMNS = COLUMNS[:-1]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,13 +120,23 @@ def _status_run(spec: Any, modelopt: bool) -> str:
     return f"FAIL ({', '.join(failed)})" if failed else f"pass ({len(results)} checks)"
 
 
+def _status_default(spec: Any, version: str) -> str:
+    """Where the spec stands on the installed transformers, in words (``drift.status``)."""
+    from .. import drift
+
+    return {
+        drift.VERIFIED: f"verified on transformers {version}",
+        drift.FITS: f"fits transformers {version} (not verified on it)",
+        drift.DRIFTED: f"DRIFTED on transformers {version} (moe-unfuse check {spec.source})",
+        drift.UNPROVEN: f"unproven (in transformers {version}, no verified_on)",
+    }[drift.status(spec, present=True)]
+
+
 def rows(archs: list[str] | None = None, run: bool = False, modelopt: bool = True, results: dict[str, Any] | None = None) -> list[dict[str, str]]:
     """One row per spec: the table's columns, as strings."""
-    import transformers
+    from .. import drift, list_specs
 
-    from .. import list_specs
-
-    version = transformers.__version__
+    version = drift.installed_version()
     out = []
     for arch, spec in list_specs().items():
         if archs and arch not in archs:
@@ -134,7 +149,7 @@ def rows(archs: list[str] | None = None, run: bool = False, modelopt: bool = Tru
         elif run:
             status = _status_run(spec, modelopt)
         else:
-            status = f"in transformers {version}"
+            status = _status_default(spec, version)
         out.append({
             "arch": arch,
             "class": spec.class_name,
@@ -146,29 +161,25 @@ def rows(archs: list[str] | None = None, run: bool = False, modelopt: bool = Tru
     return out
 
 
-def markdown(table: list[dict[str, str]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def markdown(table: list[dict[str, str]], columns: tuple[str, ...] = COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in table:
-        cells = [f"`{r[c]}`" if c == "class" else r[c] for c in COLUMNS]
+        cells = [f"`{r[c]}`" if c == "class" else r[c] for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def readme_section(table: list[dict[str, str]]) -> str:
-    """The generated README section, markers included."""
-    import transformers
-
-    kinds: dict[str, int] = {}
-    for r in table:
-        kinds[r["layout"]] = kinds.get(r["layout"], 0) + 1
-    present = sum(not r["status"].startswith("class not in") for r in table)
+    """The generated README section, markers included: from the specs alone (no status column,
+    no installed version), so it is the same on every transformers the suite runs on."""
     head = (
-        f"{len(table)} specs, {present} of them with their class in transformers {transformers.__version__}. "
+        f"{len(table)} specs. \"verified on\" lists the transformers versions each spec's golden test passed on. "
         "Generated from `specs/` by `moe-unfuse coverage --markdown --write README.md`; do not edit by hand "
         "(`tests/test_coverage_table.py` fails when it is stale). Each spec's golden test is "
-        "`pytest --arch ARCH`; `moe-unfuse coverage --run` runs them and shows the result."
+        "`pytest --arch ARCH`; `moe-unfuse coverage --run` runs them on the installed transformers and shows the result, "
+        "`moe-unfuse list` where each spec stands on it."
     )
-    return f"{START}\n{head}\n\n{markdown(table)}\n{END}"
+    return f"{START}\n{head}\n\n{markdown(table, README_COLUMNS)}\n{END}"
 
 
 def replace_section(text: str, section: str, source: str) -> str:
@@ -206,8 +217,16 @@ def run(args: argparse.Namespace) -> int:
             raise MoeUnfuseError(f"--arch: unknown arch {', '.join(unknown)}; fix: pick from moe-unfuse list")
     table = rows(archs, run=args.run, modelopt=not args.no_modelopt, results=results)
     if args.write:
-        text = args.write.read_text()
-        args.write.write_text(replace_section(text, readme_section(table), str(args.write)))
+        fix = f"fix: pass the README.md that holds the {START} ... {END} section"
+        try:
+            text = args.write.read_text()
+        except OSError as exc:
+            raise MoeUnfuseError(f"{args.write}: cannot be read ({exc.strerror}); {fix}") from None
+        new = replace_section(text, readme_section(table), str(args.write))
+        try:
+            args.write.write_text(new)
+        except OSError as exc:
+            raise MoeUnfuseError(f"{args.write}: cannot be written ({exc.strerror}); fix: make it writable") from None
         print(f"wrote the coverage table ({len(table)} specs) to {args.write}")
         return 0
     print(markdown(table) if args.markdown else plain(table))

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     config_cls = None
     if args.config:
         try:
-            config_cls = import_object(args.config)
+            config_cls = import_object(args.config, "config", "--config", "--config")
         except (ImportError, AttributeError, ValueError):
             raise MoeUnfuseError(f"--config: cannot import {args.config!r}; fix: give the config class's import path, e.g. transformers.MixtralConfig") from None
     drafts = list(infer_all(args.target, config_cls=config_cls, config_kwargs=_json_arg(args.config_kwargs, "--config-kwargs"),

@@ -7,8 +7,10 @@ safetensors, tokenizer); nothing is downloaded.
 Steps: match the model's experts modules to specs (every fused expert parameter must be covered,
 else it fails naming them), register them with modelopt, calibrate (tokens counted per expert;
 --force-routing calibrates experts the text never reached), set input scales, export with
-modelopt's HF export, apply the spec's renames for --engine, verify the export contract, report.
-Exit status: 0 ok, 1 the export failed verification (kept at OUT.invalid), 2 bad input.
+modelopt's HF export under the hub checkpoint's names (fused where the spec's export layout says),
+verify the export contract and --engine's loader rules, swap the checkpoint into OUT atomically, report.
+Exit status: 0 ok, 1 the export failed verification (kept at OUT.invalid), 2 bad input or an export
+error (one line; OUT.invalid/moe_unfuse.json says why), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", metavar="MODEL", help="local model folder (default: the built-in tiny Gemma 4)")
     parser.add_argument("--qformat", required=True, choices=list(QFORMATS), help="quantization format (none: unfuse and re-export only)")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="checkpoint folder to write")
-    parser.add_argument("--engine", default="vllm", choices=ENGINES, help="serving engine whose key names to write (the spec's export.renames); default vllm")
+    parser.add_argument("--engine", default="vllm", choices=ENGINES, help="serving engine whose loader rules the export is verified against (names are always the hub's); default vllm")
     parser.add_argument("--calib-size", type=int, default=DEFAULT_CALIB_SIZE, metavar="N", help=f"calibration samples (default {DEFAULT_CALIB_SIZE}; fewer if the text runs out)")
     parser.add_argument("--calib-file", type=Path, metavar="FILE", help="calibration text: .txt (paragraphs), .json list, or .jsonl with a \"text\" field (default: built-in text)")
     parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, metavar="T", help=f"tokens per sample (default {DEFAULT_SEQ_LEN})")

@@ -4,6 +4,13 @@ modelopt converts a module by swapping its class and calling ``_setup``; ours un
 modelopt's recursive replacement then turns every per-expert ``nn.Linear`` into a ``QuantLinear``
 with its own weight and input quantizers. An existing registration for the class (modelopt's own
 wrappers for GptOss, Llama4, DBRX) is replaced, since those quantize through a different layout.
+
+modelopt's export dispatches MoE modules through two registries that guess the experts' structure
+from class names (``get_expert_linear_names`` falls back to Mixtral's ``w1/w2/w3``; GptOss and
+Llama4 experts are exported as fused bmm weights). An unfused experts module declares its own
+projections, so handlers keyed on :class:`UnfusedExpertsMixin` go first in both: input amax
+fallback over the spec's projections, and no fused-weight export (its per-expert QuantLinears are
+exported by modelopt's own linear handler as the walk reaches them).
 """
 
 from __future__ import annotations
@@ -50,17 +57,66 @@ class ModeloptBackend:
         from modelopt.torch.quantization.nn import QuantModuleRegistry
 
         self._register_linear_exact()
+        install_export_handlers()
         cls = spec.resolve_class()
         if cls is None:
             raise SpecError(spec.source, "target.class", f"{spec.target_class} is not in the installed transformers", "install a transformers version listed in target.verified_on")
-        if cls in self._classes and QuantModuleRegistry._registry.get(cls) is self._classes[cls]:
-            return self._classes[cls]
+        known = self._classes.get(cls)
+        if known is not None and QuantModuleRegistry._registry.get(cls) is known and known._moe_unfuse_spec == spec:
+            return known  # the same spec again; an edited spec for the class replaces the registration
         if cls in QuantModuleRegistry._registry:
             QuantModuleRegistry.unregister(cls)
         dm_cls = self.quant_class(spec)
         QuantModuleRegistry.register({cls: f"{KEY_PREFIX}{cls.__name__}"})(dm_cls)
         self._classes[cls] = dm_cls
         return dm_cls
+
+
+def _prepare_unfused_experts(name: str, moe_block, ctx) -> None:
+    """Give expert input quantizers calibration never reached the max of their siblings (modelopt's
+    own fallback), per projection the spec declares."""
+    from modelopt.torch.export.layer_utils import set_expert_quantizer_amax
+
+    experts = moe_block.experts
+    for proj in experts._moe_unfuse.spec.projection_names():
+        linears = [getattr(expert, proj) for expert in experts]
+        set_expert_quantizer_amax(modules=linears, quantizer_attrs=["input_quantizer"])
+
+
+def _export_unfused_experts(name: str, module, ctx) -> None:
+    """Nothing to pack on the container (its per-expert QuantLinears are exported one by one), but
+    every per-expert tensor the export keeps as is must own its storage: safetensors refuses tensors
+    that share memory (the gate and up biases of an interleaved fused bias) or views that cannot be
+    flattened (a transposed layout). Weights modelopt packs are replaced by it anyway; the rest
+    (biases, unquantized experts) get a contiguous copy."""
+    import torch
+
+    for linear in module.modules():
+        if not isinstance(linear, torch.nn.Linear):
+            continue
+        quantizer = getattr(linear, "weight_quantizer", None)
+        packed = quantizer is not None and quantizer.is_enabled
+        for pname, p in list(linear._parameters.items()):
+            if p is None or (pname == "weight" and packed):
+                continue
+            linear._parameters[pname] = torch.nn.Parameter(p.detach().clone(memory_format=torch.contiguous_format), requires_grad=False)
+
+
+_handlers_installed = False
+
+
+def install_export_handlers() -> None:
+    """Put the unfused-experts handlers first in modelopt's export registries (idempotent)."""
+    global _handlers_installed
+    if _handlers_installed:
+        return
+    from modelopt.torch.export.registry import ExportModuleRegistry, PrepareMoEInputsRegistry
+
+    from ..experts import UnfusedExpertsMixin
+
+    PrepareMoEInputsRegistry.register(UnfusedExpertsMixin, prepend=True)(_prepare_unfused_experts)
+    ExportModuleRegistry.register(UnfusedExpertsMixin, prepend=True)(_export_unfused_experts)
+    _handlers_installed = True
 
 
 backend = ModeloptBackend()

@@ -1,0 +1,123 @@
+"""Plain helpers the test modules share: what parametrization needs at import time (spec names, raw
+mappings, the decorated classes of the installed transformers), read cheaply and without building a
+single ``Spec``, plus the spec-variant builders behind the ``mutated_spec`` fixture (conftest.py).
+
+Spec objects are obtained inside tests and fixtures only: a spec that fails to load then fails the
+tests that use it, instead of breaking the collection of a whole file, and ``--arch``/``-k`` runs do
+not pay for loading every spec.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import pytest
+import yaml
+
+if TYPE_CHECKING:
+    import moe_unfuse
+
+ROOT = Path(__file__).resolve().parents[1]
+#: The built-in specs (``moe_unfuse``'s registry reads the same folder in a source checkout).
+SPECS_DIR = ROOT / "specs"
+
+Edit = Callable[[dict], Any]
+
+
+def spec_names() -> list[str]:
+    """Every built-in arch, from the file names alone (a spec file is named after its arch; files
+    starting with ``_`` are abstract bases). ``test_spec_names_are_the_registry_archs`` keeps this
+    in step with the registry."""
+    return sorted(p.stem for p in SPECS_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+@lru_cache(maxsize=None)
+def _merged(arch: str) -> dict:
+    from moe_unfuse.spec import merged_raw
+
+    return merged_raw(SPECS_DIR / f"{arch}.yaml", (SPECS_DIR,))
+
+
+def spec_raw(arch: str, edit: Edit | None = None) -> dict:
+    """A private copy of the built-in ``arch`` spec's merged mapping (``extends`` resolved, not
+    validated: a YAML read, no ``Spec``), with ``edit`` applied to it in place when given."""
+    raw = copy.deepcopy(_merged(arch))
+    if edit is not None:
+        edit(raw)
+    return raw
+
+
+def spec_variant(arch: str, edit: Edit | None = None, source: str | None = None) -> moe_unfuse.Spec:
+    """The built-in ``arch`` spec with ``edit`` applied, parsed in memory as if read from ``source``."""
+    from moe_unfuse.spec import parse
+
+    return parse(spec_raw(arch, edit), source or f"{arch}-variant.yaml")
+
+
+def write_spec(directory: Path, data: dict | str | bytes, name: str = "broken.yaml") -> Path:
+    """``data`` (a mapping, dumped in key order, or the file's exact text or bytes) as ``directory/name``."""
+    path = directory / name
+    if isinstance(data, dict):
+        data = yaml.safe_dump(data, sort_keys=False)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+def arch_param(*archs: str, id: str | None = None) -> Any:
+    """A test parameter (the tuple ``archs``) marked for every arch it exercises, skipped when one has no spec."""
+    missing = [a for a in archs if a not in spec_names()]
+    marks = [pytest.mark.arch(a) for a in archs]
+    if missing:
+        marks.append(pytest.mark.skip(reason=f"no spec for {', '.join(missing)}"))
+    return pytest.param(archs, marks=marks, id=id or archs[0])
+
+
+def not_installed_reason(spec: moe_unfuse.Spec) -> str:
+    """Why a spec's tests cannot run here: its class is not in the installed transformers (a spec for
+    a newer or an older release; ``target.verified_on`` says which)."""
+    from moe_unfuse import drift
+
+    verified = ", ".join(spec.verified_on.get("transformers", ())) or "none"
+    return f"{spec.class_name} is not in the installed transformers {drift.installed_version()} (verified on: {verified})"
+
+
+def installed_spec(arch: str) -> moe_unfuse.Spec:
+    """The built-in ``arch`` spec; the calling test is skipped (saying why) when its class is not installed."""
+    import moe_unfuse
+
+    spec = moe_unfuse.get_spec(arch)
+    if spec.resolve_class() is None:
+        pytest.skip(not_installed_reason(spec))
+    return spec
+
+
+DECORATOR = "use_experts_implementation"
+
+
+def _decorator_name(node: ast.expr) -> str | None:
+    target = node.func if isinstance(node, ast.Call) else node
+    if isinstance(target, ast.Attribute):
+        return target.attr
+    return target.id if isinstance(target, ast.Name) else None
+
+
+@lru_cache(maxsize=None)
+def decorated_classes() -> tuple[str, ...]:
+    """Import paths of every class the installed transformers decorates with
+    ``use_experts_implementation`` (bare or called with arguments): its modeling sources parsed,
+    nothing imported, so the scan takes about a second instead of importing ~70 modeling files."""
+    import transformers
+
+    found = []
+    for f in sorted((Path(transformers.__file__).parent / "models").glob("*/modeling_*.py")):
+        text = f.read_text(encoding="utf-8")
+        if DECORATOR not in text:
+            continue
+        for node in ast.parse(text).body:
+            if isinstance(node, ast.ClassDef) and any(_decorator_name(d) == DECORATOR for d in node.decorator_list):
+                found.append(f"transformers.models.{f.parent.name}.{f.stem}.{node.name}")
+    return tuple(found)
