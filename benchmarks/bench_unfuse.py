@@ -19,10 +19,10 @@ import time
 
 import torch
 from torch import nn
-
-import moe_unfuse
 from transformers import Gemma4TextConfig
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextExperts
+
+import moe_unfuse
 
 
 def rss_peak_bytes() -> int:
@@ -58,7 +58,9 @@ def bench_unfuse(repeats: int) -> None:
     ms = statistics.median(times) * 1e3
     print(f"[unfuse] layer {layer_bytes / 2**30:.2f} GiB (H 2816, I 704, 128 experts, bf16), {repeats} runs")
     print(f"  unfuse time per layer   median {ms:7.2f} ms   target 30 ms   ratio {ms / 30:.2f}")
-    print(f"  extra peak memory        {extra_peak / 2**20:7.2f} MiB  target {layer_bytes * 0.01 / 2**20:.1f} MiB (1%)   ratio {extra_peak / (layer_bytes * 0.01):.3f}")
+    print(
+        f"  extra peak memory        {extra_peak / 2**20:7.2f} MiB  target {layer_bytes * 0.01 / 2**20:.1f} MiB (1%)   ratio {extra_peak / (layer_bytes * 0.01):.3f}"
+    )
 
 
 class Harness(nn.Module):
@@ -110,7 +112,9 @@ def bench_forward(repeats: int, with_modelopt: bool) -> None:
         for name, module in contenders.items():
             samples[name].append(timed(module, *args))
     base = statistics.median(samples["original eager"])
-    print(f"[forward] H 1024, I 512, 64 experts, top-{top_k}, {tokens} tokens, bf16, {torch.get_num_threads()} threads, {repeats} alternating runs")
+    print(
+        f"[forward] H 1024, I 512, 64 experts, top-{top_k}, {tokens} tokens, bf16, {torch.get_num_threads()} threads, {repeats} alternating runs"
+    )
     for name, values in samples.items():
         med = statistics.median(values)
         print(f"  {name:26} median {med * 1e3:8.1f} ms   ratio {med / base:.3f}   (target <= 1.00)")

@@ -34,6 +34,7 @@ from torch import nn
 
 from .coverage import FusedParam, find_fused_params
 from .errors import MoeUnfuseError, SpecError
+from .plan import build_plan
 from .policy import disable_entries
 from .spec import Spec
 
@@ -50,7 +51,19 @@ CATEGORIES = {
     "vision_audio": "vision/audio",
     "other": "other",
 }
-_MULTIMODAL = ("vision", "visual", "audio", "image", "speech", "video", "multi_modal", "multimodal", "mm_projector", "embed_vision", "embed_audio")
+_MULTIMODAL = (
+    "vision",
+    "visual",
+    "audio",
+    "image",
+    "speech",
+    "video",
+    "multi_modal",
+    "multimodal",
+    "mm_projector",
+    "embed_vision",
+    "embed_audio",
+)
 _DENSE_MLP = ("mlp", "feed_forward", "ffn", "shared_expert", "shared_experts", "shared_mlp", "dense")
 _ROUTER = ("router", "gate", "shared_expert_gate")
 GB = 1e9
@@ -66,9 +79,13 @@ def load_config(path: str | Path) -> Any:
     p = Path(path)
     file = p / "config.json" if p.is_dir() else p
     if p.is_dir() and not file.is_file():
-        raise MoeUnfuseError(f"{p}: no config.json in this folder; fix: pass a local model folder or its config.json (audit never downloads)")
+        raise MoeUnfuseError(
+            f"{p}: no config.json in this folder; fix: pass a local model folder or its config.json (audit never downloads)"
+        )
     if not file.is_file():
-        raise MoeUnfuseError(f"{p}: no such file or folder; fix: pass a local model folder or its config.json (audit never downloads)")
+        raise MoeUnfuseError(
+            f"{p}: no such file or folder; fix: pass a local model folder or its config.json (audit never downloads)"
+        )
     try:
         raw = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
@@ -78,11 +95,15 @@ def load_config(path: str | Path) -> Any:
     from transformers import CONFIG_MAPPING, __version__
 
     if raw["model_type"] not in CONFIG_MAPPING:
-        raise MoeUnfuseError(f"{file}: model_type: {raw['model_type']!r} is unknown to transformers {__version__}; fix: upgrade transformers (remote-code models are not supported)")
+        raise MoeUnfuseError(
+            f"{file}: model_type: {raw['model_type']!r} is unknown to transformers {__version__}; fix: upgrade transformers (remote-code models are not supported)"
+        )
     try:
         return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
     except (TypeError, ValueError, KeyError) as exc:
-        raise MoeUnfuseError(f"{file}: transformers rejects this config ({_first_line(exc)}); fix: check the fields it names") from None
+        raise MoeUnfuseError(
+            f"{file}: transformers rejects this config ({_first_line(exc)}); fix: check the fields it names"
+        ) from None
 
 
 def build_meta_model(config: Any) -> nn.Module:
@@ -90,7 +111,9 @@ def build_meta_model(config: Any) -> nn.Module:
     transformers has it, else the first auto class (causal LM, image-text-to-text, base) that accepts it."""
     import transformers
 
-    candidates: list[Any] = [getattr(transformers, a) for a in (getattr(config, "architectures", None) or []) if hasattr(transformers, a)]
+    candidates: list[Any] = [
+        getattr(transformers, a) for a in (getattr(config, "architectures", None) or []) if hasattr(transformers, a)
+    ]
     candidates += [transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText, transformers.AutoModel]
     errors = []
     for cls in candidates:
@@ -100,8 +123,12 @@ def build_meta_model(config: Any) -> nn.Module:
         except ValueError as exc:  # an auto class that does not map this config
             errors.append(f"{cls.__name__}: {_first_line(exc)}")
         except Exception as exc:  # noqa: BLE001 - construction failures become one line
-            raise MoeUnfuseError(f"building {cls.__name__} on the meta device failed ({type(exc).__name__}: {_first_line(exc)}); fix: check the config against transformers {transformers.__version__}") from None
-    raise MoeUnfuseError(f"no transformers model class accepts {type(config).__name__} ({'; '.join(errors)}); fix: set architectures in config.json")
+            raise MoeUnfuseError(
+                f"building {cls.__name__} on the meta device failed ({type(exc).__name__}: {_first_line(exc)}); fix: check the config against transformers {transformers.__version__}"
+            ) from None
+    raise MoeUnfuseError(
+        f"no transformers model class accepts {type(config).__name__} ({'; '.join(errors)}); fix: set architectures in config.json"
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -117,7 +144,9 @@ def _first_line(exc: BaseException) -> str:
 def recipes_root() -> Path:
     found = importlib.util.find_spec("modelopt_recipes")
     if found is None or not found.submodule_search_locations:
-        raise MoeUnfuseError("modelopt_recipes is not installed; fix: install nvidia-modelopt>=0.47, which ships the quantization presets")
+        raise MoeUnfuseError(
+            "modelopt_recipes is not installed; fix: install nvidia-modelopt>=0.47, which ships the quantization presets"
+        )
     return Path(next(iter(found.submodule_search_locations)))
 
 
@@ -158,7 +187,9 @@ def _resolve(node: Any, imports: dict) -> Any:
 def preset_rules(qformat: str) -> tuple[dict, ...]:
     """The ``quant_cfg`` entries of modelopt preset ``qformat``, imports spliced in, in order."""
     if qformat not in preset_names():
-        raise MoeUnfuseError(f"unknown qformat {qformat!r}; fix: use bf16 or a modelopt preset: {', '.join(preset_names())}")
+        raise MoeUnfuseError(
+            f"unknown qformat {qformat!r}; fix: use bf16 or a modelopt preset: {', '.join(preset_names())}"
+        )
     imports, body = _load_recipe(f"configs/ptq/presets/model/{qformat}")
     return tuple(_resolve(body["quant_cfg"], imports))
 
@@ -178,7 +209,12 @@ class Numerics:
             cfg = cfg[0]
         blocks = cfg.get("block_sizes") or {}
         block = blocks.get(-1) or blocks.get("-1")
-        return Numerics(_bits(cfg.get("num_bits", 8)), int(block) if block else None, _bits(blocks.get("scale_bits", "fp32")) if block else 32, cfg.get("axis") is not None)
+        return Numerics(
+            _bits(cfg.get("num_bits", 8)),
+            int(block) if block else None,
+            _bits(blocks.get("scale_bits", "fp32")) if block else 32,
+            cfg.get("axis") is not None,
+        )
 
     def describe(self) -> str:
         name = {8: "8-bit", 4: "4-bit"}.get(self.bits, f"{self.bits}-bit")
@@ -209,7 +245,9 @@ def _bits(value: Any) -> int:
             return 1 + int(m[1]) + int(m[2])
         if value == "fp32":
             return 32
-        raise MoeUnfuseError(f"modelopt preset: num_bits {value!r} is not understood; fix: audit with bf16, fp8 or nvfp4")
+        raise MoeUnfuseError(
+            f"modelopt preset: num_bits {value!r} is not understood; fix: audit with bf16, fp8 or nvfp4"
+        )
     return int(value)
 
 
@@ -221,7 +259,9 @@ class _Rules:
         self.entries = [(re.compile(fnmatch.translate(e["quantizer_name"])), e) for e in entries]
         # names that differ only in whole numeric components (layers.3 / layers.17) match alike
         # unless a pattern has ? or [...], or a digit run that can touch such a component
-        self.digit_blind = not any(re.search(r"[?\[]|(^|[.*])\d|\d($|[.*])", e["quantizer_name"]) for _, e in self.entries)
+        self.digit_blind = not any(
+            re.search(r"[?\[]|(^|[.*])\d|\d($|[.*])", e["quantizer_name"]) for _, e in self.entries
+        )
 
     def state(self, quantizer: str, classes: set[str]) -> tuple[bool, Any, str]:
         enabled, cfg, reason = True, {"num_bits": 8}, "modelopt default"
@@ -268,8 +308,14 @@ class FormatPlan:
         return sum(g.numel for g in self.quantized)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"qformat": self.qformat, "bytes": round(self.bytes), "gb": round(self.bytes / GB, 3), "quantized_params": self.quantized_numel,
-                "quantized": [vars(g) for g in self.quantized], "excluded": [vars(g) for g in self.excluded]}
+        return {
+            "qformat": self.qformat,
+            "bytes": round(self.bytes),
+            "gb": round(self.bytes / GB, 3),
+            "quantized_params": self.quantized_numel,
+            "quantized": [vars(g) for g in self.quantized],
+            "excluded": [vars(g) for g in self.excluded],
+        }
 
 
 @dataclass
@@ -310,14 +356,28 @@ class AuditReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "source": self.source, "model_class": self.model_class, "model_type": self.model_type, "dtype": self.dtype,
-            "ok": self.ok, "build_seconds": round(self.build_seconds, 2),
-            "fused_expert_params": [{"param": f.path, "shape": list(f.shape), "arch": f.spec.arch if f.spec else None} for f in self.fused],
-            "uncovered": [f.path for f in self.uncovered], "problems": self.problems,
-            "categories": {k: {"tensors": t, "params": n, "bf16_bytes": 2 * n} for k, (t, n) in self.categories.items()},
-            "total_params": self.total, "language_params": self.language,
-            "experts_share": {"all": round(self.share("experts"), 4), "language": round(self.share("experts", "language"), 4)},
-            "tied": self.tied, "qformat": self.qformat,
+            "source": self.source,
+            "model_class": self.model_class,
+            "model_type": self.model_type,
+            "dtype": self.dtype,
+            "ok": self.ok,
+            "build_seconds": round(self.build_seconds, 2),
+            "fused_expert_params": [
+                {"param": f.path, "shape": list(f.shape), "arch": f.spec.arch if f.spec else None} for f in self.fused
+            ],
+            "uncovered": [f.path for f in self.uncovered],
+            "problems": self.problems,
+            "categories": {
+                k: {"tensors": t, "params": n, "bf16_bytes": 2 * n} for k, (t, n) in self.categories.items()
+            },
+            "total_params": self.total,
+            "language_params": self.language,
+            "experts_share": {
+                "all": round(self.share("experts"), 4),
+                "language": round(self.share("experts", "language"), 4),
+            },
+            "tied": self.tied,
+            "qformat": self.qformat,
             "formats": {name: plan.to_dict() for name, plan in self.plans.items()},
         }
 
@@ -338,9 +398,14 @@ class _Target:
     classes: frozenset[str]
 
 
-def audit_model(model: nn.Module, qformat: str = "nvfp4", specs: Iterable[Spec] | None = None, source: str = "", build_seconds: float = 0.0) -> AuditReport:
+def audit_model(
+    model: nn.Module,
+    qformat: str = "nvfp4",
+    specs: Iterable[Spec] | None = None,
+    source: str = "",
+    build_seconds: float = 0.0,
+) -> AuditReport:
     """Audit an already built (typically meta-device) model; see :func:`audit`."""
-    from .unfusing import build_plan
 
     formats = list(dict.fromkeys([*SIZE_FORMATS, qformat]))
     rules = {f: _Rules((*preset_rules(f), *disable_entries())) for f in formats if f != "bf16"}  # quantize's own policy
@@ -361,7 +426,10 @@ def audit_model(model: nn.Module, qformat: str = "nvfp4", specs: Iterable[Spec] 
             continue
         prefix = f"{f.target_path}." if f.target_path else ""
         for e, projections in enumerate(plan.experts):
-            targets += [_Target(f"{prefix}{e}.{proj}", tuple(w.shape), frozenset({"Linear", "Module"})) for proj, (w, _) in projections.items()]
+            targets += [
+                _Target(f"{prefix}{e}.{proj}", tuple(w.shape), frozenset({"Linear", "Module"}))
+                for proj, (w, _) in projections.items()
+            ]
 
     fused_paths = {f.path for f in fused}
     categories = {k: [0, 0] for k in CATEGORIES}
@@ -380,8 +448,15 @@ def audit_model(model: nn.Module, qformat: str = "nvfp4", specs: Iterable[Spec] 
             cat = _category(parts, module, full in fused_paths)
             categories[cat][0] += 1
             categories[cat][1] += p.numel()
-        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and module.weight is not None and id(module.weight) in seen and seen[id(module.weight)] == f"{path}.weight":
-            targets.append(_Target(path, tuple(module.weight.shape), frozenset(c.__name__ for c in type(module).__mro__)))
+        if (
+            isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+            and module.weight is not None
+            and id(module.weight) in seen
+            and seen[id(module.weight)] == f"{path}.weight"
+        ):
+            targets.append(
+                _Target(path, tuple(module.weight.shape), frozenset(c.__name__ for c in type(module).__mro__))
+            )
 
     bf16 = 2.0 * sum(n for _, n in categories.values())
     plans = {"bf16": FormatPlan("bf16", bf16, excluded=_groups((t.name, math.prod(t.shape), "bf16") for t in targets))}
@@ -393,9 +468,17 @@ def audit_model(model: nn.Module, qformat: str = "nvfp4", specs: Iterable[Spec] 
         plan.excluded += _groups(stay_fused)
     dtype = getattr(getattr(model, "config", None), "dtype", None)
     return AuditReport(
-        source=source or type(model).__name__, model_class=type(model).__name__,
-        model_type=getattr(getattr(model, "config", None), "model_type", "") or "", dtype=str(dtype).replace("torch.", "") if dtype else "unset",
-        build_seconds=build_seconds, fused=fused, problems=problems, categories=categories, tied=tied, plans=plans, qformat=qformat,
+        source=source or type(model).__name__,
+        model_class=type(model).__name__,
+        model_type=getattr(getattr(model, "config", None), "model_type", "") or "",
+        dtype=str(dtype).replace("torch.", "") if dtype else "unset",
+        build_seconds=build_seconds,
+        fused=fused,
+        problems=problems,
+        categories=categories,
+        tied=tied,
+        plans=plans,
+        qformat=qformat,
     )
 
 
@@ -413,7 +496,9 @@ def _plan(fmt: str, rules: _Rules, targets: list[_Target], bf16: float) -> Forma
         w_on, w_cfg, reason, i_on = decided[key]
         numel = math.prod(t.shape)
         if not w_on:
-            excluded.append((t.name, numel, f"excluded by {reason!r}" if reason != "*" else "not selected by the preset"))
+            excluded.append(
+                (t.name, numel, f"excluded by {reason!r}" if reason != "*" else "not selected by the preset")
+            )
             continue
         numerics = Numerics.from_cfg(w_cfg)
         total += numerics.weight_bytes(t.shape) + (4 if i_on else 0) - 2 * numel
@@ -470,7 +555,10 @@ def _b(n: float) -> str:
 
 
 def _render(r: AuditReport) -> list[str]:
-    lines = [f"audit {r.source}: {r.model_class} (model_type {r.model_type}, dtype {r.dtype}), built on the meta device in {r.build_seconds:.1f} s", ""]
+    lines = [
+        f"audit {r.source}: {r.model_class} (model_type {r.model_type}, dtype {r.dtype}), built on the meta device in {r.build_seconds:.1f} s",
+        "",
+    ]
     if r.fused:
         state = "all covered" if not r.uncovered else f"{len(r.uncovered)} NOT covered"
         lines.append(f"fused expert parameters: {len(r.fused)}, {state}")
@@ -493,12 +581,20 @@ def _render(r: AuditReport) -> list[str]:
         t, n = r.categories[key]
         if t:
             lines.append(f"  {label:14} {t:>8} {_b(n):>12} {n / r.total:>7.1%} {2 * n / unit:>9.2f}")
-    lines.append(f"  {'total':14} {sum(t for t, _ in r.categories.values()):>8} {_b(r.total):>12} {'':>7} {2 * r.total / unit:>9.2f}")
-    lines.append(f"  experts: {r.share('experts'):.1%} of all parameters, {r.share('experts', 'language'):.1%} of the language model (all but vision/audio)")
+    lines.append(
+        f"  {'total':14} {sum(t for t, _ in r.categories.values()):>8} {_b(r.total):>12} {'':>7} {2 * r.total / unit:>9.2f}"
+    )
+    lines.append(
+        f"  experts: {r.share('experts'):.1%} of all parameters, {r.share('experts', 'language'):.1%} of the language model (all but vision/audio)"
+    )
     for t in r.tied:
         lines.append(f"  tied: {t}")
     plan = r.plans[r.qformat]
-    how = "nothing quantized" if r.qformat == "bf16" else f"modelopt preset, after unfusing: quantizes {_b(plan.quantized_numel)} parameters"
+    how = (
+        "nothing quantized"
+        if r.qformat == "bf16"
+        else f"modelopt preset, after unfusing: quantizes {_b(plan.quantized_numel)} parameters"
+    )
     lines += ["", f"qformat {r.qformat} ({how})"]
     for g in plan.quantized:
         lines.append(f"  + {g.pattern:62} x{g.count:<6} {_b(g.numel):>10}  {g.detail}")
@@ -509,11 +605,15 @@ def _render(r: AuditReport) -> list[str]:
     lines += ["", "estimated checkpoint size (unquantized tensors bf16; scales included)"]
     lines.append(f"  {'format':20} {'GB' if big else 'MB':>8} {'GiB' if big else 'MiB':>8} {'vs bf16':>8}")
     for name, p in r.plans.items():
-        lines.append(f"  {name:20} {p.bytes / unit:>8.2f} {p.bytes / binary:>8.2f} {p.bytes / r.plans['bf16'].bytes:>8.2f}")
+        lines.append(
+            f"  {name:20} {p.bytes / unit:>8.2f} {p.bytes / binary:>8.2f} {p.bytes / r.plans['bf16'].bytes:>8.2f}"
+        )
     lines.append("")
     if r.uncovered:
-        lines.append(f"FAIL: {len(r.uncovered)} fused expert parameter(s) no spec covers; a quantizer would skip them silently: {', '.join(f.path for f in r.uncovered[:4])}{' ...' if len(r.uncovered) > 4 else ''}")
-        lines.append("      fix: add a spec (moe-unfuse infer CLASS drafts one), then moe-unfuse check SPEC.yaml")
+        lines.append(
+            f"FAIL: {len(r.uncovered)} fused expert parameter(s) no spec covers; a quantizer would skip them silently: {', '.join(f.path for f in r.uncovered[:4])}{' ...' if len(r.uncovered) > 4 else ''}"
+        )
+        lines.append("      fix: add a spec (moe-unfuse draft CLASS drafts one), then moe-unfuse check SPEC.yaml")
     elif r.problems:
         lines.append("FAIL: a spec matches but does not fit its module (see above)")
     else:

@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from .errors import MoeUnfuseError
-
+from .experts import UnfusedExpertsMixin, unfuse_state
 from .options import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SIZE, DEFAULT_CHUNK_TOKENS, DEFAULT_SEQ_LEN, INPUT_SCALE_POLICIES
-
+from .tiny import CALIBRATION_TEXT
 
 # ----------------------------------------------------------------------------------------------
 # data
@@ -44,12 +44,12 @@ def read_calibration_texts(path: Path | str | None) -> list[str]:
     """Texts to calibrate on: the built-in text, or ``path`` (``.jsonl`` with a ``text`` field per
     line, ``.json`` list of strings or of objects with ``text``, else plain text split at blank lines)."""
     if path is None:
-        from .tiny import CALIBRATION_TEXT
-
         return [p for p in CALIBRATION_TEXT.split("\n\n") if p.strip()]
     path = Path(path)
     if not path.is_file():
-        raise MoeUnfuseError(f"--calib-file {path}: no such file; fix: pass a .txt, .json or .jsonl file of calibration text")
+        raise MoeUnfuseError(
+            f"--calib-file {path}: no such file; fix: pass a .txt, .json or .jsonl file of calibration text"
+        )
     raw = path.read_text(encoding="utf-8", errors="replace")
     try:
         if path.suffix == ".jsonl":
@@ -61,7 +61,9 @@ def read_calibration_texts(path: Path | str | None) -> list[str]:
         else:
             items = raw.split("\n\n")
     except ValueError as exc:
-        raise MoeUnfuseError(f"--calib-file {path}: not valid {path.suffix[1:]} ({exc}); fix: one JSON object with a \"text\" field per line") from None
+        raise MoeUnfuseError(
+            f'--calib-file {path}: not valid {path.suffix[1:]} ({exc}); fix: one JSON object with a "text" field per line'
+        ) from None
     texts = [(it.get("text", "") if isinstance(it, dict) else str(it)) for it in items]
     texts = [t for t in texts if t.strip()]
     if not texts:
@@ -69,12 +71,20 @@ def read_calibration_texts(path: Path | str | None) -> list[str]:
     return texts
 
 
-def calibration_batches(tokenizer: Any, texts: Sequence[str], calib_size: int = DEFAULT_CALIB_SIZE, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = DEFAULT_BATCH_SIZE) -> list[dict[str, torch.Tensor]]:
+def calibration_batches(
+    tokenizer: Any,
+    texts: Sequence[str],
+    calib_size: int = DEFAULT_CALIB_SIZE,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> list[dict[str, torch.Tensor]]:
     """Pack the texts into one token stream (EOS between texts) and cut ``calib_size`` samples of
     ``seq_len`` tokens, batched ``batch_size`` at a time: no padding, every token counts.
     Fewer samples come back when the text runs out (a shorter last sample only when it is the only one)."""
     if calib_size < 1 or seq_len < 1 or batch_size < 1:
-        raise MoeUnfuseError(f"calibration sizes must be >= 1 (calib_size={calib_size}, seq_len={seq_len}, batch_size={batch_size}); fix: pass positive values")
+        raise MoeUnfuseError(
+            f"calibration sizes must be >= 1 (calib_size={calib_size}, seq_len={seq_len}, batch_size={batch_size}); fix: pass positive values"
+        )
     eos = getattr(tokenizer, "eos_token_id", None)
     bos = getattr(tokenizer, "bos_token_id", None)
     stream: list[int] = []
@@ -113,7 +123,9 @@ def input_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def run_batches(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], desc: str = "calibrating", progress: bool = True) -> None:
+def run_batches(
+    model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], desc: str = "calibrating", progress: bool = True
+) -> None:
     """Forward every batch, outputs discarded (``use_cache=False``: nothing is kept between batches)."""
     from tqdm.auto import tqdm
 
@@ -129,13 +141,12 @@ def run_batches(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], de
 
 def unfused_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(path, module) for every unfused experts module (plain ``unfuse`` or modelopt-converted)."""
-    from .experts import UnfusedExpertsMixin
 
     return [(name, m) for name, m in model.named_modules() if isinstance(m, UnfusedExpertsMixin)]
 
 
 def _hidden_states(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
-    return module._moe_unfuse.bind(args, kwargs).get("hidden_states")
+    return unfuse_state(module).bind(args, kwargs).get("hidden_states")
 
 
 @dataclass
@@ -157,7 +168,12 @@ class RoutingStats:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"counts": self.counts, "forced": self.forced, "uncovered": self.uncovered(), "uncovered_before_forcing": self.uncovered(False)}
+        return {
+            "counts": self.counts,
+            "forced": self.forced,
+            "uncovered": self.uncovered(),
+            "uncovered_before_forcing": self.uncovered(False),
+        }
 
 
 def _input_linear(expert: nn.Module) -> nn.Module:
@@ -206,7 +222,9 @@ class TokenCounter:
 
 
 @contextmanager
-def forced_routing(model: nn.Module, targets: dict[str, list[int]], stats: RoutingStats, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Iterator[None]:
+def forced_routing(
+    model: nn.Module, targets: dict[str, list[int]], stats: RoutingStats, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> Iterator[None]:
     """While active, each experts module in ``targets`` also runs the listed experts on all of its
     input tokens after its normal forward (outputs discarded). See the module docstring."""
     if chunk_tokens < 1:
@@ -278,7 +296,13 @@ class ScaleFallback:
 
 
 def _valid(amax: torch.Tensor | None) -> bool:
-    return amax is not None and not amax.is_meta and amax.numel() > 0 and bool(torch.isfinite(amax).all()) and bool((amax > 0).all())
+    return (
+        amax is not None
+        and not amax.is_meta
+        and amax.numel() > 0
+        and bool(torch.isfinite(amax).all())
+        and bool((amax > 0).all())
+    )
 
 
 def input_groups(projections: Iterable[str]) -> list[tuple[str, ...]]:
@@ -306,12 +330,14 @@ def finalize_input_scales(model: nn.Module, policy: str = "shared") -> list[Scal
     """Apply the input-scale ``policy`` to every unfused experts module and fill experts without data
     (see the module docstring). Returns the fallbacks used; raises when no expert of the model has any."""
     if policy not in INPUT_SCALE_POLICIES:
-        raise MoeUnfuseError(f"unknown input-scale policy {policy!r}; fix: use one of {', '.join(INPUT_SCALE_POLICIES)}")
+        raise MoeUnfuseError(
+            f"unknown input-scale policy {policy!r}; fix: use one of {', '.join(INPUT_SCALE_POLICIES)}"
+        )
     fallbacks: list[ScaleFallback] = []
     pending: list[tuple[str, int, tuple[str, ...], list[Any]]] = []
     model_max: dict[tuple[str, ...], torch.Tensor] = {}
     for path, module in unfused_experts(model):
-        for group in input_groups(module._moe_unfuse.spec.projection_names()):
+        for group in input_groups(unfuse_state(module).spec.projection_names()):
             per_expert: list[tuple[int, list[Any], torch.Tensor | None]] = []
             for e, expert in enumerate(module):
                 qs = _input_quantizers(expert, group)
@@ -350,11 +376,18 @@ def _weight_amax_groups(module: nn.Module) -> list[list[nn.Module]]:
     """Linears that must share one weight amax: gate and up of each expert (engines fuse them into
     one w13 with one global scale); every projection of a fused tensor when the spec exports the
     fused layout (one scale per fused tensor, as modelopt's own fused-experts export writes)."""
-    spec = module._moe_unfuse.spec
+    spec = unfuse_state(module).spec
     experts = list(module)
     if spec.export_layout == "fused":
-        return [[getattr(e, proj) for e in experts for proj in p.into if getattr(e, proj, None) is not None] for p in spec.params]
-    return [[e.gate_proj, e.up_proj] for e in experts if getattr(e, "gate_proj", None) is not None and getattr(e, "up_proj", None) is not None]
+        return [
+            [getattr(e, proj) for e in experts for proj in p.into if getattr(e, proj, None) is not None]
+            for p in spec.params
+        ]
+    return [
+        [e.gate_proj, e.up_proj]
+        for e in experts
+        if getattr(e, "gate_proj", None) is not None and getattr(e, "up_proj", None) is not None
+    ]
 
 
 def share_gate_up_weight_amax(model: nn.Module) -> int:

@@ -13,19 +13,48 @@ import sys
 
 from .errors import MoeUnfuseError
 
-COMMANDS = ("quantize", "verify", "list", "show", "check", "audit", "infer", "coverage")
+COMMANDS = ("quantize", "verify", "list", "show", "check", "audit", "draft", "coverage")
+#: Old command names kept for one release: alias -> command.
+ALIASES = {"draft": ["infer"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-unfuse", description="Quantize fused Mixture-of-Experts models by unfusing their experts, from declarative specs.")
+    parser = argparse.ArgumentParser(
+        prog="moe-unfuse",
+        description="Quantize fused Mixture-of-Experts models by unfusing their experts, from declarative specs.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        module = importlib.import_module(f"moe_unfuse.commands.{name}")
-        doc = (module.__doc__ or "").strip()
-        p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+    commands = {name: importlib.import_module(f"moe_unfuse.commands.{name}") for name in COMMANDS}
+    for name, command in plugin_commands().items():
+        if name in commands or any(name in a for a in ALIASES.values()):
+            raise MoeUnfuseError(
+                f"a plugin registers the command {name!r}, which moe-unfuse has; fix: rename the plugin's command"
+            )
+        commands[name] = command
+    for name, command in commands.items():
+        doc = (command.__doc__ or "").strip()
+        p = sub.add_parser(
+            name,
+            aliases=ALIASES.get(name, []),
+            help=doc.splitlines()[0] if doc else None,
+            description=doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.add_arguments(p)
+        p.set_defaults(_run=command.run, command=name)
     return parser
+
+
+def plugin_commands() -> dict[str, object]:
+    """Commands plugins contribute (``register_commands``). Looked up only when a plugin could add
+    one (an entry point is installed, or the plugins are already loaded), so ``--help`` stays light."""
+    from importlib.metadata import entry_points
+
+    from . import plugins
+
+    if not plugins.loaded() and not entry_points(group=plugins.ENTRY_POINT_GROUP):
+        return {}
+    return dict(plugins.registry().commands)
 
 
 #: Exit status after Ctrl-C, as a shell reports a process killed by SIGINT (128 + 2).

@@ -23,9 +23,20 @@ from typing import Iterable, Iterator
 
 from torch import nn
 
+from . import catalog
+from .errors import UncoveredExpertsError
+from .experts import UnfusedExpertsMixin, unfuse_state
 from .spec import Spec
 
-EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "n_shared_experts", "num_routed_experts", "total_experts")
+EXPERT_COUNT_ATTRS = (
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "moe_num_experts",
+    "n_shared_experts",
+    "num_routed_experts",
+    "total_experts",
+)
 
 
 def expert_count(module: nn.Module) -> int | None:
@@ -77,7 +88,9 @@ def _is_fused(module: nn.Module, ndim: int, shape: tuple[int, ...]) -> bool:
     if ndim >= 3:
         return True
     n = expert_count(module)
-    return ndim == 2 and bool(n) and "expert" in type(module).__name__.lower() and shape[0] % n == 0 and shape[0] // n > 1
+    return (
+        ndim == 2 and bool(n) and "expert" in type(module).__name__.lower() and shape[0] % n == 0 and shape[0] // n > 1
+    )
 
 
 class _SpecMatcher:
@@ -85,9 +98,7 @@ class _SpecMatcher:
 
     def __init__(self, specs: Iterable[Spec] | None):
         if specs is None:
-            from .plugins import registry
-
-            specs = registry().specs().values()
+            specs = catalog.specs().values()
         self.specs = list(specs)
         self._cache: dict[type, Spec | None] = {}
 
@@ -103,7 +114,9 @@ def find_fused_params(model: nn.Module, specs: Iterable[Spec] | None = None) -> 
     every known spec) that matches its experts module and declares it, or None."""
     match = _SpecMatcher(specs)
     modules = list(model.named_modules())
-    declared: dict[tuple[int, str], tuple[Spec, str, nn.Module]] = {}  # (id(owner), leaf) -> (spec, target path, target)
+    declared: dict[
+        tuple[int, str], tuple[Spec, str, nn.Module]
+    ] = {}  # (id(owner), leaf) -> (spec, target path, target)
     for path, module in modules:
         spec = match(module)
         if spec is None:
@@ -140,3 +153,37 @@ def uncovered_expert_params(model: nn.Module, specs: Iterable[Spec] | None = Non
     """(parameter path, owning module) for every fused expert parameter none of ``specs`` (default:
     every known spec) would unfuse: its module matches no spec, or the matching spec omits it."""
     return [(f.path, f.module) for f in find_fused_params(model, specs) if f.spec is None]
+
+
+@dataclass
+class Coverage:
+    """Which fused expert modules a set of specs covers, and which fused expert parameters none does."""
+
+    covered: list[tuple[str, str, int]] = field(default_factory=list)  # (path, arch, num_experts)
+    uncovered: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.uncovered
+
+
+def check_coverage(model: nn.Module, specs: Iterable[Spec] | None = None, allow_uncovered: bool = False) -> Coverage:
+    """Every fused expert parameter in ``model`` (as :func:`moe_unfuse.coverage.find_fused_params`
+    detects them) must be declared by one of ``specs`` (default: every known spec); else
+    :class:`UncoveredExpertsError` names them, unless ``allow_uncovered``. Already-unfused modules count as covered."""
+
+    specs = catalog.select_specs(model) if specs is None else list(specs)
+    cov = Coverage()
+    for path, module in model.named_modules():
+        if isinstance(module, UnfusedExpertsMixin):
+            cov.covered.append((path, unfuse_state(module).spec.arch, len(module)))
+    seen: set[str] = set()
+    for f in find_fused_params(model, specs):
+        if f.spec is None:
+            cov.uncovered.append(f.path)
+        elif f.target_path not in seen:  # the module the spec matches (DBRX: experts, not experts.mlp)
+            seen.add(f.target_path)
+            cov.covered.append((f.target_path, f.spec.arch, expert_count(f.target) or 0))
+    if cov.uncovered and not allow_uncovered:
+        raise UncoveredExpertsError(cov.uncovered)
+    return cov

@@ -12,7 +12,7 @@ draft) is unproven rather than drifted: its faults are the plain one-line SpecEr
 
 :func:`status` names where a spec stands on the installed transformers (``moe-unfuse list``):
 verified, fits (not verified on it, but the drift check passes), drifted, unproven, or missing
-(its class is not in the installed transformers). :func:`installed_version` and
+(its class is not in the installed transformers). :func:`moe_unfuse.versions.installed_version` and
 :func:`class_present` answer without importing transformers when they can, so listing specs stays
 fast.
 """
@@ -30,14 +30,14 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
+from . import versions
 from .errors import SpecError
+from .spec import Spec, golden_config
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from .spec import Spec
 
 
 class DriftError(SpecError):
@@ -52,55 +52,26 @@ class Problem:
     problem: str
 
 
-def installed_version() -> str:
-    """The installed transformers version (monkeypatched by the tests that simulate a version).
-
-    Read from the package metadata unless transformers is already imported: importing it only to
-    read its version would cost ``moe-unfuse list`` most of a second.
-    """
-    module = sys.modules.get("transformers")
-    if module is not None:
-        return module.__version__
-    try:
-        return importlib.metadata.version("transformers")
-    except importlib.metadata.PackageNotFoundError:
-        import transformers
-
-        return transformers.__version__
-
-
-def verified_versions(raw_or_spec: Any) -> tuple[str, ...]:
-    """``target.verified_on.transformers`` of a spec or of a raw spec mapping."""
-    if isinstance(raw_or_spec, dict):
-        return tuple(raw_or_spec.get("target", {}).get("verified_on", {}).get("transformers", ()))
-    return tuple(raw_or_spec.verified_on.get("transformers", ()))
-
-
-def is_verified(raw_or_spec: Any) -> bool:
-    return installed_version() in verified_versions(raw_or_spec)
-
-
-def is_drifted(raw_or_spec: Any) -> bool:
-    """Verified on some transformers, but not on the installed one (a spec with no verified_on is
-    unproven rather than drifted: its faults are plain spec errors)."""
-    versions = verified_versions(raw_or_spec)
-    return bool(versions) and installed_version() not in versions
-
-
 def _context(spec: Spec, problem: Problem) -> str:
     # The spec is what does not fit: the class is simply what the installed transformers has (or
     # lacks: a spec for a newer release, on an older one).
-    verified = ", ".join(verified_versions(spec))
-    what = f"has no {spec.class_name}" if problem.field == "target.class" else f"the spec does not fit its {spec.class_name}"
-    return f"transformers {installed_version()} is not in target.verified_on ({verified}) and {what}"
+    verified = ", ".join(versions.verified_versions(spec))
+    what = (
+        f"has no {spec.class_name}"
+        if problem.field == "target.class"
+        else f"the spec does not fit its {spec.class_name}"
+    )
+    return f"transformers {versions.installed_version()} is not in target.verified_on ({verified}) and {what}"
 
 
 def _fix(spec: Spec, problem: Problem) -> str:
-    verified = verified_versions(spec)
+    verified = versions.verified_versions(spec)
     pin = f"install transformers=={verified[-1]}" if verified else ""
     if problem.field == "target.class" and pin:
         return f"{pin}, which has the class, or point target.class at the installed class and prove it with `moe-unfuse check {spec.source}`"
-    return f"update the spec to the installed class and prove it with `moe-unfuse check {spec.source}`" + (f", or {pin}" if pin else "")
+    return f"update the spec to the installed class and prove it with `moe-unfuse check {spec.source}`" + (
+        f", or {pin}" if pin else ""
+    )
 
 
 def _error(spec: Spec, problem: Problem) -> DriftError:
@@ -139,18 +110,19 @@ def _meta_module(spec: Spec, cls: type) -> tuple[nn.Module | None, Problem | Non
     """The experts module built on the meta device from the golden config (no memory, no init)."""
     import torch
 
-    from .golden import build_config
-
     golden = spec.golden or {}
     try:
-        config = build_config(spec)
+        config = golden_config(spec)
         arg = getattr(config, golden["config_attr"]) if golden.get("config_attr") else config
         args = (arg,) if golden.get("config_arg", True) else ()
         with torch.device("meta"):
             return cls(*args, **golden.get("module_kwargs", {})), None
     except Exception as exc:  # noqa: BLE001 - any failure here is what changed; report it on one line
         first = str(exc).splitlines()[0] if str(exc) else ""
-        return None, Problem("golden.config_kwargs", f"{spec.class_name} no longer builds from the golden config ({exc.__class__.__name__}: {first})")
+        return None, Problem(
+            "golden.config_kwargs",
+            f"{spec.class_name} no longer builds from the golden config ({exc.__class__.__name__}: {first})",
+        )
 
 
 def problems(spec: Spec, module: nn.Module | None = None) -> list[Problem]:
@@ -159,7 +131,7 @@ def problems(spec: Spec, module: nn.Module | None = None) -> list[Problem]:
     ``module``: an instance to check the parameters of; default a meta-device build from the
     spec's golden config (parameters are created in ``__init__``, so the class alone cannot tell).
     """
-    from .unfusing import build_plan
+    from .plan import build_plan  # torch: imported on use, so `list` and `show` stay light
 
     cls, missing = _resolve(spec)
     if missing:
@@ -189,7 +161,11 @@ _CHECKED: dict[tuple[str, str, str], tuple[Problem, ...]] = {}  # (source, versi
 def _cached_problems(spec: Spec) -> tuple[Problem, ...]:
     # Keyed by content, not just the source: two specs from one file (edited in between, or
     # variants built in memory) are different specs.
-    key = (spec.source, installed_version(), json.dumps(dict(spec.raw), sort_keys=True, default=str) if spec.raw else repr(spec))
+    key = (
+        spec.source,
+        versions.installed_version(),
+        json.dumps(dict(spec.raw), sort_keys=True, default=str) if spec.raw else repr(spec),
+    )
     if key not in _CHECKED:
         _CHECKED[key] = tuple(problems(spec))
     return _CHECKED[key]
@@ -199,7 +175,7 @@ def check(spec: Spec) -> None:
     """Raise :class:`DriftError` when ``spec`` is drifted (verified on other transformers versions
     than the installed one) and no longer fits the installed class; a no-op otherwise. Cached per
     spec and version."""
-    if not is_drifted(spec):
+    if not versions.is_drifted(spec):
         return
     found = _cached_problems(spec)
     if found:
@@ -218,9 +194,9 @@ def status(spec: Spec, present: bool | None = None) -> str:
         present = class_present(spec.target_class)
     if not present:
         return MISSING
-    if is_verified(spec):
+    if versions.is_verified(spec):
         return VERIFIED
-    if not verified_versions(spec):
+    if not versions.verified_versions(spec):
         return UNPROVEN
     return DRIFTED if _cached_problems(spec) else FITS
 
@@ -257,7 +233,11 @@ def _module_source(module: str) -> Path | bool | None:
             module_file = next((Path(d) / f"{part}.py" for d in locations if (Path(d) / f"{part}.py").is_file()), None)
             if last and module_file is not None:
                 return module_file
-            other = any((Path(d) / part).is_dir() or any((Path(d) / f"{part}{s}").exists() for s in importlib.machinery.EXTENSION_SUFFIXES) for d in locations)
+            other = any(
+                (Path(d) / part).is_dir()
+                or any((Path(d) / f"{part}{s}").exists() for s in importlib.machinery.EXTENSION_SUFFIXES)
+                for d in locations
+            )
             return None if other else False
         if last:
             return package / "__init__.py"
@@ -294,7 +274,7 @@ def class_present(target_class: str) -> bool:
 def explained(spec: Spec, module: nn.Module) -> Iterator[None]:
     """Around planning one module: on a drifted spec, a changed forward or a :class:`SpecError`
     from the module's parameters is reported as drift (what changed, and how to fix it)."""
-    if not is_drifted(spec):
+    if not versions.is_drifted(spec):
         yield
         return
     fwd = forward_problem(spec, type(module))

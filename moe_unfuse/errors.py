@@ -36,5 +36,11 @@ class UncoveredExpertsError(MoeUnfuseError, RuntimeError):
         self.uncovered = uncovered
         super().__init__(
             f"fused expert parameters with no spec: {', '.join(uncovered)}; fix: add a spec "
-            "(moe-unfuse infer CLASS drafts one) or pass allow_uncovered=True to skip them knowingly"
+            "(moe-unfuse draft CLASS drafts one) or pass allow_uncovered=True to skip them knowingly"
         )
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message cut to its first line (or its type when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

@@ -8,6 +8,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from .plan import build_gate
+
 
 def _upcast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)`` keeping the stride order of ``t`` even for a strided slice (``.to`` would
@@ -70,7 +72,13 @@ def blank_module(cls: type[nn.Module]) -> nn.Module:
     return obj
 
 
-def linear_over(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool, bias_after: bool = False, compute_dtype: torch.dtype | None = None) -> nn.Linear:
+def linear_over(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    requires_grad: bool,
+    bias_after: bool = False,
+    compute_dtype: torch.dtype | None = None,
+) -> nn.Linear:
     """An ``nn.Linear`` whose parameters are the given tensors (views stay views: no allocation, no copy).
 
     Built without ``nn.Linear.__init__`` so no throwaway weight is allocated and initialised:
@@ -103,7 +111,13 @@ class ExpertMLP(nn.Module):
         self._gate_fn = gate_fn
 
     @classmethod
-    def build(cls, projections: dict[str, nn.Linear], pack: Callable | None, gate_fn: Callable, packed_weight: torch.Tensor | None = None) -> "ExpertMLP":
+    def build(
+        cls,
+        projections: dict[str, nn.Linear],
+        pack: Callable | None,
+        gate_fn: Callable,
+        packed_weight: torch.Tensor | None = None,
+    ) -> "ExpertMLP":
         """Same as the constructor, without ``nn.Module.__init__`` (see :func:`blank_module`).
 
         ``packed_weight``: this expert's ``[gate; up]`` block of the fused tensor (a view), used by
@@ -129,13 +143,22 @@ class ExpertMLP(nn.Module):
         gate, up = self._modules["gate_proj"], self._modules["up_proj"]
         if type(gate) is not nn.Linear or type(up) is not nn.Linear:
             return None
-        if any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in (gate, up)) or _global_hooks():
+        if (
+            any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in (gate, up))
+            or _global_hooks()
+        ):
             return None  # someone observes the linears (calibration hooks, accelerate's patched forward)
         gw, uw = gate.weight, up.weight
         if torch.is_grad_enabled() and (gw.requires_grad or uw.requires_grad):
             return None
         step = gw.shape[0] * w.stride(0) * w.element_size()
-        if gw.data_ptr() != w.data_ptr() or uw.data_ptr() != w.data_ptr() + step or gw.dtype != w.dtype or gw.stride() != w.stride() or uw.stride() != w.stride():
+        if (
+            gw.data_ptr() != w.data_ptr()
+            or uw.data_ptr() != w.data_ptr() + step
+            or gw.dtype != w.dtype
+            or gw.stride() != w.stride()
+            or uw.stride() != w.stride()
+        ):
             return None
         return w
 
@@ -191,7 +214,7 @@ class ExpertProjection(nn.Module):
 
 @dataclass
 class UnfuseState:
-    """What an unfused module remembers: its spec, the fused originals (for refuse), its forward."""
+    """What an unfused module remembers: its spec, the fused originals (for fuse), its forward."""
 
     spec: Any
     original_class: type
@@ -214,6 +237,12 @@ class UnfuseState:
         return bound
 
 
+def unfuse_state(module: nn.Module) -> UnfuseState:
+    """An unfused experts module's :class:`UnfuseState` (spec, expert count, fused originals, the
+    forward kind's prepared options): the public way for forward kinds, backends and tools to read it."""
+    return module.__dict__["_moe_unfuse"]
+
+
 class UnfusedExpertsMixin:
     """Mixed in front of the original experts class: per-expert children ``0..E-1`` and a spec-driven forward.
 
@@ -233,7 +262,6 @@ class UnfusedExpertsMixin:
         return (_rebuild_unfused, (self._moe_unfuse.original_class,), self.__getstate__())
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        from .unfusing import build_gate
 
         super().__setstate__(state)
         gate_fn, _ = build_gate(self, self._moe_unfuse.spec)

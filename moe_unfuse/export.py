@@ -8,7 +8,7 @@ following the naming contract (:mod:`moe_unfuse.naming`):
 - experts whose spec declares ``export.layout: fused`` (GPT-OSS) are re-stacked into the hub's fused
   tensors through the spec's layout reverse, quantized weights and per-block scales alike, with
   modelopt's fused-tensor scale names (``{param}_weight_scale`` ...);
-- ``--refuse-unquantized``: experts left unquantized whose hub checkpoint is fused are written back
+- ``--fuse-unquantized``: experts left unquantized whose hub checkpoint is fused are written back
   in that fused layout (``Layout.refuse``), so ``from_pretrained`` loads them into an identical model;
 - a spec's ``export.renames`` for the target engine (none ship today) apply to keys and exclude lists;
 - modules that must stay unquantized (routers, towers, projectors, lm_head, excluded experts) are
@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
-import fnmatch
+import io
 import json
 import os
 import re
-import io
 import shutil
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field
@@ -40,18 +39,23 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .calibration import unfused_experts
+from .checkpoint import (
+    FUSED_EXPERT_KEY_RE,
+    METADATA_FILE,
+    SCALE_SUFFIXES,
+    STACKED_SCALES,
+    excluded,
+    must_exclude,
+    shard_files,
+)
+from .default_plugins.modelopt_backend import install_export_handlers
 from .errors import MoeUnfuseError
+from .experts import unfuse_state
+from .layout import Narrow
 from .naming import ExpertsNaming, NamingContract, model_contract
-from .policy import KEEP_UNQUANTIZED_RE
 from .spec import Spec
-
-METADATA_FILE = "moe_unfuse.json"
-#: A key under an experts module (``experts``, ``experts.``, ``shared_experts.``, ...): with 3+ dims, a fused expert tensor.
-FUSED_EXPERT_KEY_RE = re.compile(r"(^|\.|_)experts?(\.|$)")
-EXPERT_KEY_RE = re.compile(r"^(?P<prefix>.*?\.?experts)\.(?P<expert>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.(?P<suffix>[A-Za-z0-9_]+)$")
-SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "weight_scale_inv", "pre_quant_scale")
-#: The scales modelopt writes next to a quantized weight, re-stacked with it.
-STACKED_SCALES = ("weight_scale", "weight_scale_2", "input_scale")
+from .verify import verify_checkpoint
 
 
 def engine_renames(specs: Iterable[Spec], engine: str) -> list[tuple[re.Pattern, str]]:
@@ -76,22 +80,15 @@ def rename_module(name: str, renames: Sequence[tuple[re.Pattern, str]]) -> str:
     return rename_key(name + ".", renames)[:-1]
 
 
-def excluded(name: str, patterns: Iterable[str]) -> bool:
-    """Whether module ``name`` is covered by ``exclude_modules``: a glob match, or the name or one of
-    its parents listed exactly (how vLLM and TRT-LLM read the list)."""
-    for p in patterns:
-        if name == p or name.startswith(p + ".") or ("*" in p or "?" in p or "[" in p) and fnmatch.fnmatchcase(name, p):
-            return True
-    return False
-
-
 def prepare_out_dir(out: Path, overwrite: bool, source: Path | None = None) -> None:
     """Refuse to write over a non-empty ``out`` unless ``overwrite``, and ever over (or into) the
     model being quantized."""
     if source is not None:
         src, dst = Path(source).resolve(), Path(out).resolve()
         if dst == src or src in dst.parents or dst in src.parents:
-            raise MoeUnfuseError(f"--out {out} is, contains or lies inside MODEL {source}; fix: write the checkpoint to a folder outside the model")
+            raise MoeUnfuseError(
+                f"--out {out} is, contains or lies inside MODEL {source}; fix: write the checkpoint to a folder outside the model"
+            )
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise MoeUnfuseError(f"--out {out} exists and is not empty; fix: pass --overwrite or another --out")
 
@@ -107,7 +104,9 @@ def out_lock(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise MoeUnfuseError(f"--out {out}: another moe-unfuse run is writing it (lock {lock}); fix: wait for it, or pass another --out") from None
+            raise MoeUnfuseError(
+                f"--out {out}: another moe-unfuse run is writing it (lock {lock}); fix: wait for it, or pass another --out"
+            ) from None
         yield
     finally:
         os.close(fd)
@@ -160,7 +159,7 @@ def _is_quantized(linear: nn.Module) -> bool:
 @dataclass
 class Restack:
     """An experts module written in its hub's fused layout: ``quantized`` ones because the spec's
-    export layout is fused, unquantized ones for ``--refuse-unquantized``."""
+    export layout is fused, unquantized ones for ``--fuse-unquantized``."""
 
     naming: ExpertsNaming
     spec: Spec
@@ -170,22 +169,22 @@ class Restack:
     rests: dict[str, torch.Tensor] = field(default_factory=dict)  # rows a Narrow layout set aside
 
 
-def plan_restacks(model: nn.Module, contract: NamingContract, refuse_unquantized: bool) -> tuple[list[Restack], list[str]]:
+def plan_restacks(
+    model: nn.Module, contract: NamingContract, fuse_unquantized: bool
+) -> tuple[list[Restack], list[str]]:
     """(restacks, skipped): experts modules to write fused, and why others that asked could not be."""
-    from .calibration import unfused_experts
-    from .layout import Narrow
 
     by_module = {e.module: e for e in contract.experts.values()}
     targets, skipped = [], []
     for path, module in unfused_experts(model):
-        st = module._moe_unfuse
+        st = unfuse_state(module)
         naming = by_module.get(path)
         has_rest = any(isinstance(op, Narrow) for p in st.spec.params for op in p.layout(st.num_experts).prepare)
         if naming is None or not naming.hub_fused and not has_rest:
             continue  # stored per expert in the hub: the per-expert keys are its names
         linears = [getattr(expert, proj, None) for expert in module for proj in st.spec.projection_names()]
         if any(lin is None for lin in linears):
-            if naming.layout == "fused" or refuse_unquantized:
+            if naming.layout == "fused" or fuse_unquantized:
                 skipped.append(f"{path} (not a gate/up/down expert)")
             continue
         quantized = [_is_quantized(lin) for lin in linears]
@@ -194,7 +193,7 @@ def plan_restacks(model: nn.Module, contract: NamingContract, refuse_unquantized
             continue
         if all(quantized) and naming.layout != "fused":
             continue
-        if not all(quantized) and not (refuse_unquantized or naming.layout == "fused" or not naming.hub_fused):
+        if not all(quantized) and not (fuse_unquantized or naming.layout == "fused" or not naming.hub_fused):
             continue  # (unquantized per-expert hub names with rows set aside: written with those rows, so it reloads)
         target = Restack(naming, st.spec, all(quantized), contract.to_hub, contract.hub_key)
         ok = True
@@ -211,7 +210,9 @@ def plan_restacks(model: nn.Module, contract: NamingContract, refuse_unquantized
         if ok:
             targets.append(target)
         elif naming.layout == "fused":
-            raise MoeUnfuseError(f"{st.spec.source}: export.layout: fused, but {path}'s layout has no single-tensor reverse; fix: use export.layout: per_expert")
+            raise MoeUnfuseError(
+                f"{st.spec.source}: export.layout: fused, but {path}'s layout has no single-tensor reverse; fix: use export.layout: per_expert"
+            )
         else:
             skipped.append(f"{path} (layout has no single-tensor reverse)")
     return targets, skipped
@@ -219,18 +220,6 @@ def plan_restacks(model: nn.Module, contract: NamingContract, refuse_unquantized
 
 # ----------------------------------------------------------------------------------------------
 # post-processing the written checkpoint
-
-
-def shard_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The safetensors files of a checkpoint folder and, for a sharded one, its index weight_map."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return sorted({path / f for f in weight_map.values()}), weight_map
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise MoeUnfuseError(f"{path}: no *.safetensors files; fix: point at a checkpoint folder written by save_pretrained/export")
-    return files, None
 
 
 def _stack_scalars(values: list[list[torch.Tensor]], name: str) -> torch.Tensor:
@@ -242,10 +231,14 @@ def _stack_scalars(values: list[list[torch.Tensor]], name: str) -> torch.Tensor:
     per_expert = values[0]
     if all(torch.equal(a.reshape(()), b.reshape(())) for row in values[1:] for a, b in zip(per_expert, row)):
         return torch.stack([v.reshape(()) for v in per_expert])
-    raise MoeUnfuseError(f"{name}: the projections stacked into one fused tensor have different scales; fix: quantize with moe_unfuse.quantize_model, which shares them")
+    raise MoeUnfuseError(
+        f"{name}: the projections stacked into one fused tensor have different scales; fix: quantize with moe_unfuse.quantize_model, which shares them"
+    )
 
 
-def _restack_tensors(target: Restack, get: Callable[[str], torch.Tensor], has: Callable[[str], bool]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _restack_tensors(
+    target: Restack, get: Callable[[str], torch.Tensor], has: Callable[[str], bool]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The fused tensors of ``target`` from its exported per-expert tensors; and the keys used."""
     naming, n = target.naming, target.naming.num_experts
     fused: dict[str, torch.Tensor] = {}
@@ -261,7 +254,9 @@ def _restack_tensors(target: Restack, get: Callable[[str], torch.Tensor], has: C
         where the hub stores it per expert); a quantized one must keep its fused name."""
         converted = target.to_hub({f"{naming.module}.{leaf}": tensor})
         if target.quantized and list(converted) != [f"{naming.hub}.{leaf}"]:
-            raise MoeUnfuseError(f"{target.spec.source}: export.layout: fused, but the hub stores {naming.module}.{leaf} as {', '.join(converted)}; fix: use export.layout: per_expert")
+            raise MoeUnfuseError(
+                f"{target.spec.source}: export.layout: fused, but the hub stores {naming.module}.{leaf} as {', '.join(converted)}; fix: use export.layout: per_expert"
+            )
         return converted
 
     for p in target.spec.params:
@@ -279,7 +274,9 @@ def _restack_tensors(target: Restack, get: Callable[[str], torch.Tensor], has: C
                 continue
             name = f"{next(iter(weights))}_{scale}"
             if not all(present):
-                raise MoeUnfuseError(f"{name}: some experts have no {scale}; fix: calibrate every expert (--force-routing)")
+                raise MoeUnfuseError(
+                    f"{name}: some experts have no {scale}; fix: calibrate every expert (--force-routing)"
+                )
             values = [[get(k) for k in row] for row in skeys]
             fused[name] = layout.refuse(values) if values[0][0].dim() >= 2 else _stack_scalars(values, name)
             used.extend(k for row in skeys for k in row)
@@ -301,8 +298,8 @@ class ExportResult:
     bytes_after: int
     renamed: int
     renames: list[str]
-    refused: list[str]
-    refuse_skipped: list[str]
+    fused_back: list[str]
+    fuse_skipped: list[str]
     exclusions_added: list[str]
     fused: list[str] = field(default_factory=list)  # quantized experts written in the hub's fused layout
 
@@ -317,12 +314,14 @@ class ExportResult:
             parts.append(f"{self.renamed} keys renamed for {self.engine} ({'; '.join(self.renames)})")
         if self.fused:
             parts.append(f"{len(self.fused)} quantized experts module(s) in the hub's fused layout")
-        if self.refused:
-            parts.append(f"{len(self.refused)} unquantized experts module(s) re-fused")
-        if self.refuse_skipped:
-            parts.append(f"not re-fused: {', '.join(self.refuse_skipped)}")
+        if self.fused_back:
+            parts.append(f"{len(self.fused_back)} unquantized experts module(s) fused back")
+        if self.fuse_skipped:
+            parts.append(f"not fused back: {', '.join(self.fuse_skipped)}")
         if self.exclusions_added:
-            shown = ", ".join(self.exclusions_added[:6]) + (f" (+{len(self.exclusions_added) - 6} more)" if len(self.exclusions_added) > 6 else "")
+            shown = ", ".join(self.exclusions_added[:6]) + (
+                f" (+{len(self.exclusions_added) - 6} more)" if len(self.exclusions_added) > 6 else ""
+            )
             parts.append(f"added to exclude_modules: {shown}")
         return "; ".join(parts)
 
@@ -354,7 +353,7 @@ def postprocess_checkpoint(
     """Name every key as the hub does (``contract.hub_key``: where modelopt's reverse conversion fell
     back to in-memory names), re-stack ``targets``, apply ``renames``, and fix ``exclude_modules``/
     ``ignore`` in place (each shard is rewritten through a temporary file, so an interrupted run
-    leaves no half-written shard). Returns (keys renamed, unquantized modules re-fused, exclusions added)."""
+    leaves no half-written shard). Returns (keys renamed, unquantized modules fused back, exclusions added)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -378,11 +377,13 @@ def postprocess_checkpoint(
             if key in extra:
                 return extra[key]
         if key not in where:
-            raise MoeUnfuseError(f"{path}: cannot re-stack, {key} is missing from the export; fix: export without --refuse-unquantized and report this")
+            raise MoeUnfuseError(
+                f"{path}: cannot re-stack, {key} is missing from the export; fix: export without --fuse-unquantized and report this"
+            )
         with safe_open(where[key], "pt") as fh:
             return fh.get_tensor(stored[key])
 
-    refused: list[str] = []
+    fused_back: list[str] = []
     for t in targets:
         fused, used = _restack_tensors(t, get, lambda k: k in where or any(k in extra for extra in added.values()))
         home = next((f for f, extra in added.items() if used[0] in extra), None) or where[used[0]]
@@ -392,7 +393,7 @@ def postprocess_checkpoint(
         added[home].update(fused)
         dropped.update(used)
         if not t.quantized:
-            refused.append(t.naming.hub)
+            fused_back.append(t.naming.hub)
 
     renamed = 0
     new_map: dict[str, str] = {}
@@ -413,7 +414,13 @@ def postprocess_checkpoint(
         os.chmod(tmp, mode)
         os.replace(tmp, f)
         new_map.update({k: f.name for k in tensors})
-    unquantized_fused = {k.rsplit(".", 1)[0] for k in new_map if FUSED_EXPERT_KEY_RE.search(k) and not any(f"{k}_{s}" in new_map for s in STACKED_SCALES) and _ndim(path / new_map[k], k) >= 3}
+    unquantized_fused = {
+        k.rsplit(".", 1)[0]
+        for k in new_map
+        if FUSED_EXPERT_KEY_RE.search(k)
+        and not any(f"{k}_{s}" in new_map for s in STACKED_SCALES)
+        and _ndim(path / new_map[k], k) >= 3
+    }
     if weight_map is not None:
         index_path = path / "model.safetensors.index.json"
         index = json.loads(index_path.read_text())
@@ -428,11 +435,17 @@ def postprocess_checkpoint(
         key = contract.hub_key(f"{name}.weight")
         return key[: -len(".weight")] if key.endswith(".weight") else name
 
-    exclusions = _fix_exclusions(path, renames, refused, new_map, unquantized_fused, hub_module)
-    return renamed, refused, exclusions
+    exclusions = _fix_exclusions(path, renames, fused_back, new_map, unquantized_fused, hub_module)
+    return renamed, fused_back, exclusions
 
 
-def _to_hub_names(contract: NamingContract, where: dict[str, Path], stored: dict[str, str], added: dict[Path, dict[str, torch.Tensor]], dropped: set[str]) -> None:
+def _to_hub_names(
+    contract: NamingContract,
+    where: dict[str, Path],
+    stored: dict[str, str],
+    added: dict[Path, dict[str, torch.Tensor]],
+    dropped: set[str],
+) -> None:
     """Where modelopt's reverse conversion fell back to in-memory names (a conversion mapping with ops
     it cannot reverse on quantized tensors), finish it: unquantized tensors go through transformers'
     own reverse (``save_pretrained``'s: renames and ops such as re-fusing q/k/v), quantized ones are
@@ -481,20 +494,16 @@ def _ndim(file: Path, key: str) -> int:
         return len(fh.get_slice(key).get_shape())
 
 
-def unquantized_modules(keys: Iterable[str]) -> set[str]:
-    """Module names whose ``weight`` is in ``keys`` without any scale next to it."""
-    keys = set(keys)
-    return {k[: -len(".weight")] for k in keys if k.endswith(".weight") and not any(f"{k[: -len('.weight')]}.{s}" in keys for s in SCALE_SUFFIXES)}
-
-
-def must_exclude(keys: Iterable[str]) -> set[str]:
-    """Unquantized modules an engine must be told about: routers, towers, projectors, lm_head, experts."""
-    return {m for m in unquantized_modules(keys) if KEEP_UNQUANTIZED_RE.search(m) or re.search(r"\.experts\.\d+\.", m + ".")}
-
-
-def _fix_exclusions(path: Path, renames: Sequence[tuple[re.Pattern, str]], refused: Sequence[str], keys: Iterable[str], fused_modules: Iterable[str] = (), hub_module: Callable[[str], str] = lambda m: m) -> list[str]:
+def _fix_exclusions(
+    path: Path,
+    renames: Sequence[tuple[re.Pattern, str]],
+    fused_back: Sequence[str],
+    keys: Iterable[str],
+    fused_modules: Iterable[str] = (),
+    hub_module: Callable[[str], str] = lambda m: m,
+) -> list[str]:
     """Rename the exclude list, write each entry in a form every engine matches, and add what must be
-    excluded but is not: re-fused experts, fused expert tensors left unquantized (``--allow-uncovered``),
+    excluded but is not: fused back experts, fused expert tensors left unquantized (``--allow-uncovered``),
     lm_head, and every module :func:`must_exclude` finds. Writes both configs; returns the entries added."""
     hf_path, cfg_path = path / "hf_quant_config.json", path / "config.json"
     if not hf_path.is_file():
@@ -509,7 +518,7 @@ def _fix_exclusions(path: Path, renames: Sequence[tuple[re.Pattern, str]], refus
             n = n[:-2] + "*"
         if n not in final:
             final.append(n)
-    for name in [*refused, *sorted(fused_modules)]:
+    for name in [*fused_back, *sorted(fused_modules)]:
         if not excluded(name, final):
             final.append(exclude_pattern(name))
     if not excluded("lm_head", final):
@@ -545,7 +554,11 @@ def quiet() -> Iterator[None]:
 
     level = hf_logging.get_verbosity()
     with warnings.catch_warnings():
-        for message in ("transformers .* is not tested", "To copy construct from a tensor", ".*torch_dtype.* is deprecated"):
+        for message in (
+            "transformers .* is not tested",
+            "To copy construct from a tensor",
+            ".*torch_dtype.* is deprecated",
+        ):
             warnings.filterwarnings("ignore", message=message)
         hf_logging.set_verbosity_error()
         try:
@@ -604,7 +617,7 @@ def export_checkpoint(
     *,
     engine: str = "vllm",
     specs: Sequence[Spec] = (),
-    refuse_unquantized: bool = False,
+    fuse_unquantized: bool = False,
     tokenizer: Any = None,
     qformat: str = "",
     routing: Any = None,
@@ -623,14 +636,21 @@ def export_checkpoint(
     out = Path(out)
     prepare_out_dir(out, overwrite)
     with out_lock(out):
-        return _export_locked(model, out, engine, list(specs), refuse_unquantized, tokenizer, qformat, routing, progress)
+        return _export_locked(model, out, engine, list(specs), fuse_unquantized, tokenizer, qformat, routing, progress)
 
 
-def _export_locked(model: nn.Module, out: Path, engine: str, specs: list[Spec], refuse_unquantized: bool, tokenizer: Any, qformat: str, routing: Any, progress: bool) -> tuple[ExportResult, Any]:
+def _export_locked(
+    model: nn.Module,
+    out: Path,
+    engine: str,
+    specs: list[Spec],
+    fuse_unquantized: bool,
+    tokenizer: Any,
+    qformat: str,
+    routing: Any,
+    progress: bool,
+) -> tuple[ExportResult, Any]:
     from modelopt.torch.export import export_hf_checkpoint
-
-    from .default_plugins.modelopt_backend import install_export_handlers
-    from .verify import verify_checkpoint
 
     install_export_handlers()
     if not getattr(model.config, "architectures", None):
@@ -640,25 +660,51 @@ def _export_locked(model: nn.Module, out: Path, engine: str, specs: list[Spec], 
     for d in (staging, invalid):
         if d.exists():
             shutil.rmtree(d)
-    metadata: dict[str, Any] = {"producer": f"moe_unfuse {_version()}", "qformat": qformat, "engine": engine, "specs": [{"arch": s.arch, "class": s.target_class, "export_layout": s.export_layout, "renames": [dict(r) for r in s.renames]} for s in specs]}
+    metadata: dict[str, Any] = {
+        "producer": f"moe_unfuse {_version()}",
+        "qformat": qformat,
+        "engine": engine,
+        "specs": [
+            {
+                "arch": s.arch,
+                "class": s.target_class,
+                "export_layout": s.export_layout,
+                "renames": [dict(r) for r in s.renames],
+            }
+            for s in specs
+        ],
+    }
     step = "naming contract"
     try:
         contract = model_contract(model, specs)
         renames = engine_renames(specs, engine)
-        targets, skipped = plan_restacks(model, contract, refuse_unquantized)
+        targets, skipped = plan_restacks(model, contract, fuse_unquantized)
         step = "modelopt export_hf_checkpoint"
-        with quiet(), redirect_stdout(io.StringIO()), _no_carried_expert_sources(contract):  # modelopt's prints say nothing the report does not
+        with (
+            quiet(),
+            redirect_stdout(io.StringIO()),
+            _no_carried_expert_sources(contract),
+        ):  # modelopt's prints say nothing the report does not
             export_hf_checkpoint(model, export_dir=staging)
         step = "post-processing"
-        renamed, refused, exclusions = postprocess_checkpoint(staging, renames, targets, progress, contract)
+        renamed, fused_back, exclusions = postprocess_checkpoint(staging, renames, targets, progress, contract)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         restacked = {t.naming.hub for t in targets}
-        metadata.update({
-            "experts": {hub: {**e.to_dict(), "fused": hub in restacked, "quantized_fused": hub in restacked and hub not in refused} for hub, e in contract.experts.items()},
-            "refused": refused,
-            "routing": routing.to_dict() if routing is not None else None,
-        })
+        metadata.update(
+            {
+                "experts": {
+                    hub: {
+                        **e.to_dict(),
+                        "fused": hub in restacked,
+                        "quantized_fused": hub in restacked and hub not in fused_back,
+                    }
+                    for hub, e in contract.experts.items()
+                },
+                "fused_back": fused_back,
+                "routing": routing.to_dict() if routing is not None else None,
+            }
+        )
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         step = "verification"
         report = verify_checkpoint(staging, engine=engine)
@@ -670,8 +716,12 @@ def _export_locked(model: nn.Module, out: Path, engine: str, specs: list[Spec], 
         if isinstance(exc, KeyboardInterrupt):
             raise
         if isinstance(exc, MoeUnfuseError):
-            raise MoeUnfuseError(f"export to {out} failed in {step} ({exc}); the partial export is at {invalid}") from None
-        raise MoeUnfuseError(f"export to {out} failed in {step} ({_first_line(exc)}); the partial export is at {invalid}; fix: report this with {invalid / METADATA_FILE}") from None
+            raise MoeUnfuseError(
+                f"export to {out} failed in {step} ({exc}); the partial export is at {invalid}"
+            ) from None
+        raise MoeUnfuseError(
+            f"export to {out} failed in {step} ({_first_line(exc)}); the partial export is at {invalid}; fix: report this with {invalid / METADATA_FILE}"
+        ) from None
     for f in staging.iterdir():
         if f.is_file():
             os.chmod(f, 0o666 & ~_umask())
@@ -684,71 +734,16 @@ def _export_locked(model: nn.Module, out: Path, engine: str, specs: list[Spec], 
     report.path = target
     files, _ = shard_files(target)
     result = ExportResult(
-        path=target, engine=engine, qformat=qformat, files=[f.name for f in files],
-        bytes_after=sum(f.stat().st_size for f in files), renamed=renamed,
-        renames=[f"{p.pattern} -> {r}" for p, r in renames], refused=refused, refuse_skipped=skipped, exclusions_added=exclusions,
-        fused=sorted(h for h in restacked if h not in refused),
+        path=target,
+        engine=engine,
+        qformat=qformat,
+        files=[f.name for f in files],
+        bytes_after=sum(f.stat().st_size for f in files),
+        renamed=renamed,
+        renames=[f"{p.pattern} -> {r}" for p, r in renames],
+        fused_back=fused_back,
+        fuse_skipped=skipped,
+        exclusions_added=exclusions,
+        fused=sorted(h for h in restacked if h not in fused_back),
     )
     return result, report
-
-
-# ----------------------------------------------------------------------------------------------
-# size estimate
-
-
-def _quantizer_enabled(name: str, quant_cfg: Any) -> bool:
-    """Whether modelopt's list-form ``quant_cfg`` enables quantizer ``name`` (later entries win;
-    ``parent_class`` entries target non-Linear classes and are ignored here)."""
-    enabled = False
-    for entry in quant_cfg:
-        if "parent_class" in entry or not fnmatch.fnmatchcase(name, entry["quantizer_name"]):
-            continue
-        enabled = entry.get("enable", True)
-    return enabled
-
-
-def estimate_tensor_bytes(model: nn.Module, qformat: str, exclude: Iterable[str] = ()) -> int:
-    """Bytes of tensors an export of ``model`` in ``qformat`` holds, without quantizing anything:
-    ``model`` may live on the meta device (a full-size config costs no memory). Linears (fused
-    experts counted per expert) whose weight quantizer the qformat's config enables take FP8
-    (1 B/weight + weight/input scale) or NVFP4 (0.5 B/weight + one FP8 scale per 16 + two fp32
-    scalars); everything else keeps its dtype; tied weights count once."""
-    from .coverage import expert_count, find_fused_params
-    from .quantize import build_quant_config
-
-    cfg = build_quant_config(qformat, exclude)
-    quant_cfg = cfg["quant_cfg"] if cfg else []
-    fp4 = "fp4" in qformat
-    weight_only = qformat.startswith("w4a16")
-
-    def linear_bytes(qname: str, out_f: int, in_f: int, dtype_size: int) -> int:
-        if not _quantizer_enabled(f"{qname}.weight_quantizer", quant_cfg):
-            return out_f * in_f * dtype_size
-        scalars = (0 if weight_only else 1) + (1 if fp4 else 1)  # input_scale; weight_scale_2 (fp4) or weight_scale (fp8)
-        if fp4:
-            return out_f * in_f // 2 + out_f * (in_f // 16) + 4 * scalars
-        return out_f * in_f + 4 * scalars
-
-    fused = {f.path: f for f in find_fused_params(model)}
-    total = 0
-    for name, p in model.named_parameters():
-        module_path, _, leaf = name.rpartition(".")
-        size = p.element_size()
-        f = fused.get(name)
-        if f is not None and f.spec is not None:
-            ps = f.spec.param(leaf)
-            parts = ps.layout(expert_count(f.module) or p.shape[0]).unfuse(torch.empty(p.shape, device="meta"))
-            for proj, experts in zip(ps.into, parts):
-                for e, w in enumerate(experts):
-                    total += linear_bytes(f"{module_path}.{e}.{proj}", w.shape[0], w.shape[1], size)
-            continue
-        owner = model.get_submodule(module_path) if module_path else model
-        if isinstance(owner, nn.Linear) and leaf == "weight":
-            total += linear_bytes(module_path, p.shape[0], p.shape[1], size)
-        else:
-            total += p.numel() * size
-    for path, module in model.named_modules():
-        for bname, b in module._buffers.items():
-            if b is not None and bname not in module._non_persistent_buffers_set:
-                total += b.numel() * b.element_size()
-    return total

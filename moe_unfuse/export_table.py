@@ -12,6 +12,9 @@ import re
 import sys
 from pathlib import Path
 
+from .naming import build_contract
+from .tiny import tiny_model_for
+
 START, END = "<!-- export:start -->", "<!-- export:end -->"
 #: Families whose export does not carry the hub names yet, and why (the export test marks them xfail).
 KNOWN_EXPORT_GAPS: dict[str, str] = {}
@@ -24,13 +27,12 @@ def rows() -> list[tuple[str, str, str, str, str]]:
 
     import moe_unfuse
 
-    from .naming import build_contract
-    from .tiny import tiny_model_for
-
     out = []
     for arch, spec in sorted(moe_unfuse.list_specs().items()):
         if not (spec.golden or {}).get("model") or spec.resolve_class() is None:
-            out.append((arch, spec.export_layout.replace("_", "-"), "(no whole tiny model in the spec)", ENGINES_CHECKED, "no"))
+            out.append(
+                (arch, spec.export_layout.replace("_", "-"), "(no whole tiny model in the spec)", ENGINES_CHECKED, "no")
+            )
             continue
         with torch.device("meta"):
             model = tiny_model_for(spec)
@@ -50,7 +52,7 @@ def markdown() -> str:
     lines = [
         START,
         "Generated from `specs/` by `python -m moe_unfuse.export_table --write README.md`; do not edit by hand. Sample keys are "
-        "those of the spec's whole tiny model (a real checkpoint has more layers and experts). \"Engines checked\" are the "
+        'those of the spec\'s whole tiny model (a real checkpoint has more layers and experts). "Engines checked" are the '
         "engines whose loader rules `verify` checks (see the export contract above), not engines this family was served on.",
         "",
         "| arch | export layout | sample expert keys | engines checked | export test (`tests/test_export_families.py`) |",
@@ -70,7 +72,9 @@ def replace_section(text: str, section: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moe_unfuse.export_table", description=__doc__.splitlines()[0])
-    parser.add_argument("--write", type=Path, metavar="README", help="replace the section between the markers in this file")
+    parser.add_argument(
+        "--write", type=Path, metavar="README", help="replace the section between the markers in this file"
+    )
     args = parser.parse_args(argv)
     section = markdown()
     if args.write is None:

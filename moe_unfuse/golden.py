@@ -14,9 +14,14 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from .drift import check as check_drift
 from .errors import SpecError
+from .experts import UnfusedExpertsMixin
+from .plan import build_plan, owner_of, resolve_dims
 from .plugins import registry
-from .spec import Spec, resolve_object
+from .registration import register
+from .spec import Spec, golden_config, resolve_object, set_experts_implementation
+from .unfusing import fuse, unfuse
 
 #: grouped_mm / batched_mm reorder the reductions (one grouped GEMM, fp32 accumulation and a
 #: sum over top-k instead of index_add_), so they can only agree to rounding: fp32 eps is 1.2e-7
@@ -35,33 +40,15 @@ def import_object(path: str, kind: str | None = None, source: str = "(golden)", 
     return resolve_object(path, kind, source, where)
 
 
-def build_config(spec: Spec, implementation: str = "eager") -> Any:
-    golden = spec.golden or {}
-    config_cls = resolve_object(golden["config"], "config", spec.source, "golden.config")
-    try:
-        config = config_cls(**golden["config_kwargs"])
-    except (TypeError, ValueError) as exc:
-        raise SpecError(spec.source, "golden.config_kwargs", f"{config_cls.__name__} rejects them ({exc.__class__.__name__}: {_first_line(exc)})", "give keyword arguments the config class takes") from None
-    _set_implementation(config, implementation)
-    return config
-
-
-def _set_implementation(config: Any, implementation: str) -> None:
-    for cfg in (config, *(getattr(config, a, None) for a in ("text_config", "ffn_config"))):
-        if cfg is not None:
-            cfg._experts_implementation = implementation
-
-
 def build_experts(spec: Spec, dtype: torch.dtype = torch.float32, seed: int = SEED) -> nn.Module:
     """The real experts module from the spec's tiny config, with random weights (std 0.1, biases too)."""
-    from .drift import check as check_drift
 
     check_drift(spec)  # a transformers not in verified_on: what changed, in one line
     golden = spec.golden or {}
     cls = spec.resolve_class()  # an nn.Module subclass, checked before anything is called
     if cls is None:
         raise LookupError(f"{spec.target_class} is not in the installed transformers")
-    config = build_config(spec)
+    config = golden_config(spec)
     arg = getattr(config, golden["config_attr"]) if golden.get("config_attr") else config
     args = (arg,) if golden.get("config_arg", True) else ()
     module = cls(*args, **golden.get("module_kwargs", {}))
@@ -79,10 +66,9 @@ def _first_line(exc: BaseException) -> str:
 
 def input_dim(module: nn.Module, spec: Spec) -> int:
     """Size of the experts' input features as the spec lays out the parameter holding up_proj (else the first)."""
-    from .unfusing import _owner, resolve_dims
 
     p = next((p for p in spec.params if "up_proj" in p.into), spec.params[0])
-    owner, leaf = _owner(module, p.name)
+    owner, leaf = owner_of(module, p.name)
     t = owner._parameters[leaf]
     for op in p.layout(resolve_dims(module, spec, "")["num_experts"]).prepare:
         t = op.apply(t)
@@ -107,17 +93,28 @@ def _widths(module: nn.Module, spec: Spec) -> list[int]:
 def golden_top_ks(module: nn.Module, spec: Spec) -> tuple[int, ...]:
     """:data:`TOP_KS` up to the module's expert count, plus ``golden.top_k``; a top_k above the expert
     count is a SpecError (clamping it would test another routing than the spec claims)."""
-    from .unfusing import resolve_dims
 
     num_experts = resolve_dims(module, spec, "")["num_experts"]
     top_k = (spec.golden or {}).get("top_k")
     if top_k is not None and top_k > num_experts:
-        raise SpecError(spec.source, "golden.top_k", f"{top_k} is more than the module's {num_experts} experts", f"use a top_k of at most {num_experts}")
+        raise SpecError(
+            spec.source,
+            "golden.top_k",
+            f"{top_k} is more than the module's {num_experts} experts",
+            f"use a top_k of at most {num_experts}",
+        )
     return tuple(sorted({k for k in TOP_KS if k <= num_experts} | ({top_k} if top_k else set())))
 
 
-def make_inputs(module: nn.Module, spec: Spec, tokens: int = TOKENS, seed: int = SEED, top_k: int | None = None, keywords: bool = False,
-                width: int | None = None) -> tuple[tuple, dict]:
+def make_inputs(
+    module: nn.Module,
+    spec: Spec,
+    tokens: int = TOKENS,
+    seed: int = SEED,
+    top_k: int | None = None,
+    keywords: bool = False,
+    width: int | None = None,
+) -> tuple[tuple, dict]:
     """Random hidden states and a routing that hits every expert, in the forward's own argument
     order (``keywords``: by the forward's own parameter names instead). ``top_k``: default
     ``golden.top_k``, else 2; ``width``: of the hidden states, default as the spec lays out the
@@ -126,14 +123,20 @@ def make_inputs(module: nn.Module, spec: Spec, tokens: int = TOKENS, seed: int =
     return _inputs(module, spec, width if width is not None else input_dim(module, spec), tokens, seed, top_k, keywords)
 
 
-def _inputs(module: nn.Module, spec: Spec, width: int, tokens: int, seed: int, top_k: int | None, keywords: bool) -> tuple[tuple, dict]:
-    from .unfusing import resolve_dims
+def _inputs(
+    module: nn.Module, spec: Spec, width: int, tokens: int, seed: int, top_k: int | None, keywords: bool
+) -> tuple[tuple, dict]:
 
     dtype = next(module.parameters()).dtype
     num_experts = resolve_dims(module, spec, "")["num_experts"]
     top_k = top_k or (spec.golden or {}).get("top_k", 2)
     if top_k > num_experts:
-        raise SpecError(spec.source, "golden.top_k", f"{top_k} is more than the module's {num_experts} experts", f"use a top_k of at most {num_experts}")
+        raise SpecError(
+            spec.source,
+            "golden.top_k",
+            f"{top_k} is more than the module's {num_experts} experts",
+            f"use a top_k of at most {num_experts}",
+        )
     gen = torch.Generator().manual_seed(seed + 1)
     hidden = torch.randn(tokens, width, generator=gen).to(dtype)
     scores = torch.rand(tokens, num_experts, generator=gen)
@@ -166,7 +169,11 @@ def implementation(module: nn.Module, impl: str) -> Iterator[None]:
 
 
 def supports_implementations(module: nn.Module) -> bool:
-    return hasattr(type(module), "_apply_gate") and hasattr(getattr(module, "config", None), "_experts_implementation") and hasattr(module, "has_gate")
+    return (
+        hasattr(type(module), "_apply_gate")
+        and hasattr(getattr(module, "config", None), "_experts_implementation")
+        and hasattr(module, "has_gate")
+    )
 
 
 @dataclass
@@ -183,7 +190,6 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def validate(module: nn.Module, spec: Spec) -> None:
     """The checks ``unfuse`` runs before it touches anything (dims, shapes, splits, gate): a wrong
     layout is the same one-line SpecError here as there, before any input is made."""
-    from .unfusing import build_plan
 
     build_plan(module, spec)
 
@@ -197,7 +203,6 @@ def check_exact(spec: Spec, dtype: torch.dtype) -> CheckResult:
     fused layout: element-wise kernels round the last bits differently on a strided half of a fused
     output than on a contiguous tensor when the width is not a multiple of the SIMD width (I = 40).
     """
-    from .unfusing import unfuse
 
     module = build_experts(spec, dtype)
     validate(module, spec)
@@ -206,7 +211,11 @@ def check_exact(spec: Spec, dtype: torch.dtype) -> CheckResult:
     # misread layout fails the comparison below instead of crashing the original.
     cases, expected, skipped = [], [], ["no input width found"]
     for width in _widths(module, spec):
-        cases = [(f"k={k} {'keyword' if kw else 'positional'}", make_inputs(module, spec, top_k=k, keywords=kw, width=width)) for k in ks for kw in (False, True)]
+        cases = [
+            (f"k={k} {'keyword' if kw else 'positional'}", make_inputs(module, spec, top_k=k, keywords=kw, width=width))
+            for k in ks
+            for kw in (False, True)
+        ]
         expected, skipped = [], []
         with torch.no_grad(), implementation(module, "eager"):
             for label, (args, kwargs) in cases:
@@ -218,7 +227,9 @@ def check_exact(spec: Spec, dtype: torch.dtype) -> CheckResult:
         if any(ref is not None for ref in expected):
             break
     if all(ref is None for ref in expected):
-        return CheckResult(f"exact-{_dtype_name(dtype)}", False, f"the original forward fails on every golden input: {skipped[0]}")
+        return CheckResult(
+            f"exact-{_dtype_name(dtype)}", False, f"the original forward fails on every golden input: {skipped[0]}"
+        )
     unfuse(module, spec)
     worst, failed = 0.0, []
     with torch.no_grad():
@@ -228,13 +239,21 @@ def check_exact(spec: Spec, dtype: torch.dtype) -> CheckResult:
             try:
                 got = module(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - the original ran on these inputs: the spec misreads the layout
-                raise SpecError(spec.source, "params", f"the unfused forward fails ({label}) on inputs the original accepts ({type(exc).__name__}: {_first_line(exc)})",
-                                "check axes, packing and shape against the class (is the layout transposed?)") from None
+                raise SpecError(
+                    spec.source,
+                    "params",
+                    f"the unfused forward fails ({label}) on inputs the original accepts ({type(exc).__name__}: {_first_line(exc)})",
+                    "check axes, packing and shape against the class (is the layout transposed?)",
+                ) from None
             diff = _max_diff(got, ref) if got.shape == ref.shape else float("inf")
             worst = max(worst, diff)
             if got.shape != ref.shape or not torch.equal(got, ref):
                 failed.append(f"{label}: max|diff| {diff:.3g}")
-    detail = f"k={','.join(map(str, ks))}, positional and keyword: max|diff| {worst:.3g}" if not failed else f"{len(failed)} of {len(cases)} calls differ; {'; '.join(failed[:3])}"
+    detail = (
+        f"k={','.join(map(str, ks))}, positional and keyword: max|diff| {worst:.3g}"
+        if not failed
+        else f"{len(failed)} of {len(cases)} calls differ; {'; '.join(failed[:3])}"
+    )
     if skipped:
         detail += f"; not run: {', '.join(skipped)}"
     return CheckResult(f"exact-{_dtype_name(dtype)}", not failed, detail)
@@ -242,7 +261,6 @@ def check_exact(spec: Spec, dtype: torch.dtype) -> CheckResult:
 
 def check_implementations(spec: Spec, dtype: torch.dtype) -> list[CheckResult]:
     """Unfused forward vs ``grouped_mm`` / ``batched_mm``, within :data:`IMPL_TOLERANCE`."""
-    from .unfusing import unfuse
 
     impls = (spec.golden or {}).get("implementations", [])
     module = build_experts(spec, dtype)
@@ -259,14 +277,17 @@ def check_implementations(spec: Spec, dtype: torch.dtype) -> list[CheckResult]:
         got = module(*args, **kwargs)
     tol = IMPL_TOLERANCE[dtype]
     return [
-        CheckResult(f"{impl}-{_dtype_name(dtype)}", torch.allclose(got, ref, **tol), f"max|diff| {_max_diff(got, ref):.3g} (atol {tol['atol']}, rtol {tol['rtol']})")
+        CheckResult(
+            f"{impl}-{_dtype_name(dtype)}",
+            torch.allclose(got, ref, **tol),
+            f"max|diff| {_max_diff(got, ref):.3g} (atol {tol['atol']}, rtol {tol['rtol']})",
+        )
         for impl, ref in expected.items()
     ]
 
 
-def check_refuse(spec: Spec) -> list[CheckResult]:
-    """unfuse then refuse restores every parameter bit for bit, also after the views were replaced."""
-    from .unfusing import refuse, unfuse
+def check_fuse(spec: Spec) -> list[CheckResult]:
+    """unfuse then fuse restores every parameter bit for bit, also after the views were replaced."""
 
     results = []
     for replaced in (False, True):
@@ -277,10 +298,12 @@ def check_refuse(spec: Spec) -> list[CheckResult]:
             with torch.no_grad():
                 for p in module.parameters():
                     p.data = p.data.clone()
-        refuse(module)
+        fuse(module)
         after = module.state_dict()
-        ok = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
-        results.append(CheckResult("refuse-copied" if replaced else "refuse", ok, f"{len(before)} parameters"))
+        ok = before.keys() == after.keys() and all(
+            torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before
+        )
+        results.append(CheckResult("fuse-copied" if replaced else "fuse", ok, f"{len(before)} parameters"))
     return results
 
 
@@ -298,8 +321,6 @@ class _Harness(nn.Module):
 def quantize(module: nn.Module, spec: Spec, cfg: dict, loop: Callable[[nn.Module], Any]) -> nn.Module:
     import modelopt.torch.quantization as mtq
 
-    from . import register
-
     register(spec)
     harness = _Harness(module)
     mtq.quantize(harness, copy.deepcopy(cfg), forward_loop=loop)
@@ -309,8 +330,6 @@ def quantize(module: nn.Module, spec: Spec, cfg: dict, loop: Callable[[nn.Module
 def check_modelopt(spec: Spec) -> list[CheckResult]:
     """Through ``register`` + ``mtq.quantize``: quantizers off == original; FP8 calibrates every expert."""
     import modelopt.torch.quantization as mtq
-
-    from .experts import UnfusedExpertsMixin
 
     results = []
     module = build_experts(spec)
@@ -346,15 +365,18 @@ def check_modelopt(spec: Spec) -> list[CheckResult]:
 
 def check_whole_model(spec: Spec) -> list[CheckResult]:
     """A whole tiny model gives identical logits before and after unfusing."""
-    from .unfusing import unfuse
 
     model_cfg = (spec.golden or {}).get("model")
     if not model_cfg:
         return []
     cls = resolve_object(model_cfg["class"], "model", spec.source, "golden.model.class")
-    config_cls = resolve_object(model_cfg["config"], "config", spec.source, "golden.model.config") if model_cfg.get("config") else cls.config_class
+    config_cls = (
+        resolve_object(model_cfg["config"], "config", spec.source, "golden.model.config")
+        if model_cfg.get("config")
+        else cls.config_class
+    )
     config = config_cls(**model_cfg["config_kwargs"])
-    _set_implementation(config, "eager")
+    set_experts_implementation(config, "eager")
     config._attn_implementation = "eager"
     torch.manual_seed(SEED)
     model = cls(config).eval()
@@ -363,7 +385,13 @@ def check_whole_model(spec: Spec) -> list[CheckResult]:
         before = model(input_ids=ids).logits
         report = unfuse(model, spec)
         after = model(input_ids=ids).logits
-    return [CheckResult("whole-model", torch.equal(before, after) and bool(report.changed), f"{len(report.changed)} modules unfused, max|diff| {_max_diff(before, after):.3g}")]
+    return [
+        CheckResult(
+            "whole-model",
+            torch.equal(before, after) and bool(report.changed),
+            f"{len(report.changed)} modules unfused, max|diff| {_max_diff(before, after):.3g}",
+        )
+    ]
 
 
 def run_golden(spec: Spec, modelopt: bool = True) -> list[CheckResult]:
@@ -372,7 +400,7 @@ def run_golden(spec: Spec, modelopt: bool = True) -> list[CheckResult]:
     for dtype in (torch.float32, torch.bfloat16):
         results.append(check_exact(spec, dtype))
         results.extend(check_implementations(spec, dtype))
-    results.extend(check_refuse(spec))
+    results.extend(check_fuse(spec))
     if modelopt:
         results.extend(check_modelopt(spec))
     results.extend(check_whole_model(spec))

@@ -3,7 +3,7 @@
     pytest -p moe_unfuse.golden_results --golden-results golden.json
     moe-unfuse coverage --results golden.json --markdown
 
-Every test marked ``arch(NAME)`` (the golden tests, the infer tests, ...) counts for its arch; the
+Every test marked ``arch(NAME)`` (the golden tests, the draft tests, ...) counts for its arch; the
 file also records the transformers and torch versions the run used, so a status is never
 separated from where it was measured.
 """
@@ -16,11 +16,18 @@ from typing import Any
 
 import pytest
 
+from .errors import MoeUnfuseError
+
 _OUTCOMES: dict[str, dict[str, Any]] = {}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--golden-results", metavar="FILE", default=None, help="write each arch's test outcomes to FILE (JSON) for moe-unfuse coverage --results")
+    parser.addoption(
+        "--golden-results",
+        metavar="FILE",
+        default=None,
+        help="write each arch's test outcomes to FILE (JSON) for moe-unfuse coverage --results",
+    )
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -55,20 +62,29 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     import torch
     import transformers
 
-    data = {"transformers": transformers.__version__, "torch": torch.__version__, "archs": dict(sorted(_OUTCOMES.items()))}
+    data = {
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "archs": dict(sorted(_OUTCOMES.items())),
+    }
     Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
 
 def read_results(path: Path) -> dict[str, Any]:
     """A results file written by this plugin; one-line errors for anything else."""
-    from .errors import MoeUnfuseError
 
     try:
         data = json.loads(Path(path).read_text())
     except OSError as exc:
-        raise MoeUnfuseError(f"{path}: cannot be read ({exc.strerror}); fix: write it with pytest -p moe_unfuse.golden_results --golden-results {path}") from None
+        raise MoeUnfuseError(
+            f"{path}: cannot be read ({exc.strerror}); fix: write it with pytest -p moe_unfuse.golden_results --golden-results {path}"
+        ) from None
     except json.JSONDecodeError as exc:
-        raise MoeUnfuseError(f"{path}: not JSON ({exc.msg}, line {exc.lineno}); fix: write it with pytest -p moe_unfuse.golden_results --golden-results {path}") from None
+        raise MoeUnfuseError(
+            f"{path}: not JSON ({exc.msg}, line {exc.lineno}); fix: write it with pytest -p moe_unfuse.golden_results --golden-results {path}"
+        ) from None
     if not isinstance(data, dict) or not isinstance(data.get("archs"), dict):
-        raise MoeUnfuseError(f"{path}: no 'archs' mapping, not a golden results file; fix: write it with pytest -p moe_unfuse.golden_results --golden-results {path}")
+        raise MoeUnfuseError(
+            f"{path}: no 'archs' mapping, not a golden results file; fix: write it with pytest -p moe_unfuse.golden_results --golden-results {path}"
+        )
     return data

@@ -28,14 +28,39 @@ def register_activations(register: Callable) -> None:
 
 @hookspec
 def register_gates(register: Callable) -> None:
-    """Contribute gating kinds: ``register(kind, build)``, ``build(module, cfg, act, split)`` returns ``packed_gate_up -> hidden``; a ``kinds.GateKind`` also declares its parameters."""
+    """Contribute gating kinds: ``register(kind, gate)`` with a :class:`moe_unfuse.kinds.GateKind`.
+
+    Contract: ``gate.build(module, cfg, act, split)`` runs once per experts module at unfuse time
+    (``cfg`` is the spec's ``gate`` mapping, ``act`` the resolved activation, ``split`` the
+    :class:`~moe_unfuse.layout.Split` that unpacks gate and up) and returns ``packed -> hidden``,
+    element-wise and exact to the original's gating; it raises AttributeError/KeyError/TypeError/
+    ValueError for what the module lacks (reported as a one-line SpecError). The declared ``params``
+    and ``required`` are checked when a spec loads."""
 
 
 @hookspec
 def register_forwards(register: Callable) -> None:
-    """Contribute forward kinds: ``register(kind, forward)``, ``forward(module, *args, **kwargs)`` replaces the fused forward; a ``kinds.ForwardKind`` also declares its roles and options."""
+    """Contribute forward kinds: ``register(kind, forward)`` with a :class:`moe_unfuse.kinds.ForwardKind`.
+
+    Contract: ``forward(module, *args, **kwargs)`` replaces the fused forward of an unfused experts
+    module and must equal the original's (golden-tested); it reads the module through the public
+    API only: ``moe_unfuse.experts.unfuse_state(module)`` (spec, expert count, ``bind`` for the
+    arguments' roles, ``extra["forward"]`` from ``prepare``) and ``module[e]`` for expert ``e``.
+    The declared ``roles`` and ``options`` are checked when a spec loads."""
 
 
 @hookspec
 def register_backends(register: Callable) -> None:
-    """Contribute quantizer backends: ``register(name, backend)``; ``backend.register(spec)`` hooks a spec into that quantizer."""
+    """Contribute quantizer backends: ``register(name, backend)``.
+
+    Contract: ``backend.register(spec)`` makes the quantizer convert ``spec``'s class into
+    per-expert quantized linears (unfusing through ``moe_unfuse.unfuse`` or the plan/apply steps),
+    is idempotent for the same spec, replaces an earlier registration of an edited spec, and raises
+    :class:`~moe_unfuse.errors.SpecError` when the class is not installed."""
+
+
+@hookspec
+def register_commands(register: Callable) -> None:
+    """Contribute ``moe-unfuse`` subcommands: ``register(name, command)``, where ``command`` has a
+    docstring (its help), ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code), like the
+    built-in ones in ``moe_unfuse.commands``. A name a built-in command has is an error."""

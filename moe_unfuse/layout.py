@@ -151,14 +151,19 @@ class Layout:
         """True when every piece is still exactly the view ``unfuse(fused)`` made (nothing replaced)."""
         expected = self.unfuse(fused)
         return all(
-            a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-            and a.dtype == b.dtype and a.device == b.device
+            a.data_ptr() == b.data_ptr()
+            and a.shape == b.shape
+            and a.stride() == b.stride()
+            and a.dtype == b.dtype
+            and a.device == b.device
             for exp_part, got_part in zip(expected, per_expert, strict=True)
             for a, b in zip(exp_part, got_part, strict=True)
         )
 
 
-def layout_for(axes: Sequence[str], parts: int, packing: str, sizes: dict[str, int] | None = None, extra_experts: bool = False) -> Layout:
+def layout_for(
+    axes: Sequence[str], parts: int, packing: str, sizes: dict[str, int] | None = None, extra_experts: bool = False
+) -> Layout:
     """Build the op chain for a parameter whose axes are named ``expert``, ``out``, ``in``.
 
     A first axis ``expert*out`` or ``expert*in`` is a flattened expert axis (DBRX).

@@ -25,6 +25,8 @@ from typing import Iterable, Mapping
 
 from torch import nn
 
+from .coverage import find_fused_params
+from .plan import resolve_dims
 from .spec import Spec
 
 #: Suffixes modelopt writes next to a quantized weight, longest first (``weight_scale_2`` before ``weight_scale``).
@@ -51,9 +53,9 @@ class ExpertsNaming:
     names: tuple[str, ...]  # the contract's tensor names of this module
     weights: tuple[str, ...] = ()  # those of them that are weights (quantized, they carry scales)
     #: The hub's fused names and shapes, for a per_expert module the hub stores fused: an unquantized
-    #: module may be written back in that form (``--refuse-unquantized``), and from_pretrained loads it.
+    #: module may be written back in that form (``--fuse-unquantized``), and from_pretrained loads it.
     hub_fused_names: tuple[tuple[str, tuple[int, ...]], ...] = ()
-    refused: bool = False  # written in the hub's fused form although its export layout is per_expert
+    fused_back: bool = False  # written in the hub's fused form although its export layout is per_expert
 
     def per_expert_key(self, expert: int, proj: str, leaf: str) -> str:
         """A per-expert tensor's name, for a module the hub stores fused."""
@@ -61,8 +63,12 @@ class ExpertsNaming:
 
     def to_dict(self) -> dict:
         return {
-            "module": self.module, "arch": self.arch, "experts": self.num_experts, "layout": self.layout,
-            "hub_fused": self.hub_fused, "projections": [p for _, into, _ in self.params for p in into],
+            "module": self.module,
+            "arch": self.arch,
+            "experts": self.num_experts,
+            "layout": self.layout,
+            "hub_fused": self.hub_fused,
+            "projections": [p for _, into, _ in self.params for p in into],
         }
 
 
@@ -93,12 +99,16 @@ class NamingContract:
             if not isinstance(module, nn.Linear) or weight is None or f"{path}.weight" in self.names:
                 continue
             try:
-                reverted = _revert(self.model, {f"{path}.weight": torch.empty(tuple(weight.shape), device="meta")}) if self.model is not None else {}
+                reverted = (
+                    _revert(self.model, {f"{path}.weight": torch.empty(tuple(weight.shape), device="meta")})
+                    if self.model is not None
+                    else {}
+                )
             except Exception:  # noqa: BLE001 - not reversible on its own: treat as not one to one
                 reverted = {}
             if len(reverted) != 1:
                 continue
-            (key, t), = reverted.items()
+            ((key, t),) = reverted.items()
             if key in self.names and key.endswith(".weight"):
                 out[path] = (key[: -len(".weight")], tuple(t.shape) == self.names[key])
         self.linear_hubs = out
@@ -135,7 +145,14 @@ class NamingContract:
                 names.update(dict(e.hub_fused_names))
                 fused = tuple(k for k, _ in e.hub_fused_names)
                 biases = {f"{hub}.{b}" for _, _, b in e.params if b}
-                experts[hub] = replace(e, layout="fused", names=fused, weights=tuple(k for k in fused if k not in biases), hub_fused_names=(), refused=True)
+                experts[hub] = replace(
+                    e,
+                    layout="fused",
+                    names=fused,
+                    weights=tuple(k for k in fused if k not in biases),
+                    hub_fused_names=(),
+                    fused_back=True,
+                )
         return NamingContract(names, experts, self.model, self.optional, linear_hubs=self.linear_hubs)
 
     def hub_key(self, key: str) -> str:
@@ -206,9 +223,6 @@ def build_contract(model: nn.Module, specs: Iterable[Spec]) -> NamingContract:
     exported with ``specs``. Experts modules no spec covers keep the hub's names."""
     import torch
 
-    from .coverage import find_fused_params
-    from .unfusing import resolve_dims
-
     names = hub_names(model)
     by_target: dict[str, tuple[Spec, nn.Module]] = {}
     for f in find_fused_params(model, list(specs)):
@@ -239,7 +253,12 @@ def build_contract(model: nn.Module, specs: Iterable[Spec]) -> NamingContract:
                     fused_shapes.update((k, tuple(t.shape)) for k, t in reverted.items())
                 else:  # the hub stores it per expert (a converter split it): those names are the contract's
                     hub_expert_keys.extend(reverted)
-                    optional.update(k for k in reverted if (m := _EXPERT_INDEX.match(k[len(hub) + 1 :] if k.startswith(hub + ".") else "")) and int(m.group(1)) >= n)
+                    optional.update(
+                        k
+                        for k in reverted
+                        if (m := _EXPERT_INDEX.match(k[len(hub) + 1 :] if k.startswith(hub + ".") else ""))
+                        and int(m.group(1)) >= n
+                    )
         hub_fused = bool(fused_keys)
         own: list[str]
         if hub_fused and spec.export_layout == "per_expert":
@@ -262,7 +281,9 @@ def build_contract(model: nn.Module, specs: Iterable[Spec]) -> NamingContract:
         biases = {f"{hub}.{p.bias}" for p in spec.params if p.bias}
         weights = tuple(k for k in own if not k.endswith(".bias") and k not in biases and k not in optional)
         alternative = tuple(fused_shapes.items()) if hub_fused and spec.export_layout == "per_expert" else ()
-        contract.experts[hub] = ExpertsNaming(path, hub, spec.arch, n, layout, hub_fused, tuple(params), tuple(own), weights, alternative)
+        contract.experts[hub] = ExpertsNaming(
+            path, hub, spec.arch, n, layout, hub_fused, tuple(params), tuple(own), weights, alternative
+        )
     contract.names = {k: v for k, v in names.items() if k not in drop} | add
     contract.optional = frozenset(optional)
     return contract
@@ -279,7 +300,11 @@ def meta_model_from_config(config_dict: dict, path: str | None = None) -> nn.Mod
     if cls is None:
         return None
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True) if path else cls.config_class(**config_dict)
+        config = (
+            transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+            if path
+            else cls.config_class(**config_dict)
+        )
         config.quantization_config = None
         if hasattr(config, "quantization_config"):
             del config.quantization_config

@@ -95,7 +95,9 @@ def _read_rows(source: Mapping, key: str, start: int, stop: int) -> torch.Tensor
 
     dtype = info["dtype"]
     np_dtype = "int16" if dtype == "bfloat16" else "int8" if dtype.startswith("float8_") else dtype
-    array = np.memmap(os.path.join(store.save_folder, f"{full}.dat"), dtype=np_dtype, shape=tuple(info["shape"]), mode="r")
+    array = np.memmap(
+        os.path.join(store.save_folder, f"{full}.dat"), dtype=np_dtype, shape=tuple(info["shape"]), mode="r"
+    )
     rows = torch.from_numpy(np.array(array[start:stop]))
     return rows.view(getattr(torch, dtype)) if dtype == "bfloat16" or dtype.startswith("float8_") else rows
 
@@ -123,7 +125,7 @@ class ExpertSliceMap(Mapping):
             if torch.equal(self[name].cpu(), value.cpu()):
                 return
             store.state_dict[full] = store[full]
-        target = s.layout.unfuse(store[full][s.start:s.stop])[s.part][0]
+        target = s.layout.unfuse(store[full][s.start : s.stop])[s.part][0]
         if target.data_ptr() != value.data_ptr():
             with torch.no_grad():
                 target.copy_(value)
@@ -158,7 +160,9 @@ def _origin(module: nn.Module, name: str) -> _Origin | None:
     return _Origin(owner, hook, leaf, getattr(hook, "original_devices", {}).get(leaf))
 
 
-def attach_expert_hooks(module: nn.Module, spec: Spec, num_experts: int, fused: Mapping[str, torch.Tensor]) -> dict[str, _Origin] | None:
+def attach_expert_hooks(
+    module: nn.Module, spec: Spec, num_experts: int, fused: Mapping[str, torch.Tensor]
+) -> dict[str, _Origin] | None:
     """Give every per-expert linear of an offloaded ``module`` a hook reading its slice of the fused tensors.
 
     Call after the per-expert children exist and before the fused parameters' owners are detached.
@@ -191,7 +195,9 @@ def attach_expert_hooks(module: nn.Module, spec: Spec, num_experts: int, fused: 
                     skip_keys=w.hook.skip_keys,
                 )
                 add_hook_to_module(getattr(module._modules[str(e)], proj), hook)
-                hook.original_devices = {n: o.device for n, o in (("weight", w), ("bias", b)) if o is not None and o.device is not None}
+                hook.original_devices = {
+                    n: o.device for n, o in (("weight", w), ("bias", b)) if o is not None and o.device is not None
+                }
     for o in origins.values():
         getattr(o.hook, "original_devices", {}).pop(o.key, None)
     return origins

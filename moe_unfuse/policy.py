@@ -1,4 +1,5 @@
-"""What stays unquantized, written once for ``quantize``, ``audit``, ``export`` and ``verify``.
+"""What is quantized and what stays unquantized, written once for ``quantize``, ``audit``,
+``export`` and ``verify``: the modelopt config of a format, and the checkpoint size it gives.
 
 Routers, the output head, and every non-text tower and projector stay in their original dtype:
 engines load them unquantized (``../shared/reference/field_notes.md``). A module stays unquantized
@@ -8,12 +9,29 @@ does, ``model.visual_proj`` does not), both as modelopt ``quant_cfg`` globs and 
 
 from __future__ import annotations
 
+import copy
+import fnmatch
 import re
-from typing import Iterable
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .coverage import expert_count, find_fused_params
+from .errors import MoeUnfuseError
+from .options import QFORMATS
 
 KEEP_UNQUANTIZED_MODULES = (
-    "router", "lm_head", "vision_tower", "embed_vision", "audio_tower", "embed_audio",
-    "multi_modal_projector", "vision_model", "visual", "mm_projector",
+    "router",
+    "lm_head",
+    "vision_tower",
+    "embed_vision",
+    "audio_tower",
+    "embed_audio",
+    "multi_modal_projector",
+    "vision_model",
+    "visual",
+    "mm_projector",
 )
 #: Searched in a module name: one path component is a module that stays unquantized.
 KEEP_UNQUANTIZED_RE = re.compile(r"(^|\.)(" + "|".join(KEEP_UNQUANTIZED_MODULES) + r")(\.|$)")
@@ -35,3 +53,80 @@ def disable_entries(exclude: Iterable[str] = ()) -> list[dict]:
         *({"quantizer_name": g, "enable": False} for g in keep_unquantized_globs()),
         *({"quantizer_name": f"{p}*quantizer", "enable": False} for p in exclude),
     ]
+
+
+def build_quant_config(qformat: str, exclude: Iterable[str] = ()) -> dict | None:
+    """The modelopt config for ``qformat`` with :mod:`moe_unfuse.policy`'s modules and ``exclude``
+    (module-name globs) disabled; None for ``none``."""
+    import modelopt.torch.quantization as mtq
+
+    if qformat not in QFORMATS:
+        raise MoeUnfuseError(f"unknown --qformat {qformat!r}; fix: use one of {', '.join(QFORMATS)}")
+    name = QFORMATS[qformat]
+    if name is None:
+        return None
+    cfg = copy.deepcopy(getattr(mtq, name))
+    entries = disable_entries(exclude)
+    quant_cfg = cfg["quant_cfg"]
+    if isinstance(quant_cfg, list):
+        quant_cfg.extend(entries)
+    else:  # the older dict form
+        quant_cfg.update({e["quantizer_name"]: {"enable": False} for e in entries})
+    return cfg
+
+
+def _quantizer_enabled(name: str, quant_cfg: Any) -> bool:
+    """Whether modelopt's list-form ``quant_cfg`` enables quantizer ``name`` (later entries win;
+    ``parent_class`` entries target non-Linear classes and are ignored here)."""
+    enabled = False
+    for entry in quant_cfg:
+        if "parent_class" in entry or not fnmatch.fnmatchcase(name, entry["quantizer_name"]):
+            continue
+        enabled = entry.get("enable", True)
+    return enabled
+
+
+def estimate_tensor_bytes(model: nn.Module, qformat: str, exclude: Iterable[str] = ()) -> int:
+    """Bytes of tensors an export of ``model`` in ``qformat`` holds, without quantizing anything:
+    ``model`` may live on the meta device (a full-size config costs no memory). Linears (fused
+    experts counted per expert) whose weight quantizer the qformat's config enables take FP8
+    (1 B/weight + weight/input scale) or NVFP4 (0.5 B/weight + one FP8 scale per 16 + two fp32
+    scalars); everything else keeps its dtype; tied weights count once."""
+    cfg = build_quant_config(qformat, exclude)
+    quant_cfg = cfg["quant_cfg"] if cfg else []
+    fp4 = "fp4" in qformat
+    weight_only = qformat.startswith("w4a16")
+
+    def linear_bytes(qname: str, out_f: int, in_f: int, dtype_size: int) -> int:
+        if not _quantizer_enabled(f"{qname}.weight_quantizer", quant_cfg):
+            return out_f * in_f * dtype_size
+        scalars = (0 if weight_only else 1) + (
+            1 if fp4 else 1
+        )  # input_scale; weight_scale_2 (fp4) or weight_scale (fp8)
+        if fp4:
+            return out_f * in_f // 2 + out_f * (in_f // 16) + 4 * scalars
+        return out_f * in_f + 4 * scalars
+
+    fused = {f.path: f for f in find_fused_params(model)}
+    total = 0
+    for name, p in model.named_parameters():
+        module_path, _, leaf = name.rpartition(".")
+        size = p.element_size()
+        f = fused.get(name)
+        if f is not None and f.spec is not None:
+            ps = f.spec.param(leaf)
+            parts = ps.layout(expert_count(f.module) or p.shape[0]).unfuse(torch.empty(p.shape, device="meta"))
+            for proj, experts in zip(ps.into, parts):
+                for e, w in enumerate(experts):
+                    total += linear_bytes(f"{module_path}.{e}.{proj}", w.shape[0], w.shape[1], size)
+            continue
+        owner = model.get_submodule(module_path) if module_path else model
+        if isinstance(owner, nn.Linear) and leaf == "weight":
+            total += linear_bytes(module_path, p.shape[0], p.shape[1], size)
+        else:
+            total += p.numel() * size
+    for path, module in model.named_modules():
+        for bname, b in module._buffers.items():
+            if b is not None and bname not in module._non_persistent_buffers_set:
+                total += b.numel() * b.element_size()
+    return total

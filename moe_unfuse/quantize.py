@@ -9,11 +9,10 @@ policy and gate/up weight-scale sharing). ``run_quantize`` is the whole job behi
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -30,84 +29,18 @@ from .calibration import (
     share_gate_up_weight_amax,
     unfused_experts,
 )
+from .catalog import select_specs
+from .coverage import Coverage, check_coverage, fused_expert_params
 from .errors import MoeUnfuseError, UncoveredExpertsError
-from .policy import disable_entries
-from .options import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SIZE, DEFAULT_CHUNK_TOKENS, DEFAULT_SEQ_LEN, QFORMATS
+from .experts import unfuse_state
+from .export import export_checkpoint, prepare_out_dir, quiet
+from .naming import model_contract
+from .options import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SIZE, DEFAULT_CHUNK_TOKENS, DEFAULT_SEQ_LEN
+from .policy import build_quant_config
+from .registration import register
 from .spec import Spec
-
-def build_quant_config(qformat: str, exclude: Iterable[str] = ()) -> dict | None:
-    """The modelopt config for ``qformat`` with :mod:`moe_unfuse.policy`'s modules and ``exclude``
-    (module-name globs) disabled; None for ``none``."""
-    import modelopt.torch.quantization as mtq
-
-    if qformat not in QFORMATS:
-        raise MoeUnfuseError(f"unknown --qformat {qformat!r}; fix: use one of {', '.join(QFORMATS)}")
-    name = QFORMATS[qformat]
-    if name is None:
-        return None
-    cfg = copy.deepcopy(getattr(mtq, name))
-    entries = disable_entries(exclude)
-    quant_cfg = cfg["quant_cfg"]
-    if isinstance(quant_cfg, list):
-        quant_cfg.extend(entries)
-    else:  # the older dict form
-        quant_cfg.update({e["quantizer_name"]: {"enable": False} for e in entries})
-    return cfg
-
-
-# ----------------------------------------------------------------------------------------------
-# coverage
-
-
-def matching_specs(model: nn.Module, arch: str | Spec | Iterable[str | Spec] | None = None) -> list[Spec]:
-    """The specs (of ``arch``, or of every known spec) that match at least one module of ``model``."""
-    from .plugins import registry
-
-    reg = registry()
-    if arch is None:
-        candidates = list(reg.specs().values())
-    else:
-        items = [arch] if isinstance(arch, (str, Spec)) else list(arch)
-        candidates = [a if isinstance(a, Spec) else reg.spec(a) for a in items]
-    by_class = {type(m): m for m in model.modules()}  # one module per class: models repeat few classes many times
-    return [s for s in candidates if any(s.matches(m) for m in by_class.values())]
-
-
-@dataclass
-class Coverage:
-    """Which fused expert modules a set of specs covers, and which fused expert parameters none does."""
-
-    covered: list[tuple[str, str, int]] = field(default_factory=list)  # (path, arch, num_experts)
-    uncovered: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.uncovered
-
-
-def check_coverage(model: nn.Module, specs: Iterable[Spec] | None = None, allow_uncovered: bool = False) -> Coverage:
-    """Every fused expert parameter in ``model`` (as :func:`moe_unfuse.coverage.find_fused_params`
-    detects them) must be declared by one of ``specs`` (default: every known spec); else
-    :class:`UncoveredExpertsError` names them, unless ``allow_uncovered``. Already-unfused modules count as covered."""
-    from .coverage import expert_count, find_fused_params
-    from .experts import UnfusedExpertsMixin
-
-    specs = matching_specs(model) if specs is None else list(specs)
-    cov = Coverage()
-    for path, module in model.named_modules():
-        if isinstance(module, UnfusedExpertsMixin):
-            cov.covered.append((path, module._moe_unfuse.spec.arch, len(module)))
-    seen: set[str] = set()
-    for f in find_fused_params(model, specs):
-        if f.spec is None:
-            cov.uncovered.append(f.path)
-        elif f.target_path not in seen:  # the module the spec matches (DBRX: experts, not experts.mlp)
-            seen.add(f.target_path)
-            cov.covered.append((f.target_path, f.spec.arch, expert_count(f.target) or 0))
-    if cov.uncovered and not allow_uncovered:
-        raise UncoveredExpertsError(cov.uncovered)
-    return cov
-
+from .tiny import byte_tokenizer, tiny_gemma4
+from .unfusing import unfuse
 
 # ----------------------------------------------------------------------------------------------
 # quantize in memory
@@ -150,12 +83,9 @@ def quantize_model(
     quantizing if any fused expert parameter survived the conversion.
     ``qformat="none"`` only unfuses (plain :func:`moe_unfuse.unfuse`) and counts routing.
     """
-    from . import register
-    from .coverage import fused_expert_params
-    from .unfusing import unfuse
 
     start = time.perf_counter()
-    specs = matching_specs(model, arch)
+    specs = select_specs(model, arch)
     coverage = check_coverage(model, specs, allow_uncovered)
     sliced = _hub_sliced_linears(model, specs) if qformat != "none" else []
     cfg = build_quant_config(qformat, [*exclude, *sliced])
@@ -173,9 +103,11 @@ def quantize_model(
             nonlocal stats
             stats = _calibrate(m, batches, force_routing, chunk_tokens, progress)
 
-        with contextlib.redirect_stdout(io.StringIO()):  # modelopt's prints ("Inserted N quantizers"): stdout is the report's
+        with contextlib.redirect_stdout(
+            io.StringIO()
+        ):  # modelopt's prints ("Inserted N quantizers"): stdout is the report's
             mtq.quantize(model, cfg, forward_loop=forward_loop)
-    left = [name for name, _ in fused_expert_params(model)]
+    left = [name for name, _ in fused_expert_params(model, specs)]
     if left and not allow_uncovered:  # a spec matched, yet the quantizer did not convert the module
         raise UncoveredExpertsError(left)
     fallbacks: list[ScaleFallback] = []
@@ -183,15 +115,30 @@ def quantize_model(
     if cfg is not None:
         fallbacks = finalize_input_scales(model, input_scale)
         synced = share_gate_up_weight_amax(model)
-    num_linears = sum(len(m) * len(m._moe_unfuse.spec.projection_names()) for _, m in unfused_experts(model))
-    input_quantized = any(getattr(getattr(lin, "input_quantizer", None), "is_enabled", False) for _, m in unfused_experts(model) for lin in m.modules())
-    return QuantizeResult(qformat, specs, coverage, stats, fallbacks, input_scale, force_routing, synced, num_linears, time.perf_counter() - start, input_quantized)
+    num_linears = sum(len(m) * len(unfuse_state(m).spec.projection_names()) for _, m in unfused_experts(model))
+    input_quantized = any(
+        getattr(getattr(lin, "input_quantizer", None), "is_enabled", False)
+        for _, m in unfused_experts(model)
+        for lin in m.modules()
+    )
+    return QuantizeResult(
+        qformat,
+        specs,
+        coverage,
+        stats,
+        fallbacks,
+        input_scale,
+        force_routing,
+        synced,
+        num_linears,
+        time.perf_counter() - start,
+        input_quantized,
+    )
 
 
 def _hub_sliced_linears(model: nn.Module, specs: Sequence[Spec]) -> list[str]:
     """Linears the hub stores as part of a larger tensor (:meth:`NamingContract.map_linears`): they
     stay unquantized, so the export can write them back under the hub's name."""
-    from .naming import model_contract
 
     if not hasattr(model, "config") or not hasattr(type(model), "_from_config"):
         return []
@@ -202,12 +149,16 @@ def _hub_sliced_linears(model: nn.Module, specs: Sequence[Spec]) -> list[str]:
     return sorted(path for path, (_, one_to_one) in contract.linear_hubs.items() if not one_to_one)
 
 
-def _calibrate(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], force_routing: bool, chunk_tokens: int, progress: bool) -> RoutingStats:
+def _calibrate(
+    model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], force_routing: bool, chunk_tokens: int, progress: bool
+) -> RoutingStats:
     """:func:`calibrate`, with a model whose forward fails named in one line instead of a traceback."""
     try:
         return calibrate(model, batches, force_routing=force_routing, chunk_tokens=chunk_tokens, progress=progress)
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
-        raise MoeUnfuseError(f"the model's forward failed on the calibration batches ({type(exc).__name__}: {_first_line(exc)}); fix: check that the model runs on its own (e.g. vocabulary and --seq-len within its limits)") from None
+        raise MoeUnfuseError(
+            f"the model's forward failed on the calibration batches ({type(exc).__name__}: {_first_line(exc)}); fix: check that the model runs on its own (e.g. vocabulary and --seq-len within its limits)"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,15 +171,21 @@ def load_model(path: Path | str, device_map: str | None = "auto", dtype: str = "
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise MoeUnfuseError(f"{path}: no config.json; fix: pass a local model folder (hub names are not downloaded; use `hf download` first)")
+        raise MoeUnfuseError(
+            f"{path}: no config.json; fix: pass a local model folder (hub names are not downloaded; use `hf download` first)"
+        )
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - invalid JSON, a list, an unknown model_type: all one line
-        raise MoeUnfuseError(f"{path}/config.json: cannot be read by transformers ({_first_line(exc)}); fix: restore the model's config.json") from None
+        raise MoeUnfuseError(
+            f"{path}/config.json: cannot be read by transformers ({_first_line(exc)}); fix: restore the model's config.json"
+        ) from None
     archs = getattr(config, "architectures", None) or []
     cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
     if cls is None:
-        raise MoeUnfuseError(f"{path}/config.json: architectures {archs or '(none)'} not in transformers {transformers.__version__}; fix: set \"architectures\" to the model class")
+        raise MoeUnfuseError(
+            f'{path}/config.json: architectures {archs or "(none)"} not in transformers {transformers.__version__}; fix: set "architectures" to the model class'
+        )
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
     if device_map and device_map != "none":
         kwargs["device_map"] = device_map
@@ -236,7 +193,9 @@ def load_model(path: Path | str, device_map: str | None = "auto", dtype: str = "
         model = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise MoeUnfuseError(f"{path}: cannot load with device_map={device_map!r} ({first}); fix: check the folder's weights, or pass --device-map cpu") from None
+        raise MoeUnfuseError(
+            f"{path}: cannot load with device_map={device_map!r} ({first}); fix: check the folder's weights, or pass --device-map cpu"
+        ) from None
     return model.eval()
 
 
@@ -254,7 +213,9 @@ def load_tokenizer(path: Path | str) -> Any:
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a missing or broken tokenizer
         raise MoeUnfuseError(f"{path}: no usable tokenizer ({_first_line(exc)}); {fix}") from None
     if not tokenizer("calibration text", add_special_tokens=False)["input_ids"]:
-        raise MoeUnfuseError(f"{path}: the tokenizer found there turns text into no tokens (no tokenizer files?); {fix}")
+        raise MoeUnfuseError(
+            f"{path}: the tokenizer found there turns text into no tokens (no tokenizer files?); {fix}"
+        )
     return tokenizer
 
 
@@ -304,7 +265,7 @@ class QuantizeOptions:
     force_routing: bool = False
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     allow_uncovered: bool = False
-    refuse_unquantized: bool = False
+    fuse_unquantized: bool = False
     exclude: tuple[str, ...] = ()
     overwrite: bool = False
     multimodal: bool = False
@@ -336,7 +297,10 @@ class QuantizeReport:
             "qformat": r.qformat,
             "engine": self.options.engine,
             "specs": [s.arch for s in r.specs],
-            "coverage": {"covered": [{"module": p, "arch": a, "experts": n} for p, a, n in r.coverage.covered], "uncovered": r.coverage.uncovered},
+            "coverage": {
+                "covered": [{"module": p, "arch": a, "experts": n} for p, a, n in r.coverage.covered],
+                "uncovered": r.coverage.uncovered,
+            },
             "calibration": {"samples": self.samples, "tokens": self.tokens, **r.routing.to_dict()},
             "input_scale": r.input_scale,
             "fallbacks": [vars(f) for f in r.fallbacks],
@@ -360,12 +324,24 @@ class QuantizeReport:
         elif not r.coverage.uncovered:
             lines.append("coverage   no fused expert modules in this model")
         if r.coverage.uncovered:
-            lines.append(f"           NOT covered, left unquantized and excluded (--allow-uncovered): {', '.join(r.coverage.uncovered)}")
-        lines.append(f"calibrate  {self.samples} samples, {self.tokens} tokens; tokens per expert (routed, top-k counts each):")
+            lines.append(
+                f"           NOT covered, left unquantized and excluded (--allow-uncovered): {', '.join(r.coverage.uncovered)}"
+            )
+        lines.append(
+            f"calibrate  {self.samples} samples, {self.tokens} tokens; tokens per expert (routed, top-k counts each):"
+        )
         for path, counts in r.routing.counts.items():
             forced = r.routing.forced.get(path)
-            shown = " ".join(map(str, counts)) if len(counts) <= 16 else f"min {min(counts)} median {sorted(counts)[len(counts) // 2]} max {max(counts)}"
-            extra = f"  forced: {', '.join(f'#{e} {c}' for e, c in enumerate(forced) if c)}" if forced and any(forced) else ""
+            shown = (
+                " ".join(map(str, counts))
+                if len(counts) <= 16
+                else f"min {min(counts)} median {sorted(counts)[len(counts) // 2]} max {max(counts)}"
+            )
+            extra = (
+                f"  forced: {', '.join(f'#{e} {c}' for e, c in enumerate(forced) if c)}"
+                if forced and any(forced)
+                else ""
+            )
             lines.append(f"           {path:<36} {shown}{extra}")
         before = r.routing.uncovered(forced_too=False)
         after = r.routing.uncovered(forced_too=True)
@@ -379,17 +355,32 @@ class QuantizeReport:
             if not r.force_routing:
                 lines.append("           (rerun with --force-routing to calibrate them on their layer's inputs)")
             elif after:
-                lines.append(f"           still no data after forced routing: {'; '.join(f'{p} #{e}' for p, e in after.items())}")
+                lines.append(
+                    f"           still no data after forced routing: {'; '.join(f'{p} #{e}' for p, e in after.items())}"
+                )
             else:
                 lines.append("           forced routing calibrated them on their layer's inputs")
         if r.qformat != "none":
-            inputs = (f"input: {r.input_scale}" + (" (one per layer and input, max over experts)" if r.input_scale == "shared" else " (each expert its own)")) if r.input_quantized else "input: none (weight-only format)"
+            inputs = (
+                (
+                    f"input: {r.input_scale}"
+                    + (
+                        " (one per layer and input, max over experts)"
+                        if r.input_scale == "shared"
+                        else " (each expert its own)"
+                    )
+                )
+                if r.input_quantized
+                else "input: none (weight-only format)"
+            )
             lines.append(f"scales     {inputs}; gate/up weight amax shared ({r.gate_up_synced} pair(s) adjusted)")
             for fb in r.fallbacks:
                 lines.append(f"           fallback {fb}")
         lines.append(f"export     {ex.summary()}")
         ratio = ex.bytes_after / self.bytes_before if self.bytes_before else float("nan")
-        lines.append(f"size       {_mb(self.bytes_before)} {self.before_what} -> {_mb(ex.bytes_after)} checkpoint ({ratio:.2f}x)")
+        lines.append(
+            f"size       {_mb(self.bytes_before)} {self.before_what} -> {_mb(ex.bytes_after)} checkpoint ({ratio:.2f}x)"
+        )
         lines.append(f"verify     {self.verify.summary()}")
         for line in self.verify.problem_lines():
             lines.append(f"           {line}")
@@ -403,7 +394,6 @@ def _mb(n: int) -> str:
 
 def run_quantize(opts: QuantizeOptions) -> QuantizeReport:
     """Load or build the model, quantize, export to ``opts.out``, verify; see :class:`QuantizeReport`."""
-    from .export import prepare_out_dir, quiet
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach the hub
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -417,8 +407,6 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeReport:
 
 
 def _run_quantize(opts: QuantizeOptions) -> QuantizeReport:
-    from .export import export_checkpoint
-    from .tiny import byte_tokenizer, tiny_gemma4
 
     if opts.model is None:
         model = tiny_gemma4(multimodal=opts.multimodal)
@@ -433,12 +421,27 @@ def _run_quantize(opts: QuantizeOptions) -> QuantizeReport:
     on_disk = checkpoint_bytes(opts.model) if opts.model is not None else 0
     bytes_before, before_what = (on_disk, "source checkpoint") if on_disk else (param_bytes(model), "in memory")
     result = quantize_model(
-        model, opts.qformat, batches, force_routing=opts.force_routing, input_scale=opts.input_scale,
-        chunk_tokens=opts.chunk_tokens, exclude=opts.exclude, allow_uncovered=opts.allow_uncovered, progress=opts.progress,
+        model,
+        opts.qformat,
+        batches,
+        force_routing=opts.force_routing,
+        input_scale=opts.input_scale,
+        chunk_tokens=opts.chunk_tokens,
+        exclude=opts.exclude,
+        allow_uncovered=opts.allow_uncovered,
+        progress=opts.progress,
     )
     exported, verified = export_checkpoint(
-        model, Path(opts.out), engine=opts.engine, specs=result.specs, refuse_unquantized=opts.refuse_unquantized,
-        tokenizer=tokenizer, qformat=opts.qformat, routing=result.routing, progress=opts.progress, overwrite=opts.overwrite,
+        model,
+        Path(opts.out),
+        engine=opts.engine,
+        specs=result.specs,
+        fuse_unquantized=opts.fuse_unquantized,
+        tokenizer=tokenizer,
+        qformat=opts.qformat,
+        routing=result.routing,
+        progress=opts.progress,
+        overwrite=opts.overwrite,
     )
     samples = sum(b["input_ids"].shape[0] for b in batches)
     tokens = sum(b["input_ids"].numel() for b in batches)

@@ -15,7 +15,6 @@ import importlib.util
 import json
 import re
 import sys
-import types
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -24,8 +23,11 @@ from typing import TYPE_CHECKING, Any, Mapping
 import jsonschema
 import yaml
 
-from .drift import is_drifted
-from .errors import SpecError
+from .errors import SpecError, first_line
+from .kinds import ForwardKind, GateKind
+from .options import ENGINES
+from .plugins import registry
+from .versions import is_drifted
 
 if TYPE_CHECKING:
     from .layout import Layout
@@ -54,7 +56,13 @@ class ParamSpec:
     def layout(self, num_experts: int) -> Layout:
         from .layout import layout_for  # torch: imported on use, so loading specs (list, show) stays light
 
-        return layout_for(self.axes, len(self.into), self.packing, {"expert": num_experts}, extra_experts=self.extra_experts is not None)
+        return layout_for(
+            self.axes,
+            len(self.into),
+            self.packing,
+            {"expert": num_experts},
+            extra_experts=self.extra_experts is not None,
+        )
 
     def bias_layout(self) -> Layout:
         from .layout import layout_for
@@ -115,7 +123,12 @@ class Spec:
         if cls is not None and not is_drifted(self):
             problem = forward_args_problem(cls, tuple(name for name, _ in self.forward_args))
             if problem:
-                raise SpecError(self.source, "forward.args", problem, "use the forward's own parameter names, in its order, as the keys of forward.args")
+                raise SpecError(
+                    self.source,
+                    "forward.args",
+                    problem,
+                    "use the forward's own parameter names, in its order, as the keys of forward.args",
+                )
         return cls
 
     def matches(self, module: Any) -> bool:
@@ -196,14 +209,26 @@ def _compose(text: str, source: str) -> Any:
             if isinstance(event, (yaml.StreamStartEvent, yaml.DocumentEndEvent)):
                 continue
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-                raise fail(event, "uses a YAML anchor or alias", "write the value out in full (use extends to share a base spec)")
+                raise fail(
+                    event,
+                    "uses a YAML anchor or alias",
+                    "write the value out in full (use extends to share a base spec)",
+                )
             if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
                 value = stack.pop()[0]
             elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
                 if event.tag not in (None, "!", *_COLLECTION_TAGS):
-                    raise fail(event, f"tag {_clip(event.tag, 40)!r} is not allowed", "remove the tag: a spec holds plain mappings, lists and scalars")
+                    raise fail(
+                        event,
+                        f"tag {_clip(event.tag, 40)!r} is not allowed",
+                        "remove the tag: a spec holds plain mappings, lists and scalars",
+                    )
                 if len(stack) >= MAX_DEPTH:
-                    raise fail(event, f"nests deeper than {MAX_DEPTH} levels", "flatten the value (a spec is a few levels deep)")
+                    raise fail(
+                        event,
+                        f"nests deeper than {MAX_DEPTH} levels",
+                        "flatten the value (a spec is a few levels deep)",
+                    )
                 stack.append([{} if isinstance(event, yaml.MappingStartEvent) else [], _NO_KEY, {}])
                 continue
             else:  # ScalarEvent
@@ -216,9 +241,17 @@ def _compose(text: str, source: str) -> Any:
                 top[0].append(value)
             elif top[1] is _NO_KEY:
                 if not isinstance(value, str):
-                    raise fail(event, f"key {_clip(repr(value), 40)} is a {type(value).__name__}, not a string", "write every key as a plain name")
+                    raise fail(
+                        event,
+                        f"key {_clip(repr(value), 40)} is a {type(value).__name__}, not a string",
+                        "write every key as a plain name",
+                    )
                 if value in top[2]:
-                    raise fail(event, f"duplicate key {_clip(value, 40)!r} (first on line {top[2][value]})", "keep one of the two")
+                    raise fail(
+                        event,
+                        f"duplicate key {_clip(value, 40)!r} (first on line {top[2][value]})",
+                        "keep one of the two",
+                    )
                 top[2][value] = event.start_mark.line + 1
                 top[1] = value
             else:
@@ -227,7 +260,16 @@ def _compose(text: str, source: str) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "(file)"
-        raise SpecError(source, where, f"not valid YAML ({_clip(str(getattr(exc, 'problem', None) or exc))})", "fix the YAML syntax") from None
+        if "nesting depth" in str(exc):  # libyaml 0.2.5+ stops deep documents itself, before our check
+            raise SpecError(
+                source,
+                where,
+                f"nests deeper than {MAX_DEPTH} levels",
+                "flatten the value (a spec is a few levels deep)",
+            ) from None
+        raise SpecError(
+            source, where, f"not valid YAML ({_clip(str(getattr(exc, 'problem', None) or exc))})", "fix the YAML syntax"
+        ) from None
     finally:
         loader.dispose()
     return None if root is _NO_KEY else root
@@ -239,14 +281,22 @@ def _scalar(loader: Any, event: Any, fail: Any) -> Any:
     if tag in (None, "!"):
         tag = loader.resolve(yaml.ScalarNode, event.value, event.implicit)
     elif tag not in _SCALAR_TAGS:
-        raise fail(event, f"tag {_clip(tag, 40)!r} is not allowed", "remove the tag: a spec holds plain mappings, lists and scalars")
+        raise fail(
+            event,
+            f"tag {_clip(tag, 40)!r} is not allowed",
+            "remove the tag: a spec holds plain mappings, lists and scalars",
+        )
     if tag not in _SCALAR_TAGS:  # e.g. an unquoted date: kept as the text it is
         return event.value
     node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
     try:
         return loader.yaml_constructors[tag](loader, node)
     except (ValueError, yaml.YAMLError) as exc:  # e.g. an integer with more digits than Python converts
-        raise fail(event, f"cannot read {_clip(event.value, 40)!r} ({_clip(str(exc), 60)})", "write a smaller number or quote the value") from None
+        raise fail(
+            event,
+            f"cannot read {_clip(event.value, 40)!r} ({_clip(str(exc), 60)})",
+            "write a smaller number or quote the value",
+        ) from None
 
 
 def read_yaml(path: Path) -> dict:
@@ -255,12 +305,24 @@ def read_yaml(path: Path) -> dict:
     try:
         size = path.stat().st_size
         if size > MAX_SPEC_BYTES:
-            raise SpecError(source, "(file)", f"is {size} bytes, over the {MAX_SPEC_BYTES}-byte limit for a spec", "a spec is a few KB: remove what does not belong in it")
+            raise SpecError(
+                source,
+                "(file)",
+                f"is {size} bytes, over the {MAX_SPEC_BYTES}-byte limit for a spec",
+                "a spec is a few KB: remove what does not belong in it",
+            )
         data = path.read_bytes()
     except OSError as exc:
-        raise SpecError(source, "(file)", f"cannot be read ({exc.strerror or exc.__class__.__name__})", "check the path") from None
+        raise SpecError(
+            source, "(file)", f"cannot be read ({exc.strerror or exc.__class__.__name__})", "check the path"
+        ) from None
     if len(data) > MAX_SPEC_BYTES:  # grew since stat
-        raise SpecError(source, "(file)", f"is over the {MAX_SPEC_BYTES}-byte limit for a spec", "a spec is a few KB: remove what does not belong in it")
+        raise SpecError(
+            source,
+            "(file)",
+            f"is over the {MAX_SPEC_BYTES}-byte limit for a spec",
+            "a spec is a few KB: remove what does not belong in it",
+        )
     key = hashlib.blake2b(data, digest_size=16).digest()
     parsed = _PARSED.get(key, _NO_KEY)
     if parsed is _NO_KEY:
@@ -268,7 +330,9 @@ def read_yaml(path: Path) -> dict:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             line = data[: exc.start].count(b"\n") + 1
-            raise SpecError(source, f"line {line}", f"byte {exc.start} is not UTF-8 ({exc.reason})", "save the file as UTF-8") from None
+            raise SpecError(
+                source, f"line {line}", f"byte {exc.start} is not UTF-8 ({exc.reason})", "save the file as UTF-8"
+            ) from None
         parsed = _compose(text.removeprefix("\ufeff"), source)
         if len(_PARSED) >= 512:
             _PARSED.clear()
@@ -286,12 +350,19 @@ def _find_base(path: Path, parent: Any, search_dirs: tuple[Path, ...]) -> Path:
     if not isinstance(parent, str):
         raise SpecError(str(path), "extends", "must be a string", "name a base spec file stem, e.g. _standard")
     if not _EXTENDS_NAME.fullmatch(parent):
-        raise SpecError(str(path), "extends", f"{_clip(parent, 60)!r} is not a spec file stem (no paths, no '..')", "name a base spec in the same folder or the built-in specs, e.g. _standard")
+        raise SpecError(
+            str(path),
+            "extends",
+            f"{_clip(parent, 60)!r} is not a spec file stem (no paths, no '..')",
+            "name a base spec in the same folder or the built-in specs, e.g. _standard",
+        )
     for d in (path.parent, *search_dirs):
         candidate = d / f"{parent}.yaml"
         if candidate.is_file() and candidate.resolve().parent == d.resolve():
             return candidate
-    raise SpecError(str(path), "extends", f"base spec {parent!r} not found next to the file", f"add {parent}.yaml or fix the name")
+    raise SpecError(
+        str(path), "extends", f"base spec {parent!r} not found next to the file", f"add {parent}.yaml or fix the name"
+    )
 
 
 def merged_raw(path: Path, search_dirs: tuple[Path, ...] = ()) -> dict:
@@ -305,7 +376,9 @@ def merged_raw(path: Path, search_dirs: tuple[Path, ...] = ()) -> dict:
         if parent in seen:
             raise SpecError(str(here), "extends", f"cycle through {parent!r}", "remove the circular extends")
         if len(chain) > MAX_EXTENDS:
-            raise SpecError(str(path), "extends", f"chain longer than {MAX_EXTENDS} files", "extend a base spec directly")
+            raise SpecError(
+                str(path), "extends", f"chain longer than {MAX_EXTENDS} files", "extend a base spec directly"
+            )
         seen.add(parent)
         chain.append((base, read_yaml(base)))
     merged = chain[-1][1]
@@ -346,11 +419,21 @@ def _schema_error(source: str, err: jsonschema.ValidationError) -> SpecError:
         allowed = ", ".join(map(str, err.validator_value))
         return SpecError(source, path, f"{_clip(repr(err.instance))} is not allowed", f"use one of: {allowed}")
     if err.validator == "type":
-        return SpecError(source, path, f"{_clip(repr(err.instance))} is not of type {err.validator_value}", f"write a {err.validator_value}")
+        return SpecError(
+            source,
+            path,
+            f"{_clip(repr(err.instance))} is not of type {err.validator_value}",
+            f"write a {err.validator_value}",
+        )
     return SpecError(source, path, _clip(err.message, 160), _FIXES.get(str(err.validator), "see spec.schema.json"))
 
 
-_EXPR_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b, ast.FloorDiv: lambda a, b: a // b}
+_EXPR_OPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.FloorDiv: lambda a, b: a // b,
+}
 
 
 def _parse_expr(expr: str | int) -> ast.AST:
@@ -362,13 +445,24 @@ def _parse_expr(expr: str | int) -> ast.AST:
     try:
         tree = ast.parse(text, mode="eval")
     except (SyntaxError, RecursionError, MemoryError) as exc:
-        raise ValueError(f"syntax error in {_clip(text, 60)!r} ({getattr(exc, 'msg', None) or exc.__class__.__name__})") from None
+        raise ValueError(
+            f"syntax error in {_clip(text, 60)!r} ({getattr(exc, 'msg', None) or exc.__class__.__name__})"
+        ) from None
     for node in ast.walk(tree):
-        ok = isinstance(node, (ast.Expression, ast.Name, ast.Load, *_EXPR_OPS)) or (isinstance(node, ast.BinOp) and type(node.op) in _EXPR_OPS)
+        ok = isinstance(node, (ast.Expression, ast.Name, ast.Load, *_EXPR_OPS)) or (
+            isinstance(node, ast.BinOp) and type(node.op) in _EXPR_OPS
+        )
         ok = ok or (isinstance(node, ast.Constant) and type(node.value) is int)
         if not ok:
-            raise ValueError(f"{_clip(text, 60)!r}: {type(node).__name__} is not allowed (dims names, integers and + - * // only)")
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.FloorDiv) and isinstance(node.right, ast.Constant) and node.right.value == 0:
+            raise ValueError(
+                f"{_clip(text, 60)!r}: {type(node).__name__} is not allowed (dims names, integers and + - * // only)"
+            )
+        if (
+            isinstance(node, ast.BinOp)
+            and isinstance(node.op, ast.FloorDiv)
+            and isinstance(node.right, ast.Constant)
+            and node.right.value == 0
+        ):
             raise ValueError(f"{_clip(text, 60)!r} divides by zero")
     return tree
 
@@ -380,10 +474,17 @@ def _check_expr(source: str, where: str, expr: str | int, dims: Mapping[str, Any
     try:
         tree = _parse_expr(expr)
     except ValueError as exc:
-        raise SpecError(source, where, str(exc), "write an expression over dims names with integers and + - * //, e.g. 2*intermediate") from None
+        raise SpecError(
+            source,
+            where,
+            str(exc),
+            "write an expression over dims names with integers and + - * //, e.g. 2*intermediate",
+        ) from None
     unknown = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} - set(dims)
     if unknown:
-        raise SpecError(source, where, f"unknown dim {_clip(sorted(unknown)[0], 40)!r}", f"use one of dims: {', '.join(dims)}")
+        raise SpecError(
+            source, where, f"unknown dim {_clip(sorted(unknown)[0], 40)!r}", f"use one of dims: {', '.join(dims)}"
+        )
 
 
 def eval_shape_expr(expr: str | int, dims: Mapping[str, int]) -> int:
@@ -420,52 +521,96 @@ def _check_semantics(source: str, raw: dict, check_import: bool = True) -> None:
         where = f"params.{name}"
         into = p["into"]
         if len(into) == 2 and "packing" not in p:
-            raise SpecError(source, f"{where}.packing", "two projections share one axis but packing is not declared", "add packing: concatenated or interleaved")
+            raise SpecError(
+                source,
+                f"{where}.packing",
+                "two projections share one axis but packing is not declared",
+                "add packing: concatenated or interleaved",
+            )
         if len(into) == 1 and p.get("packing") == "interleaved":
-            raise SpecError(source, f"{where}.packing", "interleaved packing needs two projections", "remove packing or list two names in into")
+            raise SpecError(
+                source,
+                f"{where}.packing",
+                "interleaved packing needs two projections",
+                "remove packing or list two names in into",
+            )
         axes = p["axes"]
-        if len(axes) == 3 and sorted(a.replace("expert*", "") for a in axes if a != "expert") != ["in", "out"] and not any(a.startswith("expert*") for a in axes):
-            raise SpecError(source, f"{where}.axes", f"{axes} must name expert, out and in once each", "use [expert, out, in] or [expert, in, out]")
+        if (
+            len(axes) == 3
+            and sorted(a.replace("expert*", "") for a in axes if a != "expert") != ["in", "out"]
+            and not any(a.startswith("expert*") for a in axes)
+        ):
+            raise SpecError(
+                source,
+                f"{where}.axes",
+                f"{axes} must name expert, out and in once each",
+                "use [expert, out, in] or [expert, in, out]",
+            )
         if axes[0] not in ("expert", "expert*out", "expert*in"):
-            raise SpecError(source, f"{where}.axes", "the expert axis must come first", "put expert first, e.g. [expert, out, in]")
+            raise SpecError(
+                source, f"{where}.axes", "the expert axis must come first", "put expert first, e.g. [expert, out, in]"
+            )
         from .layout import layout_for  # torch, on the first spec validated
 
         try:
             layout_for(axes, len(into), p.get("packing", "concatenated"), {"expert": 1})
         except ValueError as exc:
-            raise SpecError(source, f"{where}.axes", str(exc), "use [expert, out, in], [expert, in, out] or [expert*out, in]") from None
+            raise SpecError(
+                source, f"{where}.axes", str(exc), "use [expert, out, in], [expert, in, out] or [expert*out, in]"
+            ) from None
         for proj in into:
             if proj in seen:
-                raise SpecError(source, f"{where}.into", f"{proj} is already produced by params.{seen[proj]}", "give each projection to one parameter")
+                raise SpecError(
+                    source,
+                    f"{where}.into",
+                    f"{proj} is already produced by params.{seen[proj]}",
+                    "give each projection to one parameter",
+                )
             seen[proj] = name
         shape = p.get("shape")
         if shape is not None:
             if len(shape) != len(axes):
-                raise SpecError(source, f"{where}.shape", f"{len(shape)} entries for {len(axes)} axes", "give one expression per axis")
+                raise SpecError(
+                    source,
+                    f"{where}.shape",
+                    f"{len(shape)} entries for {len(axes)} axes",
+                    "give one expression per axis",
+                )
             for i, expr in enumerate(shape):
                 _check_expr(source, f"{where}.shape.{i}", expr, dims)
     if "linear" in seen and _expert_shape(raw) != "linear":
-        raise SpecError(source, f"params.{seen['linear']}.into", f"linear is the single projection of an expert_bank-style forward, not of {raw['forward']['kind']!r}", "use gate_proj/up_proj/down_proj, or a forward kind whose experts are one linear")
+        raise SpecError(
+            source,
+            f"params.{seen['linear']}.into",
+            f"linear is the single projection of an expert_bank-style forward, not of {raw['forward']['kind']!r}",
+            "use gate_proj/up_proj/down_proj, or a forward kind whose experts are one linear",
+        )
     if _expert_shape(raw) == "mlp" and ("down_proj" not in seen or "up_proj" not in seen):
-        raise SpecError(source, "params", "every expert needs up_proj and down_proj", "declare params whose into lists up_proj and down_proj")
+        raise SpecError(
+            source,
+            "params",
+            "every expert needs up_proj and down_proj",
+            "declare params whose into lists up_proj and down_proj",
+        )
     if _expert_shape(raw) == "linear" and set(seen) != {"linear"}:
-        raise SpecError(source, "params", f"forward kind {raw['forward']['kind']!r} runs one projection per expert, not {sorted(seen)}", "declare one param with into: [linear]")
-    gate = raw.get("gate", {"kind": "glu" if "gate_proj" in seen else "none"})
-    if gate.get("kind") in ("glu", "module_method") and "gate_proj" not in seen:
-        raise SpecError(source, "gate.kind", f"{gate['kind']} needs a gate_proj", "add gate_proj to a param's into, or use kind: none")
-    if gate.get("kind") == "glu" and "activation" not in raw:
-        raise SpecError(source, "activation", "glu gating needs an activation", "add activation: {attribute: act_fn} or {name: silu}")
+        raise SpecError(
+            source,
+            "params",
+            f"forward kind {raw['forward']['kind']!r} runs one projection per expert, not {sorted(seen)}",
+            "declare one param with into: [linear]",
+        )
     _check_kinds(source, raw, seen)
-    roles = list(raw["forward"]["args"].values())
-    if raw["forward"]["kind"] == "routed" and sorted(roles) != ["hidden_states", "top_k_index", "top_k_weights"]:
-        raise SpecError(source, "forward.args", f"roles {roles} must be hidden_states, top_k_index and top_k_weights once each", "map each forward argument to one role")
     _check_renames(source, raw)
     _check_golden_top_k(source, raw)
     cls_path = raw["target"]["class"]
     module = cls_path.rpartition(".")[0]
     _check_importable(source, "target.class", module)
     golden = raw.get("golden") or {}
-    for where, path in (("golden.config", golden.get("config")), ("golden.model.class", (golden.get("model") or {}).get("class")), ("golden.model.config", (golden.get("model") or {}).get("config"))):
+    for where, path in (
+        ("golden.config", golden.get("config")),
+        ("golden.model.class", (golden.get("model") or {}).get("class")),
+        ("golden.model.config", (golden.get("model") or {}).get("config")),
+    ):
         if path:
             _check_importable(source, where, path.rpartition(".")[0])
     if is_drifted(raw):
@@ -478,12 +623,22 @@ def _check_semantics(source: str, raw: dict, check_import: bool = True) -> None:
         except (ImportError, ValueError):
             found = False
         if not found:
-            raise SpecError(source, "target.class", f"cannot find module {module!r}", "fix the import path or install the package that defines it")
+            raise SpecError(
+                source,
+                "target.class",
+                f"cannot find module {module!r}",
+                "fix the import path or install the package that defines it",
+            )
         return
     cls = resolve_object(cls_path, "module", source, "target.class")
     problem = forward_args_problem(cls, tuple(raw["forward"]["args"]))
     if problem:
-        raise SpecError(source, "forward.args", problem, "use the forward's own parameter names, in its order, as the keys of forward.args")
+        raise SpecError(
+            source,
+            "forward.args",
+            problem,
+            "use the forward's own parameter names, in its order, as the keys of forward.args",
+        )
     if golden.get("config"):
         resolve_object(golden["config"], "config", source, "golden.config")
     model = golden.get("model") or {}
@@ -505,15 +660,7 @@ KINDS = {
 def allowed_import_roots() -> tuple[str, ...]:
     """Top-level packages whose modules a spec may import: transformers, and the package of every
     registered moe_unfuse plugin (code the user already chose to run, via the entry point group)."""
-    from .plugins import pm
-
-    roots = {"transformers"}
-    for plugin in pm.get_plugins():
-        name = plugin.__name__ if isinstance(plugin, types.ModuleType) else getattr(type(plugin), "__module__", "")
-        root = (name or "").split(".")[0]
-        if root and root not in ("moe_unfuse", "builtins", "types"):
-            roots.add(root)
-    return tuple(sorted(roots))
+    return registry().import_roots
 
 
 def _check_importable(source: str, where: str, module: str) -> None:
@@ -528,8 +675,12 @@ def _check_importable(source: str, where: str, module: str) -> None:
         exists = False
     if not exists:
         return
-    raise SpecError(source, where, f"module {_clip(module, 60)!r} is outside what a spec may import ({', '.join(allowed_import_roots())})",
-                    "name a class in transformers, or install the plugin that provides it (see CONTRIBUTING.md, What a spec may import)")
+    raise SpecError(
+        source,
+        where,
+        f"module {_clip(module, 60)!r} is outside what a spec may import ({', '.join(allowed_import_roots())})",
+        "name a class in transformers, or install the plugin that provides it (see CONTRIBUTING.md, What a spec may import)",
+    )
 
 
 def resolve_object(path: str, kind: str | None, source: str, where: str, missing_ok: bool = False) -> Any:
@@ -546,12 +697,22 @@ def resolve_object(path: str, kind: str | None, source: str, where: str, missing
     except ImportError as exc:
         if missing_ok:
             return None
-        raise SpecError(source, where, f"cannot import module {module!r} ({exc.__class__.__name__})", "fix the import path or install the package that defines it") from None
+        raise SpecError(
+            source,
+            where,
+            f"cannot import module {module!r} ({exc.__class__.__name__})",
+            "fix the import path or install the package that defines it",
+        ) from None
     obj = getattr(mod, name, None)
     if obj is None:
         if missing_ok:
             return None
-        raise SpecError(source, where, f"{module} has no class {name!r}", "fix the class name (check the installed transformers version)")
+        raise SpecError(
+            source,
+            where,
+            f"{module} has no class {name!r}",
+            "fix the class name (check the installed transformers version)",
+        )
     kinds = [KINDS[kind]] if kind is not None else list(KINDS.values())
     bases = tuple(getattr(importlib.import_module(m), n) for m, n, _ in kinds)
     if not (isinstance(obj, type) and issubclass(obj, bases)):
@@ -583,21 +744,34 @@ def forward_args_problem(cls: type, names: tuple[str, ...]) -> str | None:
 
 def _check_renames(source: str, raw: dict) -> None:
     """``export.renames``: known engines, compilable patterns, replacements whose groups exist."""
-    from .options import ENGINES
-
     for i, rename in enumerate(raw.get("export", {}).get("renames", ())):
         where = f"export.renames.{i}"
         if rename["engine"] not in (*ENGINES, "*"):
-            raise SpecError(source, f"{where}.engine", f"unknown engine {_clip(rename['engine'], 40)!r}", f"use one of: {', '.join(ENGINES)} or *")
+            raise SpecError(
+                source,
+                f"{where}.engine",
+                f"unknown engine {_clip(rename['engine'], 40)!r}",
+                f"use one of: {', '.join(ENGINES)} or *",
+            )
         try:
             pattern = re.compile(rename["match"])
         except (re.error, RecursionError, OverflowError) as exc:
-            raise SpecError(source, f"{where}.match", f"invalid regex ({_clip(str(exc), 80)})", "fix the regular expression (Python re syntax)") from None
+            raise SpecError(
+                source,
+                f"{where}.match",
+                f"invalid regex ({_clip(str(exc), 80)})",
+                "fix the regular expression (Python re syntax)",
+            ) from None
         for ref in re.finditer(r"\\(\d+)|\\g<([^>]*)>", rename["replace"]):
             group = ref.group(1) or ref.group(2)
             ok = int(group) <= pattern.groups if group.isdigit() else group in pattern.groupindex
             if not ok:
-                raise SpecError(source, f"{where}.replace", f"refers to group {_clip(group, 20)!r}, which the pattern does not have", "refer only to groups of match")
+                raise SpecError(
+                    source,
+                    f"{where}.replace",
+                    f"refers to group {_clip(group, 20)!r}, which the pattern does not have",
+                    "refer only to groups of match",
+                )
 
 
 #: golden config keys that hold the expert count, read to reject a top_k above it at load
@@ -611,25 +785,35 @@ def _check_golden_top_k(source: str, raw: dict) -> None:
         return
     kwargs = golden.get("config_kwargs") or {}
     nested = [v for v in kwargs.values() if isinstance(v, dict)]
-    counts = [d[k] for d in (kwargs, *nested) for k in _EXPERT_COUNT_KEYS if isinstance(d.get(k), int) and not isinstance(d.get(k), bool)]
+    counts = [
+        d[k]
+        for d in (kwargs, *nested)
+        for k in _EXPERT_COUNT_KEYS
+        if isinstance(d.get(k), int) and not isinstance(d.get(k), bool)
+    ]
     if counts and top_k > min(counts):
-        raise SpecError(source, "golden.top_k", f"{top_k} is more than the golden config's {min(counts)} experts", f"use a top_k of at most {min(counts)}")
+        raise SpecError(
+            source,
+            "golden.top_k",
+            f"{top_k} is more than the golden config's {min(counts)} experts",
+            f"use a top_k of at most {min(counts)}",
+        )
 
 
 def _expert_shape(raw: dict) -> str:
     """``mlp`` (gate/up/down experts) or ``linear`` (one projection each), as the forward kind declares."""
-    from .plugins import registry
-
     kind = registry().forwards.get(raw["forward"]["kind"])
     return getattr(kind, "expert", "mlp")
+
+
+def default_gate_kind(projections: Any) -> str:
+    """The gate kind of a spec that names none (the format's default): ``glu`` with a gate_proj, else ``none``."""
+    return "glu" if "gate_proj" in set(projections) else "none"
 
 
 def _check_kinds(source: str, raw: dict, seen: Mapping[str, str]) -> None:
     """What the forward and gate kinds declare (roles, options, parameters, expert shape), and the
     fields that depend on them: extra_experts, identity_experts, linear."""
-    from .kinds import ForwardKind, GateKind
-    from .plugins import registry
-
     dims = raw["dims"]
     for name, p in raw["params"].items():
         extra = p.get("extra_experts")
@@ -637,45 +821,93 @@ def _check_kinds(source: str, raw: dict, seen: Mapping[str, str]) -> None:
             continue
         _check_expr(source, f"params.{name}.extra_experts", extra, dims)
         if p["axes"][0] != "expert":
-            raise SpecError(source, f"params.{name}.extra_experts", "extra expert rows need an unflattened expert axis", "use axes starting with expert, or remove extra_experts")
+            raise SpecError(
+                source,
+                f"params.{name}.extra_experts",
+                "extra expert rows need an unflattened expert axis",
+                "use axes starting with expert, or remove extra_experts",
+            )
     fwd = raw["forward"]
     kind = registry().forwards.get(fwd["kind"])
     options = {k: v for k, v in fwd.items() if k not in ("kind", "args")}
     if isinstance(kind, ForwardKind):
         for arg, role in fwd["args"].items():
             if role not in kind.roles:
-                raise SpecError(source, f"forward.args.{arg}", f"{role!r} is not a role of forward kind {fwd['kind']!r}", f"use one of: {', '.join(kind.roles)}")
+                raise SpecError(
+                    source,
+                    f"forward.args.{arg}",
+                    f"{role!r} is not a role of forward kind {fwd['kind']!r}",
+                    f"use one of: {', '.join(kind.roles)}",
+                )
         roles = list(fwd["args"].values())
         if sorted(roles) != sorted(kind.roles):
-            raise SpecError(source, "forward.args", f"roles {roles} must be {', '.join(kind.roles)} once each for forward kind {fwd['kind']!r}", "map each forward argument to one of these roles")
+            raise SpecError(
+                source,
+                "forward.args",
+                f"roles {roles} must be {', '.join(kind.roles)} once each for forward kind {fwd['kind']!r}",
+                "map each forward argument to one of these roles",
+            )
         for opt in options:
             if opt not in kind.options:
                 allowed = ", ".join(kind.options) or "none"
-                raise SpecError(source, f"forward.{opt}", f"not an option of forward kind {fwd['kind']!r}", f"remove it or use one of: {allowed}")
+                raise SpecError(
+                    source,
+                    f"forward.{opt}",
+                    f"not an option of forward kind {fwd['kind']!r}",
+                    f"remove it or use one of: {allowed}",
+                )
     ident = options.get("identity_experts")
     if ident is not None:
         _check_expr(source, "forward.identity_experts", ident, dims)
-    gate = raw.get("gate")
+    gate = raw.get("gate") or {"kind": default_gate_kind(seen)}
     gkind = registry().gates.get(gate["kind"]) if gate else None
     if isinstance(gkind, GateKind):
         for key in gate:
             if key != "kind" and key not in gkind.params:
                 allowed = ", ".join(gkind.params) or "none"
-                raise SpecError(source, f"gate.{key}", f"not a parameter of gate kind {gate['kind']!r}", f"remove it or use one of: {allowed}")
+                raise SpecError(
+                    source,
+                    f"gate.{key}",
+                    f"not a parameter of gate kind {gate['kind']!r}",
+                    f"remove it or use one of: {allowed}",
+                )
         for key in gkind.required:
             if key not in gate:
-                raise SpecError(source, f"gate.{key}", f"gate kind {gate['kind']!r} needs {key}", f"add {key}: a number, {{attribute: NAME}} or {{config: NAME}}")
+                raise SpecError(
+                    source,
+                    f"gate.{key}",
+                    f"gate kind {gate['kind']!r} needs {key}",
+                    f"add {key}: a number, {{attribute: NAME}} or {{config: NAME}}",
+                )
         if gkind.needs_gate_proj and "gate_proj" not in seen:
-            raise SpecError(source, "gate.kind", f"{gate['kind']} needs a gate_proj", "add gate_proj to a param's into, or use kind: none")
+            raise SpecError(
+                source,
+                "gate.kind",
+                f"{gate['kind']} needs a gate_proj",
+                "add gate_proj to a param's into, or use kind: none",
+            )
         if gkind.needs_activation and "activation" not in raw:
-            raise SpecError(source, "activation", f"{gate['kind']} gating needs an activation", "add activation: {attribute: act_fn} or {name: silu}")
+            raise SpecError(
+                source,
+                "activation",
+                f"{gate['kind']} gating needs an activation",
+                "add activation: {attribute: act_fn} or {name: silu}",
+            )
     if raw.get("linear", {}).get("bias") == "after_matmul" and not any(p.get("bias") for p in raw["params"].values()):
-        raise SpecError(source, "linear.bias", "after_matmul but no param declares a bias", "remove linear.bias or add params.NAME.bias")
+        raise SpecError(
+            source,
+            "linear.bias",
+            "after_matmul but no param declares a bias",
+            "remove linear.bias or add params.NAME.bias",
+        )
 
 
 def parse(raw: dict, source: str, check_import: bool = True) -> Spec:
     """Validate a merged spec mapping and resolve it into a :class:`Spec`."""
-    errors = sorted(jsonschema.Draft202012Validator(schema()).iter_errors(raw), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    errors = sorted(
+        jsonschema.Draft202012Validator(schema()).iter_errors(raw),
+        key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))),
+    )
     if errors:
         raise _schema_error(source, errors[0])
     _check_semantics(source, raw, check_import)
@@ -691,7 +923,6 @@ def parse(raw: dict, source: str, check_import: bool = True) -> Spec:
         )
         for name, p in raw["params"].items()
     )
-    has_gate = any("gate_proj" in p.into for p in params)
     target = raw["target"]
     return Spec(
         arch=raw["arch"],
@@ -702,7 +933,7 @@ def parse(raw: dict, source: str, check_import: bool = True) -> Spec:
         dims=dict(raw["dims"]),
         params=params,
         activation=raw.get("activation"),
-        gate=raw.get("gate", {"kind": "glu" if has_gate else "none"}),
+        gate=raw.get("gate", {"kind": default_gate_kind(proj for p in params for proj in p.into)}),
         forward_kind=raw["forward"]["kind"],
         forward_args=tuple(raw["forward"]["args"].items()),
         renames=tuple(raw.get("export", {}).get("renames", ())),
@@ -724,5 +955,32 @@ def load_spec(path: str | Path, search_dirs: tuple[Path, ...] = (), check_import
     path = Path(path)
     raw = merged_raw(path, search_dirs)
     if raw.get("abstract"):
-        raise SpecError(str(path), "abstract", "is a base spec, not a loadable architecture", "load a spec that extends it")
+        raise SpecError(
+            str(path), "abstract", "is a base spec, not a loadable architecture", "load a spec that extends it"
+        )
     return parse(raw, str(path), check_import)
+
+
+def golden_config(spec: Spec, implementation: str = "eager") -> Any:
+    """The transformers config of ``spec``'s golden test (checked to be a config class before it is
+    called), with ``implementation`` as its experts implementation."""
+    golden = spec.golden or {}
+    config_cls = resolve_object(golden["config"], "config", spec.source, "golden.config")
+    try:
+        config = config_cls(**golden["config_kwargs"])
+    except (TypeError, ValueError) as exc:
+        raise SpecError(
+            spec.source,
+            "golden.config_kwargs",
+            f"{config_cls.__name__} rejects them ({exc.__class__.__name__}: {first_line(exc)})",
+            "give keyword arguments the config class takes",
+        ) from None
+    set_experts_implementation(config, implementation)
+    return config
+
+
+def set_experts_implementation(config: Any, implementation: str) -> None:
+    """Set ``_experts_implementation`` on a config and its text/ffn sub-configs."""
+    for cfg in (config, *(getattr(config, a, None) for a in ("text_config", "ffn_config"))):
+        if cfg is not None:
+            cfg._experts_implementation = implementation

@@ -15,7 +15,15 @@ SEED = 0
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")  # ids 0..3, as in Gemma's config (pad 0, eos 1, bos 2)
 BYTE_OFFSET = len(SPECIAL_TOKENS)
 VOCAB_SIZE = 272  # 4 specials + 256 bytes + 12 multimodal placeholders (image, audio, ...)
-MULTIMODAL_TOKENS = dict(image_token_id=262, audio_token_id=263, video_token_id=264, boi_token_id=265, eoi_token_id=266, boa_token_id=267, eoa_token_index=268)
+MULTIMODAL_TOKENS = dict(
+    image_token_id=262,
+    audio_token_id=263,
+    video_token_id=264,
+    boi_token_id=265,
+    eoi_token_id=266,
+    boa_token_id=267,
+    eoa_token_index=268,
+)
 
 #: The default text stack: 4 layers (3 sliding, 1 full attention), 8 experts, top-2.
 TEXT_CONFIG: dict[str, Any] = dict(
@@ -46,18 +54,42 @@ TEXT_CONFIG: dict[str, Any] = dict(
 #: meta device (``with torch.device("meta")``) for size estimates; the hub config was not available
 #: offline, so the dense-MLP width (2112) and attention shapes are this estimate's assumptions.
 GEMMA4_26B_A4B_TEXT: dict[str, Any] = dict(
-    hidden_size=2816, intermediate_size=2112, num_hidden_layers=30, num_attention_heads=16, num_key_value_heads=8,
-    head_dim=256, global_head_dim=512, vocab_size=262144, vocab_size_per_layer_input=262144, hidden_size_per_layer_input=0,
-    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 5, sliding_window=1024, max_position_embeddings=262144,
-    num_experts=128, top_k_experts=8, moe_intermediate_size=704, attention_k_eq_v=True,
+    hidden_size=2816,
+    intermediate_size=2112,
+    num_hidden_layers=30,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=256,
+    global_head_dim=512,
+    vocab_size=262144,
+    vocab_size_per_layer_input=262144,
+    hidden_size_per_layer_input=0,
+    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 5,
+    sliding_window=1024,
+    max_position_embeddings=262144,
+    num_experts=128,
+    top_k_experts=8,
+    moe_intermediate_size=704,
+    attention_k_eq_v=True,
 )
 
 VISION_CONFIG: dict[str, Any] = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-    head_dim=16, position_embedding_size=64, patch_size=4, pooling_kernel_size=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=16,
+    position_embedding_size=64,
+    patch_size=4,
+    pooling_kernel_size=2,
 )
 AUDIO_CONFIG: dict[str, Any] = dict(
-    hidden_size=32, num_hidden_layers=1, num_attention_heads=2, subsampling_conv_channels=[16, 16], output_proj_dims=32,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    subsampling_conv_channels=[16, 16],
+    output_proj_dims=32,
 )
 
 
@@ -73,7 +105,14 @@ def tiny_gemma4(
     ``Gemma4ForConditionalGeneration`` (text stack under ``model.language_model``, a vision tower,
     and with ``audio`` an audio tower). ``config.architectures`` is set, as modelopt's export needs.
     """
-    from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4TextConfig, Gemma4VisionConfig
+    from transformers import (
+        Gemma4AudioConfig,
+        Gemma4Config,
+        Gemma4ForCausalLM,
+        Gemma4ForConditionalGeneration,
+        Gemma4TextConfig,
+        Gemma4VisionConfig,
+    )
 
     text = {**TEXT_CONFIG, **text_overrides}
     if multimodal:
@@ -129,7 +168,14 @@ def byte_tokenizer() -> Any:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>", model_max_length=TEXT_CONFIG["max_position_embeddings"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+        model_max_length=TEXT_CONFIG["max_position_embeddings"],
+    )
 
 
 #: Built-in calibration text: varied prose, code, numbers and a little non-English, so byte
@@ -185,7 +231,13 @@ def _round_sizes(kwargs: dict[str, Any]) -> dict[str, Any]:
     for key, value in kwargs.items():
         if isinstance(value, dict):
             value = _round_sizes(value)
-        elif isinstance(value, int) and not isinstance(value, bool) and any(w in key for w in ("size", "dim", "rank")) and value > 1 and value % 16:
+        elif (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and any(w in key for w in ("size", "dim", "rank"))
+            and value > 1
+            and value % 16
+        ):
             value = (value + 15) // 16 * 16
         out[key] = value
     return out

@@ -35,19 +35,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .catalog import get_spec, select_specs, specs_for
+from .catalog import specs as catalog_specs
+from .checkpoint import METADATA_FILE, SCALE_SUFFIXES, excluded, must_exclude
 from .errors import MoeUnfuseError
-from .export import METADATA_FILE, SCALE_SUFFIXES, excluded, must_exclude
 from .naming import QUANT_SUFFIXES, NamingContract, build_contract, meta_model_from_config
 from .options import ENGINES
 from .policy import KEEP_UNQUANTIZED_RE
 from .spec import Spec
 
-PER_EXPERT_RE = re.compile(r"^(?P<prefix>.*?\.experts)\.(?P<expert>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.(?P<suffix>[A-Za-z0-9_]+)$")
+PER_EXPERT_RE = re.compile(
+    r"^(?P<prefix>.*?\.experts)\.(?P<expert>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.(?P<suffix>[A-Za-z0-9_]+)$"
+)
 GATE_UP_PAIRS = (("gate_proj", "up_proj"), ("w1", "w3"))
 SHOW = 8
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 #: Scale dtypes per format (False: FP8, True: NVFP4), as modelopt writes and the engines read them.
-_SCALE_DTYPES = {False: {"weight_scale": "F32", "input_scale": "F32"}, True: {"weight_scale": "F8_E4M3", "weight_scale_2": "F32", "input_scale": "F32"}}
+_SCALE_DTYPES = {
+    False: {"weight_scale": "F32", "input_scale": "F32"},
+    True: {"weight_scale": "F8_E4M3", "weight_scale_2": "F32", "input_scale": "F32"},
+}
 
 
 @dataclass
@@ -68,7 +75,9 @@ class CheckpointContractError(MoeUnfuseError):
     def __init__(self, report: "VerifyReport"):
         self.report = report
         failed = "; ".join(c.line() for c in report.checks if not c.ok)
-        super().__init__(f"{report.path}: export contract violated: {failed}; fix: re-export with moe-unfuse quantize (see README)")
+        super().__init__(
+            f"{report.path}: export contract violated: {failed}; fix: re-export with moe-unfuse quantize (see README)"
+        )
 
 
 @dataclass
@@ -96,7 +105,13 @@ class VerifyReport:
         return [c.line() for c in self.failed]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path), "engine": self.engine, "quant_algo": self.quant_algo, "ok": self.ok, "checks": [vars(c) for c in self.checks]}
+        return {
+            "path": str(self.path),
+            "engine": self.engine,
+            "quant_algo": self.quant_algo,
+            "ok": self.ok,
+            "checks": [vars(c) for c in self.checks],
+        }
 
     def raise_for_errors(self) -> "VerifyReport":
         if not self.ok:
@@ -116,7 +131,9 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise MoeUnfuseError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:80]}); fix: re-export the checkpoint") from None
+        raise MoeUnfuseError(
+            f"{path}: not valid JSON ({str(exc).splitlines()[0][:80]}); fix: re-export the checkpoint"
+        ) from None
 
 
 class Checkpoint:
@@ -134,7 +151,9 @@ class Checkpoint:
         if index is not None:
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict):
-                raise MoeUnfuseError(f"{path}/model.safetensors.index.json: no weight_map; fix: re-export the checkpoint")
+                raise MoeUnfuseError(
+                    f"{path}/model.safetensors.index.json: no weight_map; fix: re-export the checkpoint"
+                )
             names = set(weight_map.values())
             for name in sorted(names):
                 if not isinstance(name, str) or Path(name).name != name:
@@ -144,7 +163,9 @@ class Checkpoint:
             weight_map = None
             files = sorted(path.glob("*.safetensors"))
         if not files:
-            raise MoeUnfuseError(f"{path}: no *.safetensors files; fix: point at a checkpoint folder written by save_pretrained/export")
+            raise MoeUnfuseError(
+                f"{path}: no *.safetensors files; fix: point at a checkpoint folder written by save_pretrained/export"
+            )
         for f in files:
             if not f.is_file():
                 raise MoeUnfuseError(f"{f}: shard named in the index is missing; fix: copy the whole checkpoint folder")
@@ -158,14 +179,18 @@ class Checkpoint:
             except MoeUnfuseError:
                 raise
             except Exception as exc:  # noqa: BLE001 - safetensors raises several types on a corrupt file
-                raise MoeUnfuseError(f"{f}: not a readable safetensors file ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__}); fix: re-export the checkpoint") from None
+                raise MoeUnfuseError(
+                    f"{f}: not a readable safetensors file ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__}); fix: re-export the checkpoint"
+                ) from None
         if weight_map is not None:
             for k, fname in weight_map.items():
                 if k not in self.where:
                     self.index_problems.append(f"{k} (in the index, in no shard)")
                 elif self.where[k].name != fname:
                     self.index_problems.append(f"{k} (index says {fname}, found in {self.where[k].name})")
-            self.index_problems.extend(f"{k} (in {self.where[k].name}, not in the index)" for k in self.where if k not in weight_map)
+            self.index_problems.extend(
+                f"{k} (in {self.where[k].name}, not in the index)" for k in self.where if k not in weight_map
+            )
 
     def tensor(self, key: str) -> Any:
         from safetensors import safe_open
@@ -207,7 +232,11 @@ class EngineRule:
 
 
 def _per_expert_input_scales_not_0d(ctx: Context) -> list[str]:
-    return [f"{k} shape {ctx.ckpt.shape[k]}" for k in ctx.ckpt.where if k.endswith(".input_scale") and PER_EXPERT_RE.match(k) and ctx.ckpt.shape[k] != []]
+    return [
+        f"{k} shape {ctx.ckpt.shape[k]}"
+        for k in ctx.ckpt.where
+        if k.endswith(".input_scale") and PER_EXPERT_RE.match(k) and ctx.ckpt.shape[k] != []
+    ]
 
 
 def _exclude_patterns_vllm_cannot_match(ctx: Context) -> list[str]:
@@ -225,31 +254,70 @@ def _vllm_config_fields(ctx: Context) -> list[str]:
         bad.append("config.json quantization_config.ignore (missing)")
     if "NVFP4" in ctx.algo.upper():
         q = (ctx.hf_quant or {}).get("quantization", {})
-        bad.extend(f"hf_quant_config.json quantization.{f} (missing)" for f in ("group_size", "kv_cache_quant_algo", "exclude_modules") if f not in q)
+        bad.extend(
+            f"hf_quant_config.json quantization.{f} (missing)"
+            for f in ("group_size", "kv_cache_quant_algo", "exclude_modules")
+            if f not in q
+        )
     return bad
 
 
 def _moe_prefixed_expert_keys(ctx: Context) -> list[str]:
-    return sorted(k for k in ctx.ckpt.where if ".moe.experts." in k and (ctx.contract is None or ctx.contract.base(k) is None))
+    return sorted(
+        k for k in ctx.ckpt.where if ".moe.experts." in k and (ctx.contract is None or ctx.contract.base(k) is None)
+    )
 
 
 def _gpt_oss_not_fused(ctx: Context) -> list[str]:
-    return sorted(f"{hub} (per-expert keys; vLLM reads only the fused {hub}.gate_up_proj)" for hub, e in (ctx.contract.experts if ctx.contract else {}).items() if e.arch == "gpt_oss" and any(k.startswith(hub + ".0.") for k in ctx.ckpt.where))
+    return sorted(
+        f"{hub} (per-expert keys; vLLM reads only the fused {hub}.gate_up_proj)"
+        for hub, e in (ctx.contract.experts if ctx.contract else {}).items()
+        if e.arch == "gpt_oss" and any(k.startswith(hub + ".0.") for k in ctx.ckpt.where)
+    )
 
 
 #: Each rule names the engine versions whose loader source it was read from.
 ENGINE_RULES: tuple[EngineRule, ...] = (
-    EngineRule("expert-input-scale-0d", ("vllm", "sglang"), "vLLM 0.19.1-0.33.0, SGLang 0.5.23", "vllm layers/fused_moe/routed_experts.py:332-350 (reshape(()))",
-               "every per-expert input_scale is a 0-d scalar", _per_expert_input_scales_not_0d),
-    EngineRule("exclude-patterns", ("vllm",), "vLLM 0.22.1-0.26", "vllm model_executor/layers/quantization/modelopt.py:266-285",
-               "exclude entries are module names or 'prefix*' (a trailing '.*' never matches the module itself)", _exclude_patterns_vllm_cannot_match),
-    EngineRule("quant-config-fields", ("vllm", "sglang"), "vLLM 0.19.1-0.33.0", "vllm weight_utils.py:240-246; modelopt.py:359, :820",
-               "quantization_config.quant_method starts with 'modelopt' and lists 'ignore'; NVFP4 needs group_size, kv_cache_quant_algo, exclude_modules", _vllm_config_fields),
-    EngineRule("experts-under-decoder-layer", ("vllm", "trtllm"), "vLLM 0.31.0-0.33.0 (0.19-0.20 double the prefix), TensorRT-LLM gemma4 mapper",
-               "vllm models/gemma4.py:646-653, models/utils.py:438-448; tensorrt_llm gemma4_weight_mapper.py (_remap_moe_keys)",
-               "no expert key under a '.moe.experts.' prefix the model does not have", _moe_prefixed_expert_keys),
-    EngineRule("gpt-oss-fused-experts", ("vllm",), "vLLM 0.33.0", "vllm models/gpt_oss.py:73-82, 1250, 1393",
-               "GPT-OSS experts are the fused gate_up_proj/down_proj (per-expert keys are dropped silently)", _gpt_oss_not_fused),
+    EngineRule(
+        "expert-input-scale-0d",
+        ("vllm", "sglang"),
+        "vLLM 0.19.1-0.33.0, SGLang 0.5.23",
+        "vllm layers/fused_moe/routed_experts.py:332-350 (reshape(()))",
+        "every per-expert input_scale is a 0-d scalar",
+        _per_expert_input_scales_not_0d,
+    ),
+    EngineRule(
+        "exclude-patterns",
+        ("vllm",),
+        "vLLM 0.22.1-0.26",
+        "vllm model_executor/layers/quantization/modelopt.py:266-285",
+        "exclude entries are module names or 'prefix*' (a trailing '.*' never matches the module itself)",
+        _exclude_patterns_vllm_cannot_match,
+    ),
+    EngineRule(
+        "quant-config-fields",
+        ("vllm", "sglang"),
+        "vLLM 0.19.1-0.33.0",
+        "vllm weight_utils.py:240-246; modelopt.py:359, :820",
+        "quantization_config.quant_method starts with 'modelopt' and lists 'ignore'; NVFP4 needs group_size, kv_cache_quant_algo, exclude_modules",
+        _vllm_config_fields,
+    ),
+    EngineRule(
+        "experts-under-decoder-layer",
+        ("vllm", "trtllm"),
+        "vLLM 0.31.0-0.33.0 (0.19-0.20 double the prefix), TensorRT-LLM gemma4 mapper",
+        "vllm models/gemma4.py:646-653, models/utils.py:438-448; tensorrt_llm gemma4_weight_mapper.py (_remap_moe_keys)",
+        "no expert key under a '.moe.experts.' prefix the model does not have",
+        _moe_prefixed_expert_keys,
+    ),
+    EngineRule(
+        "gpt-oss-fused-experts",
+        ("vllm",),
+        "vLLM 0.33.0",
+        "vllm models/gpt_oss.py:73-82, 1250, 1393",
+        "GPT-OSS experts are the fused gate_up_proj/down_proj (per-expert keys are dropped silently)",
+        _gpt_oss_not_fused,
+    ),
 )
 
 
@@ -265,26 +333,33 @@ def engine_rules(engine: str) -> list[EngineRule]:
 def _contract(ckpt: Checkpoint, config: Any, arch: Any, metadata: dict) -> tuple[NamingContract | None, str]:
     """The naming contract of the model config.json describes (specs from ``arch``, else the ones
     ``moe_unfuse.json`` records, else every spec matching), or None and why."""
-    from .plugins import registry
-    from .quantize import matching_specs
-
     if not isinstance(config, dict):
         return None, "config.json is missing or not a JSON object"
     model = meta_model_from_config(config, str(ckpt.path))
     if model is None:
-        return None, f"config.json architectures {config.get('architectures')} cannot be built by the installed transformers"
-    reg = registry()
+        return (
+            None,
+            f"config.json architectures {config.get('architectures')} cannot be built by the installed transformers",
+        )
     if arch is not None:
-        items = [arch] if isinstance(arch, (str, Spec)) else list(arch)
-        specs = [a if isinstance(a, Spec) else reg.spec(a) for a in items]
-    elif metadata.get("specs") and all(s.get("arch") in reg.specs() for s in metadata["specs"]):
-        specs = [reg.spec(s["arch"]) for s in metadata["specs"]]
+        specs = specs_for(arch)
+    elif (
+        metadata.get("specs")
+        and isinstance(metadata["specs"], list)
+        and all(isinstance(s, dict) and s.get("arch") in catalog_specs() for s in metadata["specs"])
+    ):
+        specs = [get_spec(s["arch"]) for s in metadata["specs"]]
     else:
-        specs = matching_specs(model)
+        specs = select_specs(model)
     return build_contract(model, specs), ""
 
 
-def verify_checkpoint(path: Path | str, engine: str | None = None, arch: str | Spec | Iterable[str | Spec] | None = None, raise_on_error: bool = False) -> VerifyReport:
+def verify_checkpoint(
+    path: Path | str,
+    engine: str | None = None,
+    arch: str | Spec | Iterable[str | Spec] | None = None,
+    raise_on_error: bool = False,
+) -> VerifyReport:
     """Check the export contract on the checkpoint folder ``path`` (see the module docstring).
 
     ``engine``: whose loader rules to check (default: the one ``moe_unfuse.json`` records, else
@@ -294,7 +369,9 @@ def verify_checkpoint(path: Path | str, engine: str | None = None, arch: str | S
     """
     path = Path(path)
     if not path.is_dir():
-        raise MoeUnfuseError(f"{path}: not a folder; fix: pass the checkpoint folder (with config.json and *.safetensors)")
+        raise MoeUnfuseError(
+            f"{path}: not a folder; fix: pass the checkpoint folder (with config.json and *.safetensors)"
+        )
     ckpt = Checkpoint(path)
     metadata = ckpt.json(METADATA_FILE)
     metadata = metadata if isinstance(metadata, dict) else {}
@@ -321,7 +398,12 @@ def verify_checkpoint(path: Path | str, engine: str | None = None, arch: str | S
 
     checks = [
         _check_names(ckpt, contract, why, algo),
-        Check("shards", not ckpt.index_problems, "index and shards disagree" if ckpt.index_problems else "index and shards agree", ckpt.index_problems),
+        Check(
+            "shards",
+            not ckpt.index_problems,
+            "index and shards disagree" if ckpt.index_problems else "index and shards agree",
+            ckpt.index_problems,
+        ),
         _check_no_fused(ckpt, contract, excludes, quantized),
         _check_complete(ckpt, contract, excludes, algo),
         _check_gate_up(ckpt),
@@ -331,7 +413,14 @@ def verify_checkpoint(path: Path | str, engine: str | None = None, arch: str | S
     ]
     for rule in rules:
         bad = rule.check(ctx)
-        checks.append(Check(rule.name, not bad, f"{rule.what} ({engine}: {rule.versions}; {rule.source})" if bad else f"{rule.what}", bad))
+        checks.append(
+            Check(
+                rule.name,
+                not bad,
+                f"{rule.what} ({engine}: {rule.versions}; {rule.source})" if bad else f"{rule.what}",
+                bad,
+            )
+        )
     report = VerifyReport(path, engine, algo, checks)
     return report.raise_for_errors() if raise_on_error else report
 
@@ -342,7 +431,12 @@ def _nvfp4(algo: str | None) -> bool:
 
 def _check_names(ckpt: Checkpoint, contract: NamingContract | None, why: str, algo: str | None) -> Check:
     if contract is None:
-        return Check("hub-names", False, f"no naming contract: {why}", [], )
+        return Check(
+            "hub-names",
+            False,
+            f"no naming contract: {why}",
+            [],
+        )
     bad = [f"{k} (not a tensor save_pretrained writes for this model)" for k in contract.unknown(ckpt.where)]
     bad.extend(f"{n} (missing)" for n in contract.missing(ckpt.where))
     for k in ckpt.where:
@@ -350,43 +444,83 @@ def _check_names(ckpt: Checkpoint, contract: NamingContract | None, why: str, al
         if base != k or k not in contract.names:
             continue
         want, have, dtype = list(contract.names[k]), ckpt.shape[k], ckpt.dtype[k]
-        scaled = any(f"{k[: -len('.weight')]}.{s}" in ckpt.where for s in QUANT_SUFFIXES) if k.endswith(".weight") else any(f"{k}_{s}" in ckpt.where for s in QUANT_SUFFIXES)
+        scaled = (
+            any(f"{k[: -len('.weight')]}.{s}" in ckpt.where for s in QUANT_SUFFIXES)
+            if k.endswith(".weight")
+            else any(f"{k}_{s}" in ckpt.where for s in QUANT_SUFFIXES)
+        )
         if not scaled:
             if have != want:
                 bad.append(f"{k} shape {have} (expected {want})")
             elif dtype not in FLOAT_DTYPES:
                 bad.append(f"{k} dtype {dtype} (unquantized, expected a float type)")
         if scaled:
-            scale_key = (lambda x, m=k[: -len(".weight")]: f"{m}.{x}") if k.endswith(".weight") else (lambda x, n=k: f"{n}_{x}")
+            scale_key = (
+                (lambda x, m=k[: -len(".weight")]: f"{m}.{x}") if k.endswith(".weight") else (lambda x, n=k: f"{n}_{x}")
+            )
             # weight scales: every quantized weight (input scales are required of experts, below;
             # modelopt exports some dense linears weight-only, e.g. Jamba's mamba.dt_proj)
-            bad.extend(f"{scale_key(x)} (missing: {algo} needs it next to a quantized weight)" for x in _required_scales(algo) if x != "input_scale" and scale_key(x) not in ckpt.where)
+            bad.extend(
+                f"{scale_key(x)} (missing: {algo} needs it next to a quantized weight)"
+                for x in _required_scales(algo)
+                if x != "input_scale" and scale_key(x) not in ckpt.where
+            )
             for x, want_dtype in _SCALE_DTYPES[_nvfp4(algo)].items():
                 if scale_key(x) in ckpt.where and ckpt.dtype[scale_key(x)] != want_dtype:
                     bad.append(f"{scale_key(x)} dtype {ckpt.dtype[scale_key(x)]} (expected {want_dtype})")
         if not scaled:
             pass
         elif _nvfp4(algo):
-            halved = len(have) == len(want) and sum(a != b for a, b in zip(have, want)) == 1 and any(2 * a == b for a, b in zip(have, want) if a != b)
+            halved = (
+                len(have) == len(want)
+                and sum(a != b for a, b in zip(have, want)) == 1
+                and any(2 * a == b for a, b in zip(have, want) if a != b)
+            )
             if dtype != "U8" or not halved:
                 bad.append(f"{k} {dtype} {have} (NVFP4 packs two per byte: U8 with one dim of {want} halved)")
         elif dtype != "F8_E4M3" or have != want:
             bad.append(f"{k} {dtype} {have} (FP8 expected F8_E4M3 {want})")
     n = len(contract.names)
-    return Check("hub-names", not bad, "tensors that are not the hub checkpoint's names, or do not fit them" if bad else f"{len(ckpt.where)} tensors, all {n} hub names present, shapes and dtypes fit", bad)
+    return Check(
+        "hub-names",
+        not bad,
+        "tensors that are not the hub checkpoint's names, or do not fit them"
+        if bad
+        else f"{len(ckpt.where)} tensors, all {n} hub names present, shapes and dtypes fit",
+        bad,
+    )
 
 
 def _check_no_fused(ckpt: Checkpoint, contract: NamingContract | None, excludes: list[str], quantized: bool) -> Check:
     bad: list[str] = []
-    fused_ok = {f"{e.hub}.{name}" for e in (contract.experts.values() if contract else ()) if e.layout == "fused" and not e.refused for name, _, bias in e.params for name in (name, bias) if name}
-    fused = [k for k in ckpt.where if len(ckpt.shape[k]) >= 3 and not PER_EXPERT_RE.match(k) and re.search(r"(^|\.|_)experts?(\.|$)", k)]
+    fused_ok = {
+        f"{e.hub}.{name}"
+        for e in (contract.experts.values() if contract else ())
+        if e.layout == "fused" and not e.fused_back
+        for name, _, bias in e.params
+        for name in (name, bias)
+        if name
+    }
+    fused = [
+        k
+        for k in ckpt.where
+        if len(ckpt.shape[k]) >= 3 and not PER_EXPERT_RE.match(k) and re.search(r"(^|\.|_)experts?(\.|$)", k)
+    ]
     for k in fused:
         module = k.rsplit(".", 1)[0]
-        if any(key.startswith(module + ".") and PER_EXPERT_RE.match(key) and key.endswith(".weight") for key in ckpt.where):
+        if any(
+            key.startswith(module + ".") and PER_EXPERT_RE.match(key) and key.endswith(".weight") for key in ckpt.where
+        ):
             bad.append(f"{k} (and per-expert weights of {module})")
         elif quantized and k not in fused_ok and not excluded(module, excludes):
             bad.append(f"{k} {ckpt.shape[k]}")
-    detail = "fused expert tensors that are neither the spec's fused export nor unquantized and excluded" if bad else f"{len(fused)} fused expert tensor(s), each declared fused or unquantized and excluded" if fused else "none"
+    detail = (
+        "fused expert tensors that are neither the spec's fused export nor unquantized and excluded"
+        if bad
+        else f"{len(fused)} fused expert tensor(s), each declared fused or unquantized and excluded"
+        if fused
+        else "none"
+    )
     return Check("no-fused-experts", not bad, detail, bad)
 
 
@@ -415,7 +549,12 @@ def _check_complete(ckpt: Checkpoint, contract: NamingContract | None, excludes:
                 bad.append(f"{name} (missing)")
             elif required and not excluded(module, excludes):
                 bad.extend(scale_key(s) for s in required if scale_key(s) not in ckpt.where)
-    detail = f"missing expert tensors (required per weight: {', '.join(('weight',) + required)})" if bad else f"{len(list(modules))} experts module(s), every expert weight present" + (f" with {', '.join(required)}" if required else "")
+    detail = (
+        f"missing expert tensors (required per weight: {', '.join(('weight',) + required)})"
+        if bad
+        else f"{len(list(modules))} experts module(s), every expert weight present"
+        + (f" with {', '.join(required)}" if required else "")
+    )
     return Check("experts-complete", not bad, detail, bad)
 
 
@@ -437,8 +576,16 @@ def _check_gate_up(ckpt: Checkpoint) -> Check:
             pairs += 1
             a, b = ckpt.tensor(k), ckpt.tensor(other)
             if a.shape != b.shape or not torch.equal(a, b):
-                bad.append(f"{m['prefix']}.{m['expert']} ({gate} {a.flatten()[0].item():.6g} != {up} {b.flatten()[0].item():.6g})")
-    detail = "gate and up weight_scale_2 differ (vLLM and SGLang use gate's for both)" if bad else f"{pairs} expert(s) share one weight_scale_2" if pairs else "no per-expert NVFP4 global scales"
+                bad.append(
+                    f"{m['prefix']}.{m['expert']} ({gate} {a.flatten()[0].item():.6g} != {up} {b.flatten()[0].item():.6g})"
+                )
+    detail = (
+        "gate and up weight_scale_2 differ (vLLM and SGLang use gate's for both)"
+        if bad
+        else f"{pairs} expert(s) share one weight_scale_2"
+        if pairs
+        else "no per-expert NVFP4 global scales"
+    )
     return Check("gate-up-global-scale", not bad, detail, bad)
 
 
@@ -455,9 +602,19 @@ def _check_scales(ckpt: Checkpoint, keys: list[str]) -> Check:
         per_block = kind == "weight_scale" and t.dim() >= 2
         ok = t.numel() > 0 and bool(torch.isfinite(t).all()) and bool((t >= 0).all() if per_block else (t > 0).all())
         if not ok:
-            v = "empty" if not t.numel() else t.flatten()[(~torch.isfinite(t.flatten()) | (t.flatten() <= 0)).nonzero()[0, 0]].item() if not per_block else "negative or non-finite block scale"
+            v = (
+                "empty"
+                if not t.numel()
+                else t.flatten()[(~torch.isfinite(t.flatten()) | (t.flatten() <= 0)).nonzero()[0, 0]].item()
+                if not per_block
+                else "negative or non-finite block scale"
+            )
             bad.append(f"{k}={v}")
-    detail = "scales that are not finite and > 0" if bad else f"{n} scale tensor(s), all finite and > 0 (per-block weight scales >= 0)"
+    detail = (
+        "scales that are not finite and > 0"
+        if bad
+        else f"{n} scale tensor(s), all finite and > 0 (per-block weight scales >= 0)"
+    )
     return Check("scales", not bad, detail, bad)
 
 
@@ -466,22 +623,43 @@ def _check_excluded(ckpt: Checkpoint, keys: list[str], excludes: list[str], quan
         return Check("unquantized-excluded", True, "checkpoint is unquantized (nothing to exclude)")
     module_of = {k: k.rsplit(".", 1)[0] for k in keys}
     scaled = sorted({module_of[k] for k in keys if k.rsplit(".", 1)[-1] in SCALE_SUFFIXES})
-    bad = [f"{m} (unquantized, not in exclude_modules)" for m in sorted(must_exclude(keys)) if not excluded(m, excludes)]
+    bad = [
+        f"{m} (unquantized, not in exclude_modules)" for m in sorted(must_exclude(keys)) if not excluded(m, excludes)
+    ]
     bad.extend(f"{m} (quantized; must stay unquantized)" for m in scaled if KEEP_UNQUANTIZED_RE.search(m))
-    bad.extend(f"{m} (quantized, yet excluded: an engine loads it as unquantized)" for m in scaled if excluded(m, excludes) and not KEEP_UNQUANTIZED_RE.search(m))
+    bad.extend(
+        f"{m} (quantized, yet excluded: an engine loads it as unquantized)"
+        for m in scaled
+        if excluded(m, excludes) and not KEEP_UNQUANTIZED_RE.search(m)
+    )
     if not excluded("lm_head", excludes):
         bad.append("lm_head (not in exclude_modules)")
     n = len(must_exclude(keys))
-    detail = "modules that must stay unquantized and be excluded, or quantized ones excluded" if bad else f"{n} unquantized router/tower/projector/expert module(s) and lm_head excluded, no quantized module excluded"
+    detail = (
+        "modules that must stay unquantized and be excluded, or quantized ones excluded"
+        if bad
+        else f"{n} unquantized router/tower/projector/expert module(s) and lm_head excluded, no quantized module excluded"
+    )
     return Check("unquantized-excluded", not bad, detail, bad)
 
 
 def _check_quant_config(ckpt: Checkpoint, hf_quant: dict | None, qc: dict | None, quantized: bool) -> Check:
     if not quantized:
-        scaled = sorted(k for k in ckpt.where if k.rsplit(".", 1)[-1] in SCALE_SUFFIXES or ckpt.dtype[k] in ("F8_E4M3", "U8"))
+        scaled = sorted(
+            k for k in ckpt.where if k.rsplit(".", 1)[-1] in SCALE_SUFFIXES or ckpt.dtype[k] in ("F8_E4M3", "U8")
+        )
         if scaled:
-            return Check("quant-config", False, "quantized tensors but no quant_algo in hf_quant_config.json or config.json", scaled)
-        return Check("quant-config", qc is None, "config.json has a quantization_config but no quant_algo" if qc else "no quantization config (unquantized)")
+            return Check(
+                "quant-config",
+                False,
+                "quantized tensors but no quant_algo in hf_quant_config.json or config.json",
+                scaled,
+            )
+        return Check(
+            "quant-config",
+            qc is None,
+            "config.json has a quantization_config but no quant_algo" if qc else "no quantization config (unquantized)",
+        )
     bad = []
     if hf_quant is None:
         bad.append("hf_quant_config.json (missing)")
@@ -494,4 +672,9 @@ def _check_quant_config(ckpt: Checkpoint, hf_quant: dict | None, qc: dict | None
         a, b = set(q.get("exclude_modules") or []), set(qc.get("ignore") or qc.get("exclude_modules") or [])
         if a != b:
             bad.extend(f"{n} (only in {'hf_quant_config.json' if n in a else 'config.json'})" for n in sorted(a ^ b))
-    return Check("quant-config", not bad, "hf_quant_config.json and config.json disagree" if bad else "hf_quant_config.json and config.json agree", bad)
+    return Check(
+        "quant-config",
+        not bad,
+        "hf_quant_config.json and config.json disagree" if bad else "hf_quant_config.json and config.json agree",
+        bad,
+    )

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
-
 from helpers import SPECS_DIR, Edit, spec_names, spec_raw, spec_variant, write_spec
 
 if TYPE_CHECKING:
@@ -23,6 +22,8 @@ if TYPE_CHECKING:
     import moe_unfuse
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Third-party plugins installed on the machine must not change what the suite sees.
+os.environ.setdefault("MOE_UNFUSE_NO_ENTRY_POINTS", "1")
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,7 @@ def one_thread():
 
 
 # --- specs ----------------------------------------------------------------------------------------
+
 
 class SpecMutator:
     """Variants of the built-in specs for one test, written (when a file is needed) into its ``tmp_path``.
@@ -87,7 +89,10 @@ def gemma4_spec() -> moe_unfuse.Spec:
 
 # --- models ---------------------------------------------------------------------------------------
 
-def build_tiny_model(model_def: Mapping[str, Any], seed: int | None = None, expert_std: float | None = None, **overrides: Any) -> nn.Module:
+
+def build_tiny_model(
+    model_def: Mapping[str, Any], seed: int | None = None, expert_std: float | None = None, **overrides: Any
+) -> nn.Module:
     """A whole tiny model from a ``golden.model`` mapping (``class``, optional ``config``,
     ``config_kwargs`` updated by ``overrides``): eager attention and experts, seeded, in eval mode.
     ``expert_std`` redraws every expert parameter from N(0, std): the default init leaves experts
@@ -99,7 +104,9 @@ def build_tiny_model(model_def: Mapping[str, Any], seed: int | None = None, expe
     cls = golden.import_object(model_def["class"])
     config_cls = golden.import_object(model_def["config"]) if model_def.get("config") else cls.config_class
     config = config_cls(**{**model_def["config_kwargs"], **overrides})
-    golden._set_implementation(config, "eager")
+    for cfg in (config, getattr(config, "text_config", None), getattr(config, "ffn_config", None)):
+        if cfg is not None:
+            cfg._experts_implementation = "eager"  # the reference forward every exactness claim is about
     config._attn_implementation = "eager"
     torch.manual_seed(golden.SEED if seed is None else seed)
     model = cls(config).eval()
@@ -126,12 +133,13 @@ def tiny_model() -> Callable[..., nn.Module]:
 
 # --- plugins --------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def registered_plugin() -> Iterator[Callable[..., Any]]:
     """``registered_plugin(obj, name=None)`` registers a plugin object for this test; every one still
     registered is unregistered afterwards, also when the test fails, so no plugin leaks into the next."""
     import moe_unfuse
-    from moe_unfuse.plugins import pm
+    from moe_unfuse.plugins import is_registered
 
     registered: list[Any] = []
 
@@ -142,14 +150,20 @@ def registered_plugin() -> Iterator[Callable[..., Any]]:
 
     yield register
     for plugin in reversed(registered):
-        if pm.is_registered(plugin):
+        if is_registered(plugin):
             moe_unfuse.unregister_plugin(plugin)
 
 
 # --- --arch ---------------------------------------------------------------------------------------
 
+
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--arch", action="store", default=None, help="comma-separated arch names: run only their tests (see `moe-unfuse list`)")
+    parser.addoption(
+        "--arch",
+        action="store",
+        default=None,
+        help="comma-separated arch names: run only their tests (see `moe-unfuse list`)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import pytest
 import yaml
 
+from moe_unfuse import versions
+
 if TYPE_CHECKING:
     import moe_unfuse
 
@@ -79,10 +81,8 @@ def arch_param(*archs: str, id: str | None = None) -> Any:
 def not_installed_reason(spec: moe_unfuse.Spec) -> str:
     """Why a spec's tests cannot run here: its class is not in the installed transformers (a spec for
     a newer or an older release; ``target.verified_on`` says which)."""
-    from moe_unfuse import drift
-
     verified = ", ".join(spec.verified_on.get("transformers", ())) or "none"
-    return f"{spec.class_name} is not in the installed transformers {drift.installed_version()} (verified on: {verified})"
+    return f"{spec.class_name} is not in the installed transformers {versions.installed_version()} (verified on: {verified})"
 
 
 def installed_spec(arch: str) -> moe_unfuse.Spec:

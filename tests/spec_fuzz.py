@@ -20,12 +20,43 @@ import yaml
 SPECS_DIR = Path(__file__).resolve().parent.parent / "specs"
 
 HOSTILE_STRINGS = (
-    "", " ", "os.system", "subprocess.Popen", "builtins.eval", "transformers.pipeline", "__import__('os')",
-    "../../etc/passwd", "/etc/passwd", "..", "x//0", "2*", "*", "num_experts//0", "1e999", "-1", "nan",
-    "a" * 5000, "+".join(["hidden"] * 50000), "(" * 500 + "1" + ")" * 500, "\u202e\u0000", "ünïcödé",
-    "(?<!unclosed", "[", "${HOME}", "%s%n", "\\", "torch.nn.Linear", "transformers.PretrainedConfig",
-    "transformers.models.gemma4.modeling_gemma4.Gemma4TextExperts", "transformers.Gemma4TextConfig",
-    "hidden_states", "top_k_index", "forward", "_apply_gate", "register_buffer", "interleaved",
+    "",
+    " ",
+    "os.system",
+    "subprocess.Popen",
+    "builtins.eval",
+    "transformers.pipeline",
+    "__import__('os')",
+    "../../etc/passwd",
+    "/etc/passwd",
+    "..",
+    "x//0",
+    "2*",
+    "*",
+    "num_experts//0",
+    "1e999",
+    "-1",
+    "nan",
+    "a" * 5000,
+    "+".join(["hidden"] * 50000),
+    "(" * 500 + "1" + ")" * 500,
+    "\u202e\u0000",
+    "ünïcödé",
+    "(?<!unclosed",
+    "[",
+    "${HOME}",
+    "%s%n",
+    "\\",
+    "torch.nn.Linear",
+    "transformers.PretrainedConfig",
+    "transformers.models.gemma4.modeling_gemma4.Gemma4TextExperts",
+    "transformers.Gemma4TextConfig",
+    "hidden_states",
+    "top_k_index",
+    "forward",
+    "_apply_gate",
+    "register_buffer",
+    "interleaved",
 )
 
 
@@ -86,7 +117,9 @@ def _edit_tree(rng: random.Random, raw: dict) -> dict:
         elif op < 0.75:  # replace with another type or a hostile value
             parent[path[-1]] = _hostile_values(rng)
         elif op < 0.9 and isinstance(parent, dict):  # an unknown or repeated-looking key
-            parent[rng.choice(["colour", "extends", "abstract", "top_k", "kind", "method", "param"])] = _hostile_values(rng)
+            parent[rng.choice(["colour", "extends", "abstract", "top_k", "kind", "method", "param"])] = _hostile_values(
+                rng
+            )
         elif isinstance(parent[path[-1]], str):  # a small corruption of a real string
             s = parent[path[-1]]
             i = rng.randrange(len(s) + 1)
@@ -123,10 +156,12 @@ def _text_edit(rng: random.Random, text: str) -> str | bytes:
         return text + line
     if op == 5:  # non-UTF-8 bytes
         data = bytearray(text.encode())
-        data[rng.randrange(len(data) + 1):0] = rng.choice([b"\xff\xfe", b"\xc3\x28", b"\x80", b"\xed\xa0\x80"])
+        data[rng.randrange(len(data) + 1) : 0] = rng.choice([b"\xff\xfe", b"\xc3\x28", b"\x80", b"\xed\xa0\x80"])
         return bytes(data)
     if op == 6:  # mixed-type and non-string keys
-        return text + rng.choice(["dims: {1: a, b: c}\n", "colour: {1: a, b: c, null: d, 2.5: e}\n", "? [a, b]\n: c\n", "true: 1\n"])
+        return text + rng.choice(
+            ["dims: {1: a, b: c}\n", "colour: {1: a, b: c, null: d, 2.5: e}\n", "? [a, b]\n: c\n", "true: 1\n"]
+        )
     if op == 7:  # truncated
         return text[: rng.randrange(len(text) + 1)]
     if op == 8:  # random byte flips
@@ -138,8 +173,28 @@ def _text_edit(rng: random.Random, text: str) -> str | bytes:
     if op == 9:  # a huge file
         return text + "description: " + "x" * rng.choice([10_000, 2_000_000]) + "\n"
     if op == 10:  # tags a safe loader must refuse, or python-specific ones
-        return text + rng.choice(["colour: !!python/object/apply:os.system [echo hi]\n", "colour: !!binary aGk=\n", "colour: !custom x\n", "colour: !!set {a, b}\n"])
-    return text.replace("extends: _standard", rng.choice(["extends: ../specs/_standard", "extends: /etc/passwd", "extends: _standard/../_standard", "extends: 5", "extends: [a]", "extends: nowhere"]), 1)
+        return text + rng.choice(
+            [
+                "colour: !!python/object/apply:os.system [echo hi]\n",
+                "colour: !!binary aGk=\n",
+                "colour: !custom x\n",
+                "colour: !!set {a, b}\n",
+            ]
+        )
+    return text.replace(
+        "extends: _standard",
+        rng.choice(
+            [
+                "extends: ../specs/_standard",
+                "extends: /etc/passwd",
+                "extends: _standard/../_standard",
+                "extends: 5",
+                "extends: [a]",
+                "extends: nowhere",
+            ]
+        ),
+        1,
+    )
 
 
 @dataclass
@@ -187,5 +242,9 @@ def extends_chain(directory: Path, length: int) -> Path:
     for i in range(1, length + 1):
         (directory / f"c{i}.yaml").write_text(f"extends: c{i - 1}\n")
     last = directory / f"c{length}.yaml"
-    last.write_text("arch: chain\nextends: c{}\ntarget: {{class: transformers.models.mixtral.modeling_mixtral.MixtralExperts}}\n".format(length - 1))
+    last.write_text(
+        "arch: chain\nextends: c{}\ntarget: {{class: transformers.models.mixtral.modeling_mixtral.MixtralExperts}}\n".format(
+            length - 1
+        )
+    )
     return last

@@ -24,21 +24,16 @@ PLACEMENT = {"model.layers.0": EXECUTION, "model.layers.1": "cpu", "model.layers
 FUSED = ("gate_up_proj", "down_proj")
 
 
-def _tiny_model():
-    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
-
-    kwargs = dict(moe_unfuse.get_spec("gemma4").golden["model"]["config_kwargs"])
-    kwargs.update(num_hidden_layers=3, layer_types=["sliding_attention", "sliding_attention", "full_attention"])
-    config = Gemma4TextConfig(**kwargs)
-    config._attn_implementation = "eager"
-    config._experts_implementation = "eager"
-    torch.manual_seed(0)
-    model = Gemma4ForCausalLM(config).eval()
-    with torch.no_grad():  # the default init leaves experts at zero-ish scale; make every expert matter
-        for layer in model.model.layers:
-            for name in FUSED:
-                getattr(layer.experts, name).normal_(0, 0.1)
-    return model
+@pytest.fixture
+def gemma4_model(tiny_model):
+    """The tiny Gemma 4 with three layers (one per placement); the default init leaves experts at a
+    zero-ish scale, so every expert parameter is redrawn from N(0, 0.1) to make every expert matter."""
+    return tiny_model(
+        "gemma4",
+        expert_std=0.1,
+        num_hidden_layers=3,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    )
 
 
 def _dispatch(model, offload_dir):
@@ -76,8 +71,8 @@ def _expert_keys(keys: list[str], names: tuple[str, ...] = FUSED) -> list[str]:
 
 
 @pytest.mark.arch("gemma4")
-def test_dispatch_sets_up_the_three_placements(tmp_path):
-    model = _dispatch(_tiny_model(), tmp_path)
+def test_dispatch_sets_up_the_three_placements(tmp_path, gemma4_model):
+    model = _dispatch(gemma4_model, tmp_path)
     layers = model.model.layers
     assert offload_hook(layers[0].experts) is None and layers[0].experts.gate_up_proj.device.type == "cpu"
     for i in (1, 2):
@@ -86,8 +81,8 @@ def test_dispatch_sets_up_the_three_placements(tmp_path):
 
 
 @pytest.mark.arch("gemma4")
-def test_unfuse_offloaded_logits_identical_and_nothing_loaded_whole(tmp_path, ids, loads):
-    model = _tiny_model()
+def test_unfuse_offloaded_logits_identical_and_nothing_loaded_whole(tmp_path, ids, loads, gemma4_model):
+    model = gemma4_model
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     model = _dispatch(model, tmp_path)
@@ -100,14 +95,14 @@ def test_unfuse_offloaded_logits_identical_and_nothing_loaded_whole(tmp_path, id
     assert _expert_keys(loads) == [], "the forward read whole fused tensors from disk instead of one expert's rows"
     experts = model.model.layers[2].experts
     assert experts[0].gate_proj.weight.is_meta, "offloaded weights must go back to meta after the forward"
-    moe_unfuse.refuse(model)
+    moe_unfuse.fuse(model)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, expected)
     assert model.model.layers[2].experts.gate_up_proj.is_meta
 
 
 @pytest.mark.arch("gemma4")
-def test_unfuse_under_cpu_offload(ids):
+def test_unfuse_under_cpu_offload(ids, gemma4_model):
     """``accelerate.cpu_offload``: a plain dict weights map for the whole model.
 
     (modelopt 0.47's writeback assumes an ``OffloadedWeightsLoader`` and fails on this map for any
@@ -115,7 +110,7 @@ def test_unfuse_under_cpu_offload(ids):
     """
     from accelerate import cpu_offload
 
-    model = _tiny_model()
+    model = gemma4_model
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     cpu_offload(model, execution_device=EXECUTION, offload_buffers=True)
@@ -123,18 +118,18 @@ def test_unfuse_under_cpu_offload(ids):
     moe_unfuse.unfuse(model, "gemma4")
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, expected)
-    moe_unfuse.refuse(model)
+    moe_unfuse.fuse(model)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, expected)
 
 
 @pytest.mark.arch("gemma4")
 @pytest.mark.parametrize("order", ["remove-hooks-then-refuse", "refuse-then-remove-hooks"])
-def test_removing_the_hooks_materializes_experts_either_way(tmp_path, ids, order):
+def test_removing_the_hooks_materializes_experts_either_way(tmp_path, ids, order, gemma4_model):
     """``remove_hook_from_submodules`` (as before an export) must bring every weight back, unfused or not."""
     from accelerate.hooks import remove_hook_from_submodules
 
-    model = _tiny_model()
+    model = gemma4_model
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     model = _dispatch(model, tmp_path)
@@ -144,9 +139,9 @@ def test_removing_the_hooks_materializes_experts_either_way(tmp_path, ids, order
         assert not any(p.is_meta for p in model.parameters())
         with torch.no_grad():
             assert torch.equal(model(input_ids=ids).logits, expected)
-        moe_unfuse.refuse(model)
+        moe_unfuse.fuse(model)
     else:
-        moe_unfuse.refuse(model)
+        moe_unfuse.fuse(model)
         remove_hook_from_submodules(model)
     assert not any(p.is_meta for p in model.parameters())
     assert model.model.layers[2].experts.gate_up_proj.shape == (4, 80, 64)
@@ -155,26 +150,26 @@ def test_removing_the_hooks_materializes_experts_either_way(tmp_path, ids, order
 
 
 @pytest.mark.arch("gemma4")
-def test_expert_slice_writeback_reaches_the_fused_tensor(tmp_path):
+def test_expert_slice_writeback_reaches_the_fused_tensor(tmp_path, gemma4_model):
     """modelopt's writeback (``w_map[key] = tensor``) must land in the fused tensor the offload hook serves."""
-    model = _dispatch(_tiny_model(), tmp_path)
+    model = _dispatch(gemma4_model, tmp_path)
     moe_unfuse.unfuse(model, "gemma4")
     for i in (1, 2):  # CPU-offloaded, disk-offloaded
         wmap = model.model.layers[i].experts[3].up_proj._hf_hook.weights_map
         wmap["weight"] = torch.full_like(wmap["weight"], 0.25)
-    moe_unfuse.refuse(model)
+    moe_unfuse.fuse(model)
     for i in (1, 2):
         fused = offload_hook(model.model.layers[i].experts).weights_map["gate_up_proj"]
-        up = fused[3, fused.shape[1] // 2:]
+        up = fused[3, fused.shape[1] // 2 :]
         assert torch.equal(up, torch.full_like(up, 0.25)), f"layer {i}"
         assert not torch.equal(fused[2], torch.full_like(fused[2], 0.25))
 
 
 @pytest.mark.arch("gemma4")
-def test_fp8_calibrates_every_offloaded_expert(tmp_path, ids, loads):
+def test_fp8_calibrates_every_offloaded_expert(tmp_path, ids, loads, gemma4_model):
     import modelopt.torch.quantization as mtq
 
-    model = _tiny_model()
+    model = gemma4_model
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     model = _dispatch(model, tmp_path)
@@ -187,7 +182,11 @@ def test_fp8_calibrates_every_offloaded_expert(tmp_path, ids, loads):
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 linear = getattr(expert, proj)
                 assert type(linear).__name__ == "QuantLinear"
-                uncalibrated += [f"{i}.{e}.{proj}.{q}" for q in ("input_quantizer", "weight_quantizer") if getattr(linear, q).amax is None]
+                uncalibrated += [
+                    f"{i}.{e}.{proj}.{q}"
+                    for q in ("input_quantizer", "weight_quantizer")
+                    if getattr(linear, q).amax is None
+                ]
     assert not uncalibrated
     assert _expert_keys(loads) == [], "calibration loaded whole fused expert tensors from disk"
     mtq.disable_quantizer(model, "*")
@@ -196,23 +195,16 @@ def test_fp8_calibrates_every_offloaded_expert(tmp_path, ids, loads):
 
 
 @pytest.mark.arch("dbrx")
-def test_offloaded_dbrx_flattened_submodule_params(tmp_path, loads):
+def test_offloaded_dbrx_flattened_submodule_params(tmp_path, loads, tiny_model):
     """DBRX's experts are flattened 2-D ``mlp.w1/v1/w2`` owned by a submodule with its own offload hook.
 
     Fused and dispatched, this model cannot run at all (DbrxExperts reads ``mlp.w1`` without calling
     ``mlp``, so the hook never loads it: accelerate + DBRX, not moe_unfuse); unfused, each expert
     linear loads its own rows and the logits are the undispatched model's.
     """
-    from transformers import DbrxConfig, DbrxForCausalLM
-
-    config = DbrxConfig(**moe_unfuse.get_spec("dbrx").golden["model"]["config_kwargs"])
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = DbrxForCausalLM(config).eval()
+    model = tiny_model("dbrx", expert_std=0.1)
+    config = model.config
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".experts." in name:
-                p.normal_(0, 0.1)
         expected = model(input_ids=ids_for(config.vocab_size)).logits
     device_map = {f"transformer.{n}": EXECUTION for n, _ in model.transformer.named_children() if n != "blocks"}
     device_map.update({"transformer.blocks.0": "cpu", "transformer.blocks.1": "disk", "lm_head": EXECUTION})
@@ -222,4 +214,3 @@ def test_offloaded_dbrx_flattened_submodule_params(tmp_path, loads):
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids_for(config.vocab_size)).logits, expected)
     assert _expert_keys(loads, ("w1", "v1", "w2")) == []
-

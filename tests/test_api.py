@@ -12,21 +12,25 @@ from moe_unfuse.experts import ExpertMLP
 
 pytestmark = pytest.mark.arch("gemma4")
 
-SPEC = moe_unfuse.get_spec("gemma4")
+
+@pytest.fixture
+def spec(gemma4_spec: moe_unfuse.Spec) -> moe_unfuse.Spec:
+    """The Gemma 4 spec every test here runs on (loaded per test, not at import)."""
+    return gemma4_spec
 
 
 class TwoLayers(nn.Module):
-    def __init__(self):
+    def __init__(self, spec: moe_unfuse.Spec):
         super().__init__()
-        self.layers = nn.ModuleList(nn.ModuleDict({"experts": golden.build_experts(SPEC, seed=i)}) for i in range(2))
+        self.layers = nn.ModuleList(nn.ModuleDict({"experts": golden.build_experts(spec, seed=i)}) for i in range(2))
 
 
-def test_unfused_module_layout_and_zero_copy():
-    module = golden.build_experts(SPEC)
+def test_unfused_module_layout_and_zero_copy(spec):
+    module = golden.build_experts(spec)
     fused = module.gate_up_proj.detach()
     report = unfuse(module)
     assert [m.status for m in report.modules] == ["unfused"] and report.num_linears == 12
-    assert isinstance(module, SPEC.resolve_class())
+    assert isinstance(module, spec.resolve_class())
     assert len(module) == 4 and all(isinstance(e, ExpertMLP) for e in module)
     assert module[1] is module._modules["1"] and module[-1] is module[3] and module[torch.tensor(2)] is module[2]
     with pytest.raises(IndexError):
@@ -40,31 +44,31 @@ def test_unfused_module_layout_and_zero_copy():
     assert isinstance(module[0].down_proj, nn.Linear) and module[0].down_proj.in_features == 40
 
 
-def test_unfuse_is_idempotent_and_refuse_is_bit_exact():
-    model = TwoLayers()
+def test_unfuse_is_idempotent_and_refuse_is_bit_exact(spec):
+    model = TwoLayers(spec)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     first = unfuse(model)
     second = unfuse(model)
     assert [m.status for m in first.modules] == ["unfused"] * 2
     assert [m.status for m in second.modules] == ["already unfused"] * 2 and not second.changed
-    report = moe_unfuse.refuse(model)
-    assert [m.status for m in report.modules] == ["refused"] * 2
+    report = moe_unfuse.fuse(model)
+    assert [m.status for m in report.modules] == ["fused"] * 2
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-    assert type(model.layers[0]["experts"]) is SPEC.resolve_class()
+    assert type(model.layers[0]["experts"]) is spec.resolve_class()
 
 
-def test_refuse_after_dtype_change_rebuilds_from_experts():
-    module = golden.build_experts(SPEC)
+def test_refuse_after_dtype_change_rebuilds_from_experts(spec):
+    module = golden.build_experts(spec)
     reference = module.gate_up_proj.detach().to(torch.bfloat16)
     unfuse(module)
     module.to(torch.bfloat16)  # every per-expert tensor becomes its own copy
-    moe_unfuse.refuse(module)
+    moe_unfuse.fuse(module)
     assert module.gate_up_proj.dtype == torch.bfloat16 and torch.equal(module.gate_up_proj, reference)
 
 
-def test_unfuse_is_atomic_when_a_later_module_fails(monkeypatch):
-    model = TwoLayers()
+def test_unfuse_is_atomic_when_a_later_module_fails(monkeypatch, spec):
+    model = TwoLayers(spec)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     import importlib
 
@@ -84,16 +88,19 @@ def test_unfuse_is_atomic_when_a_later_module_fails(monkeypatch):
         unfuse(model)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-    assert all(type(layer["experts"]) is SPEC.resolve_class() for layer in model.layers)
+    assert all(type(layer["experts"]) is spec.resolve_class() for layer in model.layers)
 
 
-def test_unfuse_plans_everything_before_mutating():
-    model = TwoLayers()
+def test_unfuse_plans_everything_before_mutating(spec):
+    model = TwoLayers(spec)
     second = model.layers[1]["experts"]
     second.down_proj = nn.Parameter(torch.zeros(4, 64, 41))  # wrong shape: planning fails on layer 1
     with pytest.raises(moe_unfuse.SpecError, match="down_proj"):
         unfuse(model)
-    assert type(model.layers[0]["experts"]) is SPEC.resolve_class() and "gate_up_proj" in model.layers[0]["experts"]._parameters
+    assert (
+        type(model.layers[0]["experts"]) is spec.resolve_class()
+        and "gate_up_proj" in model.layers[0]["experts"]._parameters
+    )
 
 
 class StrangeExperts(nn.Module):
@@ -105,8 +112,8 @@ class StrangeExperts(nn.Module):
         self.w_in = nn.Parameter(torch.zeros(2, 8, 4))
 
 
-def test_uncovered_fused_experts_fail_loudly():
-    model = nn.ModuleDict({"covered": golden.build_experts(SPEC), "strange": StrangeExperts()})
+def test_uncovered_fused_experts_fail_loudly(spec):
+    model = nn.ModuleDict({"covered": golden.build_experts(spec), "strange": StrangeExperts()})
     with pytest.raises(UncoveredExpertsError, match="strange.w_in") as info:
         unfuse(model)
     assert "\n" not in str(info.value) and "fix:" in str(info.value)
@@ -120,10 +127,10 @@ def test_unfuse_with_arch_that_matches_nothing():
         unfuse(nn.Sequential(nn.Linear(2, 2)), "gemma4")
 
 
-def test_register_twice_is_harmless_and_replaces_foreign_registration():
+def test_register_twice_is_harmless_and_replaces_foreign_registration(spec):
     from modelopt.torch.quantization.nn import QuantModuleRegistry
 
-    cls = SPEC.resolve_class()
+    cls = spec.resolve_class()
     first = moe_unfuse.register("gemma4")
     assert moe_unfuse.register("gemma4") is first
     QuantModuleRegistry.unregister(cls)
@@ -132,9 +139,9 @@ def test_register_twice_is_harmless_and_replaces_foreign_registration():
     assert QuantModuleRegistry._registry[cls] is replaced
 
 
-def test_unfused_forward_with_keyword_arguments_and_sentinel_experts():
-    module = golden.build_experts(SPEC)
-    (hidden, index, weights), _ = golden.make_inputs(module, SPEC)
+def test_unfused_forward_with_keyword_arguments_and_sentinel_experts(spec):
+    module = golden.build_experts(spec)
+    (hidden, index, weights), _ = golden.make_inputs(module, spec)
     index = index.clone()
     index[0, 0] = 4  # expert-parallel sentinel: skipped by the original too
     with torch.no_grad():
@@ -144,9 +151,9 @@ def test_unfused_forward_with_keyword_arguments_and_sentinel_experts():
     assert torch.equal(got, expected)
 
 
-def test_plain_linears_take_the_fused_gemm_and_observed_ones_the_split_path():
-    module = golden.build_experts(SPEC)
-    (hidden, index, weights), _ = golden.make_inputs(module, SPEC)
+def test_plain_linears_take_the_fused_gemm_and_observed_ones_the_split_path(spec):
+    module = golden.build_experts(spec)
+    (hidden, index, weights), _ = golden.make_inputs(module, spec)
     with torch.no_grad():
         expected = module(hidden, index, weights)
     unfuse(module)

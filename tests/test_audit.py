@@ -19,39 +19,76 @@ import torch
 from torch import nn
 
 import moe_unfuse
-from moe_unfuse import UncoveredExpertsError, cli, golden
+from moe_unfuse import UncoveredExpertsError, catalog, cli, golden
 from moe_unfuse.audit import GB, GIB, audit, preset_rules
 from moe_unfuse.coverage import find_fused_params, fused_expert_params, uncovered_expert_params
-from moe_unfuse.plugins import registry
-
-GEMMA4 = moe_unfuse.get_spec("gemma4")
 
 
 def gemma4_26b_config() -> dict:
     layer_types = (["sliding_attention"] * 5 + ["full_attention"]) * 5
     return {
-        "architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4", "dtype": "bfloat16", "tie_word_embeddings": True,
+        "architectures": ["Gemma4ForConditionalGeneration"],
+        "model_type": "gemma4",
+        "dtype": "bfloat16",
+        "tie_word_embeddings": True,
         "text_config": {
-            "model_type": "gemma4_text", "hidden_size": 2816, "num_hidden_layers": 30, "intermediate_size": 2112,
-            "num_attention_heads": 16, "num_key_value_heads": 8, "num_global_key_value_heads": 2, "head_dim": 256, "global_head_dim": 512,
-            "attention_k_eq_v": True, "vocab_size": 262144, "max_position_embeddings": 262144, "sliding_window": 1024,
-            "final_logit_softcapping": 30.0, "hidden_size_per_layer_input": 0, "num_kv_shared_layers": 0,
-            "enable_moe_block": True, "num_experts": 128, "top_k_experts": 8, "moe_intermediate_size": 704,
-            "layer_types": layer_types, "tie_word_embeddings": True,
+            "model_type": "gemma4_text",
+            "hidden_size": 2816,
+            "num_hidden_layers": 30,
+            "intermediate_size": 2112,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 8,
+            "num_global_key_value_heads": 2,
+            "head_dim": 256,
+            "global_head_dim": 512,
+            "attention_k_eq_v": True,
+            "vocab_size": 262144,
+            "max_position_embeddings": 262144,
+            "sliding_window": 1024,
+            "final_logit_softcapping": 30.0,
+            "hidden_size_per_layer_input": 0,
+            "num_kv_shared_layers": 0,
+            "enable_moe_block": True,
+            "num_experts": 128,
+            "top_k_experts": 8,
+            "moe_intermediate_size": 704,
+            "layer_types": layer_types,
+            "tie_word_embeddings": True,
         },
         "vision_config": {  # assumed (see module docstring)
-            "model_type": "gemma4_vision", "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
-            "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 72, "standardize": True, "use_clipped_linears": False,
+            "model_type": "gemma4_vision",
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_hidden_layers": 27,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 16,
+            "head_dim": 72,
+            "standardize": True,
+            "use_clipped_linears": False,
         },
         "audio_config": None,
     }
 
 
 def tiny_gemma4_config() -> dict:
-    text = {"model_type": "gemma4_text", **GEMMA4.golden["model"]["config_kwargs"]}
-    vision = {"model_type": "gemma4_vision", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16, "position_embedding_size": 16}
-    return {"architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4", "text_config": text, "vision_config": vision, "audio_config": None}
+    text = {"model_type": "gemma4_text", **moe_unfuse.get_spec("gemma4").golden["model"]["config_kwargs"]}
+    vision = {
+        "model_type": "gemma4_vision",
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "position_embedding_size": 16,
+    }
+    return {
+        "architectures": ["Gemma4ForConditionalGeneration"],
+        "model_type": "gemma4",
+        "text_config": text,
+        "vision_config": vision,
+        "audio_config": None,
+    }
 
 
 def write(tmp_path, config: dict, folder: bool = False):
@@ -66,7 +103,7 @@ def only_specs(monkeypatch):
     """Pretend the registry holds only the given specs (a model family nobody wrote a spec for)."""
 
     def set_specs(*specs):
-        monkeypatch.setattr(registry(), "_specs", {s.arch: s for s in specs})
+        monkeypatch.setattr(catalog, "specs", lambda: {s.arch: s for s in specs})
 
     return set_specs
 
@@ -91,8 +128,11 @@ def test_audit_tiny_gemma4_config(tmp_path):
     model = Gemma4ForConditionalGeneration(config)
     params = {id(p): p for p in model.parameters()}
     assert report.total == sum(p.numel() for p in params.values())
-    linears = [(n, m.weight.shape) for n, m in model.named_modules() if isinstance(m, nn.Linear)
-               and n.startswith("model.language_model") and ".router." not in n]
+    linears = [
+        (n, m.weight.shape)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.startswith("model.language_model") and ".router." not in n
+    ]
     linears += [(f"expert {e}", (inter, hidden)) for _ in range(layers * experts) for e in range(2)]
     linears += [("expert down", (hidden, inter))] * (layers * experts)
     quantized = sum(math.prod(s) for _, s in linears)
@@ -105,7 +145,9 @@ def test_audit_tiny_gemma4_config(tmp_path):
     assert patterns["model.language_model.layers.*.experts.*.gate_proj"].count == layers * experts
     excluded = {g.pattern: g.detail for g in report.plans["nvfp4"].excluded}
     assert excluded["model.language_model.layers.*.router.proj"] == "excluded by '*.router.*'"
-    assert any(p.startswith("model.vision_tower") and d == "excluded by '*.vision_tower.*'" for p, d in excluded.items())
+    assert any(
+        p.startswith("model.vision_tower") and d == "excluded by '*.vision_tower.*'" for p, d in excluded.items()
+    )
     only = {g.pattern for g in report.plans["nvfp4_experts_only"].quantized}
     assert only == {f"model.language_model.layers.*.experts.*.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
 
@@ -115,7 +157,11 @@ def test_audit_cli_json_and_text(tmp_path, capsys):
     path = write(tmp_path, tiny_gemma4_config())
     assert cli.main(["audit", str(path), "--json", "--qformat", "fp8"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["ok"] and data["qformat"] == "fp8" and set(data["formats"]) == {"bf16", "fp8", "nvfp4", "nvfp4_experts_only"}
+    assert (
+        data["ok"]
+        and data["qformat"] == "fp8"
+        and set(data["formats"]) == {"bf16", "fp8", "nvfp4", "nvfp4_experts_only"}
+    )
     assert all(p["arch"] == "gemma4" for p in data["fused_expert_params"]) and data["uncovered"] == []
     assert cli.main(["audit", str(path)]) == 0
     out = capsys.readouterr().out
@@ -124,11 +170,16 @@ def test_audit_cli_json_and_text(tmp_path, capsys):
 
 @pytest.mark.arch("gemma4")
 def test_audit_without_a_spec_for_the_experts_exits_nonzero(tmp_path, capsys, only_specs):
-    only_specs(moe_unfuse.get_spec("mixtral"))
     path = write(tmp_path, tiny_gemma4_config())
+    only_specs(moe_unfuse.get_spec("mixtral"))
     assert cli.main(["audit", str(path)]) == 1
     out = capsys.readouterr().out
-    assert "4 NOT covered" in out and "-- none --" in out and "FAIL:" in out and "model.language_model.layers.0.experts.gate_up_proj" in out
+    assert (
+        "4 NOT covered" in out
+        and "-- none --" in out
+        and "FAIL:" in out
+        and "model.language_model.layers.0.experts.gate_up_proj" in out
+    )
     assert "no spec: stays fused" in out
 
 
@@ -152,7 +203,11 @@ def test_preset_rules_match_modelopt_configs():
     """The presets read from YAML are modelopt's own configs (same patterns, same order)."""
     import modelopt.torch.quantization as mtq
 
-    for name, cfg in (("fp8", mtq.FP8_DEFAULT_CFG), ("nvfp4", mtq.NVFP4_DEFAULT_CFG), ("nvfp4_experts_only", mtq.NVFP4_EXPERTS_ONLY_CFG)):
+    for name, cfg in (
+        ("fp8", mtq.FP8_DEFAULT_CFG),
+        ("nvfp4", mtq.NVFP4_DEFAULT_CFG),
+        ("nvfp4_experts_only", mtq.NVFP4_EXPERTS_ONLY_CFG),
+    ):
         ours = [(e["quantizer_name"], e.get("parent_class"), e.get("enable", True)) for e in preset_rules(name)]
         theirs = [(e["quantizer_name"], e.get("parent_class"), e.get("enable", True)) for e in cfg["quant_cfg"]]
         assert ours == theirs, name
@@ -227,7 +282,9 @@ def test_detector_uses_dotted_spec_params_for_dbrx():
     dbrx = moe_unfuse.get_spec("dbrx")
     module = golden.build_experts(dbrx)
     found = find_fused_params(nn.ModuleDict({"experts": module}), [dbrx])
-    assert [(f.path, f.covered, f.target_path) for f in found] == [(f"experts.mlp.{n}", True, "experts") for n in ("w1", "v1", "w2")]
+    assert [(f.path, f.covered, f.target_path) for f in found] == [
+        (f"experts.mlp.{n}", True, "experts") for n in ("w1", "v1", "w2")
+    ]
     # without the spec the flattened [E*I, H] bank is still caught, as uncovered
     assert [n for n, _ in uncovered_expert_params(module, [])] == ["mlp.w1", "mlp.v1", "mlp.w2"]
     moe_unfuse.unfuse(module, dbrx)
@@ -236,8 +293,10 @@ def test_detector_uses_dotted_spec_params_for_dbrx():
 
 @pytest.mark.arch("gemma4")
 @pytest.mark.arch("mixtral")
-def test_unfuse_with_one_arch_is_loud_about_other_experts():
-    model = nn.ModuleDict({"g": golden.build_experts(GEMMA4), "m": golden.build_experts(moe_unfuse.get_spec("mixtral"))})
+def test_unfuse_with_one_arch_is_loud_about_other_experts(gemma4_spec):
+    model = nn.ModuleDict(
+        {"g": golden.build_experts(gemma4_spec), "m": golden.build_experts(moe_unfuse.get_spec("mixtral"))}
+    )
     with pytest.raises(UncoveredExpertsError, match=r"m\.gate_up_proj, m\.down_proj"):
         moe_unfuse.unfuse(model, "gemma4")
     assert "gate_up_proj" in model["g"]._parameters  # atomic: nothing changed
@@ -246,12 +305,12 @@ def test_unfuse_with_one_arch_is_loud_about_other_experts():
 
 
 @pytest.mark.arch("gemma4")
-def test_spec_that_omits_a_fused_param_leaves_it_uncovered():
-    module = golden.build_experts(GEMMA4)
+def test_spec_that_omits_a_fused_param_leaves_it_uncovered(gemma4_spec):
+    module = golden.build_experts(gemma4_spec)
     module.extra_bank = nn.Parameter(torch.zeros(4, 3, 3))
-    assert [n for n, _ in uncovered_expert_params(module, [GEMMA4])] == ["extra_bank"]
+    assert [n for n, _ in uncovered_expert_params(module, [gemma4_spec])] == ["extra_bank"]
     with pytest.raises(UncoveredExpertsError, match="extra_bank"):
-        moe_unfuse.unfuse(module, GEMMA4)
+        moe_unfuse.unfuse(module, gemma4_spec)
 
 
 def test_audit_and_quantize_share_one_unquantized_policy() -> None:
@@ -269,8 +328,12 @@ def test_audit_and_quantize_share_one_unquantized_policy() -> None:
     model = tiny_gemma4(multimodal=True)
     ids = {"input_ids": torch.randint(4, 200, (2, 32), generator=torch.Generator().manual_seed(0))}
     quantize_model(model, "nvfp4", [ids], progress=False)
-    quantized = {n for n, m in model.named_modules() if getattr(getattr(m, "weight_quantizer", None), "is_enabled", False)}
+    quantized = {
+        n for n, m in model.named_modules() if getattr(getattr(m, "weight_quantizer", None), "is_enabled", False)
+    }
     from moe_unfuse.audit import _pattern
 
     assert {_pattern(n) for n in quantized} == planned
-    assert moe_unfuse.policy.keep_unquantized("model.visual.blocks.0") and not moe_unfuse.policy.keep_unquantized("model.visual_proj")
+    assert moe_unfuse.policy.keep_unquantized("model.visual.blocks.0") and not moe_unfuse.policy.keep_unquantized(
+        "model.visual_proj"
+    )

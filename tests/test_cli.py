@@ -7,25 +7,27 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import SPECS_DIR
 
 import moe_unfuse
 from moe_unfuse import cli
 
-SPECS_DIR = Path(__file__).resolve().parents[1] / "specs"
-GEMMA4 = moe_unfuse.get_spec("gemma4")
-
 
 @pytest.mark.arch("gemma4")
-def test_list_table_and_json(capsys):
+def test_list_table_and_json(capsys, gemma4_spec):
     assert cli.main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     row = next(line for line in lines if line.split()[0] == "gemma4")
-    assert row.split()[1:] == ["yes", GEMMA4.target_class]
+    assert row.split()[1:] == ["yes", gemma4_spec.target_class]
     assert cli.main(["list", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["arch"] for r in rows] == sorted(moe_unfuse.list_specs())
     gemma = next(r for r in rows if r["arch"] == "gemma4")
-    assert gemma["available"] is True and gemma["target_class"] == GEMMA4.target_class and gemma["source"] == GEMMA4.source
+    assert (
+        gemma["available"] is True
+        and gemma["target_class"] == gemma4_spec.target_class
+        and gemma["source"] == gemma4_spec.source
+    )
 
 
 @pytest.mark.arch("gemma4")
@@ -39,11 +41,11 @@ def test_list_reports_a_class_missing_from_transformers(capsys, monkeypatch):
 
 
 @pytest.mark.arch("gemma4")
-def test_show_prints_the_resolved_spec(capsys):
+def test_show_prints_the_resolved_spec(capsys, gemma4_spec):
     assert cli.main(["show", "gemma4"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"# gemma4: resolved from {GEMMA4.source}")
-    assert yaml.safe_load(out) == dict(GEMMA4.raw)
+    assert out.startswith(f"# gemma4: resolved from {gemma4_spec.source}")
+    assert yaml.safe_load(out) == dict(gemma4_spec.raw)
 
 
 @pytest.mark.arch("mixtral")
@@ -63,18 +65,26 @@ def test_show_unknown_arch_is_one_line(capsys):
 
 
 @pytest.mark.arch("gemma4")
-def test_check_passes_a_good_spec_with_every_golden_check(capsys):
-    assert cli.main(["check", GEMMA4.source]) == 0
+def test_check_passes_a_good_spec_with_every_golden_check(capsys, gemma4_spec):
+    assert cli.main(["check", gemma4_spec.source]) == 0
     out = capsys.readouterr().out
     assert out.startswith("spec ok: gemma4 ->")
-    for name in ("exact-float32", "exact-bfloat16", "grouped_mm-float32", "refuse", "modelopt-off", "fp8-calibrated-eager", "whole-model"):
+    for name in (
+        "exact-float32",
+        "exact-bfloat16",
+        "grouped_mm-float32",
+        "fuse",
+        "modelopt-off",
+        "fp8-calibrated-eager",
+        "whole-model",
+    ):
         assert f"PASS  {name}" in out
     assert "FAIL" not in out and "checks passed" in out
 
 
 @pytest.mark.arch("gemma4")
-def test_check_fails_a_spec_whose_layout_is_wrong(tmp_path, capsys):
-    raw = yaml.safe_load(Path(GEMMA4.source).read_text())
+def test_check_fails_a_spec_whose_layout_is_wrong(tmp_path, capsys, gemma4_spec):
+    raw = yaml.safe_load(Path(gemma4_spec.source).read_text())
     raw["params"]["gate_up_proj"]["packing"] = "interleaved"  # valid spec, wrong for Gemma 4
     path = tmp_path / "gemma4_wrong.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -84,8 +94,8 @@ def test_check_fails_a_spec_whose_layout_is_wrong(tmp_path, capsys):
 
 
 @pytest.mark.arch("gemma4")
-def test_check_bad_spec_is_one_line_naming_file_and_field(tmp_path, capsys):
-    raw = yaml.safe_load(Path(GEMMA4.source).read_text())
+def test_check_bad_spec_is_one_line_naming_file_and_field(tmp_path, capsys, gemma4_spec):
+    raw = yaml.safe_load(Path(gemma4_spec.source).read_text())
     raw["params"]["down_proj"]["axis"] = raw["params"]["down_proj"].pop("axes")
     path = tmp_path / "typo.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -95,8 +105,8 @@ def test_check_bad_spec_is_one_line_naming_file_and_field(tmp_path, capsys):
 
 
 @pytest.mark.arch("gemma4")
-def test_check_without_golden_section_is_one_line(tmp_path, capsys):
-    raw = yaml.safe_load(Path(GEMMA4.source).read_text())
+def test_check_without_golden_section_is_one_line(tmp_path, capsys, gemma4_spec):
+    raw = yaml.safe_load(Path(gemma4_spec.source).read_text())
     del raw["golden"]
     path = tmp_path / "nogolden.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import moe_unfuse
-from moe_unfuse import cli, drift
+from moe_unfuse import cli, drift, versions
 from moe_unfuse.commands import coverage
 from moe_unfuse.errors import MoeUnfuseError
 from moe_unfuse.spec import Spec
@@ -24,16 +24,18 @@ def test_readme_table_matches_the_specs():
     text = README.read_text()
     start, end = text.find(coverage.START), text.find(coverage.END)
     assert 0 <= start < end, f"README.md lacks the {coverage.START} ... {coverage.END} section"
-    current = text[start:end + len(coverage.END)]
+    current = text[start : end + len(coverage.END)]
     expected = coverage.readme_section(coverage.rows())
-    assert current == expected, "README.md coverage table is stale; run: moe-unfuse coverage --markdown --write README.md"
+    assert current == expected, (
+        "README.md coverage table is stale; run: moe-unfuse coverage --markdown --write README.md"
+    )
 
 
 def test_readme_section_does_not_depend_on_the_installed_transformers(monkeypatch):
     """CI runs the suite on two transformers releases: the section must be current on both, so it
     carries nothing of the installed one (no status column, no version, no class presence)."""
     section = coverage.readme_section(coverage.rows())
-    monkeypatch.setattr(drift, "installed_version", lambda: "0.0.1")
+    monkeypatch.setattr(versions, "installed_version", lambda: "0.0.1")
     monkeypatch.setattr(Spec, "resolve_class", lambda self: None)
     elsewhere = coverage.rows()
     assert all(r["status"] == "class not in transformers 0.0.1" for r in elsewhere)
@@ -42,10 +44,10 @@ def test_readme_section_does_not_depend_on_the_installed_transformers(monkeypatc
 
 
 def test_status_says_where_each_spec_stands(monkeypatch):
-    version = drift.installed_version()
+    version = versions.installed_version()
     row = coverage.rows(["mixtral"])[0]
     assert row["status"] == f"verified on transformers {version}"
-    monkeypatch.setattr(drift, "installed_version", lambda: "99.0.0")
+    monkeypatch.setattr(versions, "installed_version", lambda: "99.0.0")
     drift._CHECKED.clear()
     assert coverage.rows(["mixtral"])[0]["status"] == "fits transformers 99.0.0 (not verified on it)"
     drift._CHECKED.clear()
@@ -67,17 +69,20 @@ def test_every_spec_has_a_row_with_its_class():
         assert rows[arch]["class"] == spec.class_name
 
 
-@pytest.mark.parametrize(("arch", "kind"), [
-    ("mixtral", "standard"),
-    ("gemma4", "standard"),
-    ("beam", "own `_apply_gate`"),
-    ("inkling2", "own `_apply_gate`, fp32 sum"),
-    ("gpt_oss", "transposed, interleaved, bias"),
-    ("nemotron_h", "non-gated"),
-    ("dbrx", "flattened"),
-    ("llama4", "transposed, pre grouped bmm"),
-    ("muse_spark", "post-expert norm"),
-])
+@pytest.mark.parametrize(
+    ("arch", "kind"),
+    [
+        ("mixtral", "standard"),
+        ("gemma4", "standard"),
+        ("beam", "own `_apply_gate`"),
+        ("inkling2", "own `_apply_gate`, fp32 sum"),
+        ("gpt_oss", "transposed, interleaved, bias"),
+        ("nemotron_h", "non-gated"),
+        ("dbrx", "flattened"),
+        ("llama4", "transposed, pre grouped bmm"),
+        ("muse_spark", "post-expert norm"),
+    ],
+)
 def test_layout_kind_is_derived_from_the_spec(arch, kind):
     assert coverage.layout_kind(moe_unfuse.get_spec(arch)).startswith(kind)
 
@@ -103,8 +108,20 @@ def test_write_replaces_only_the_marked_section(tmp_path):
 
 def test_status_from_a_results_file_written_by_the_test_suite(tmp_path):
     results = tmp_path / "golden.json"
-    code = pytest.main(["-q", "-p", "moe_unfuse.golden_results", "--golden-results", str(results),
-                        "--arch", "mixtral", "-k", "refuse", str(Path(__file__).with_name("test_golden.py"))])
+    code = pytest.main(
+        [
+            "-q",
+            "-p",
+            "moe_unfuse.golden_results",
+            "--golden-results",
+            str(results),
+            "--arch",
+            "mixtral",
+            "-k",
+            "refuse",
+            str(Path(__file__).with_name("test_golden.py")),
+        ]
+    )
     assert code == 0
     data = json.loads(results.read_text())
     assert data["archs"]["mixtral"] == {"passed": 1, "failed": [], "skipped": 0}

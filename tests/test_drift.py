@@ -10,20 +10,20 @@ naming the spec, what no longer fits and the fix; an unchanged class must keep w
 
 from __future__ import annotations
 
-import copy
 import sys
 import types
 
 import pytest
 import torch
+from helpers import spec_raw
 from torch import nn
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 import moe_unfuse
-from moe_unfuse import drift, golden
+from moe_unfuse import drift, golden, versions
 from moe_unfuse.drift import DriftError
 from moe_unfuse.errors import SpecError
-from moe_unfuse.spec import parse
+from moe_unfuse.spec import golden_config, parse
 
 FAKE = "moe_unfuse_drift_fake"
 VERIFIED = "1.2.3"  # the version the simulated specs were verified on
@@ -72,23 +72,22 @@ def fake_module(monkeypatch):
 @pytest.fixture
 def future(monkeypatch):
     """The installed transformers is one the specs were not verified on."""
-    monkeypatch.setattr(drift, "installed_version", lambda: FUTURE)
+    monkeypatch.setattr(versions, "installed_version", lambda: FUTURE)
     drift._CHECKED.clear()
 
 
 @pytest.fixture
 def verified(monkeypatch):
     """The installed transformers is the one the simulated specs were verified on."""
-    monkeypatch.setattr(drift, "installed_version", lambda: VERIFIED)
+    monkeypatch.setattr(versions, "installed_version", lambda: VERIFIED)
     drift._CHECKED.clear()
 
 
 def mixtral_raw(target: str) -> dict:
     """The mixtral spec's mapping, pointed at ``target`` and verified on ``VERIFIED`` only."""
-    raw = copy.deepcopy(dict(moe_unfuse.get_spec("mixtral").raw))
-    raw["target"]["class"] = target
-    raw["target"]["verified_on"] = {"transformers": [VERIFIED]}
-    return raw
+    return spec_raw(
+        "mixtral", lambda r: r["target"].update({"class": target, "verified_on": {"transformers": [VERIFIED]}})
+    )
 
 
 def spec_for(class_name: str) -> moe_unfuse.Spec:
@@ -106,16 +105,16 @@ def assert_one_line(err: Exception, *parts: str) -> None:
 
 def test_verified_version_needs_no_check(monkeypatch):
     spec = moe_unfuse.get_spec("mixtral")
-    monkeypatch.setattr(drift, "installed_version", lambda: drift.verified_versions(spec)[-1])
-    assert drift.is_verified(spec) and not drift.is_drifted(spec)
+    monkeypatch.setattr(versions, "installed_version", lambda: versions.verified_versions(spec)[-1])
+    assert versions.is_verified(spec) and not versions.is_drifted(spec)
     drift.check(spec)  # no-op
-    monkeypatch.setattr(drift, "installed_version", lambda: FUTURE)
-    assert not drift.is_verified(spec) and drift.is_drifted(spec)
+    monkeypatch.setattr(versions, "installed_version", lambda: FUTURE)
+    assert not versions.is_verified(spec) and versions.is_drifted(spec)
 
 
 def test_unverified_version_with_an_unchanged_class_still_works(fake_module, future):
     spec = spec_for("SameExperts")
-    assert not drift.is_verified(spec)
+    assert not versions.is_verified(spec)
     assert drift.problems(spec) == []
     drift.check(spec)
     assert golden.check_exact(spec, torch.float32).ok
@@ -125,11 +124,19 @@ def test_unverified_version_with_an_unchanged_class_still_works(fake_module, fut
 
 def test_renamed_parameter(fake_module, future):
     spec = spec_for("RenamedExperts")
-    experts = RenamedExperts(golden.build_config(spec))
+    experts = RenamedExperts(golden_config(spec))
     with pytest.raises(DriftError) as err:
         moe_unfuse.unfuse(experts, spec, allow_uncovered=True)
-    assert_one_line(err.value, spec.source, "params.gate_up_proj", "and the spec does not fit its RenamedExperts: ", "no parameter 'gate_up_proj'")
-    assert "gate_up_proj" not in dict(experts.named_parameters()) and "w13" in dict(experts.named_parameters())  # untouched
+    assert_one_line(
+        err.value,
+        spec.source,
+        "params.gate_up_proj",
+        "and the spec does not fit its RenamedExperts: ",
+        "no parameter 'gate_up_proj'",
+    )
+    assert "gate_up_proj" not in dict(experts.named_parameters()) and "w13" in dict(
+        experts.named_parameters()
+    )  # untouched
     with pytest.raises(DriftError) as err:
         moe_unfuse.register(spec)
     assert_one_line(err.value, "no parameter 'gate_up_proj'")
@@ -141,29 +148,44 @@ def test_reshaped_parameter(fake_module, future):
     spec = spec_for("TransposedExperts")
     with pytest.raises(DriftError) as err:
         drift.check(spec)
-    assert_one_line(err.value, "params.gate_up_proj.shape", "[4, 64, 80]", "[4, 80, 64]", "does not fit its TransposedExperts:")
+    assert_one_line(
+        err.value, "params.gate_up_proj.shape", "[4, 64, 80]", "[4, 80, 64]", "does not fit its TransposedExperts:"
+    )
 
 
 def test_renamed_forward_arguments(fake_module, future):
     spec = spec_for("RenamedArgsExperts")
-    experts = RenamedArgsExperts(golden.build_config(spec))
+    experts = RenamedArgsExperts(golden_config(spec))
     with pytest.raises(DriftError) as err:
         moe_unfuse.unfuse(experts, spec)
-    assert_one_line(err.value, "forward.args", "forward(hidden_states, top_k_index, top_k_weights) is now forward(hidden_states, router_indices, routing_weights)")
+    assert_one_line(
+        err.value,
+        "forward.args",
+        "forward(hidden_states, top_k_index, top_k_weights) is now forward(hidden_states, router_indices, routing_weights)",
+    )
     with pytest.raises(DriftError):
         moe_unfuse.register(spec)
 
 
-@pytest.mark.parametrize(("target", "what"), [
-    (f"{FAKE}.GoneExperts", f"{FAKE} has no class 'GoneExperts'"),
-    ("moe_unfuse_no_such_module.MixtralExperts", "no module moe_unfuse_no_such_module (ModuleNotFoundError)"),
-])
+@pytest.mark.parametrize(
+    ("target", "what"),
+    [
+        (f"{FAKE}.GoneExperts", f"{FAKE} has no class 'GoneExperts'"),
+        ("moe_unfuse_no_such_module.MixtralExperts", "no module moe_unfuse_no_such_module (ModuleNotFoundError)"),
+    ],
+)
 def test_missing_class_loads_but_fails_on_use(fake_module, future, target, what):
     spec = parse(mixtral_raw(target), "specs/gone.yaml")  # loading works: other specs stay usable
     assert spec.resolve_class() is None
     with pytest.raises(DriftError) as err:
         moe_unfuse.register(spec)
-    assert_one_line(err.value, "specs/gone.yaml", "target.class", f"and has no {spec.class_name}: {what}", f"install transformers=={VERIFIED}")
+    assert_one_line(
+        err.value,
+        "specs/gone.yaml",
+        "target.class",
+        f"and has no {spec.class_name}: {what}",
+        f"install transformers=={VERIFIED}",
+    )
 
 
 def test_on_a_verified_version_the_same_faults_are_spec_errors(fake_module, verified):
@@ -173,7 +195,7 @@ def test_on_a_verified_version_the_same_faults_are_spec_errors(fake_module, veri
     assert not isinstance(err.value, DriftError) and "has no class 'GoneExperts'" in str(err.value)
     spec = spec_for("RenamedExperts")
     with pytest.raises(SpecError) as err:
-        moe_unfuse.unfuse(RenamedExperts(golden.build_config(spec)), spec, allow_uncovered=True)
+        moe_unfuse.unfuse(RenamedExperts(golden_config(spec)), spec, allow_uncovered=True)
     assert not isinstance(err.value, DriftError)
 
 
@@ -183,8 +205,10 @@ def test_check_command_reports_drift_in_one_line(fake_module, future, tmp_path, 
     from moe_unfuse.commands import check
 
     path = tmp_path / "drifted.yaml"
-    path.write_text(f"extends: _standard\narch: drifted\ntarget:\n  class: {FAKE}.RenamedExperts\n  verified_on: {{transformers: ['{VERIFIED}']}}\n"
-                    "golden:\n  config: transformers.MixtralConfig\n  config_kwargs: {hidden_size: 64, intermediate_size: 40, num_local_experts: 4}\n")
+    path.write_text(
+        f"extends: _standard\narch: drifted\ntarget:\n  class: {FAKE}.RenamedExperts\n  verified_on: {{transformers: ['{VERIFIED}']}}\n"
+        "golden:\n  config: transformers.MixtralConfig\n  config_kwargs: {hidden_size: 64, intermediate_size: 40, num_local_experts: 4}\n"
+    )
     with pytest.raises(DriftError) as err:
         check.run(Namespace(spec=str(path), no_modelopt=True))
     assert_one_line(err.value, str(path), "no parameter 'gate_up_proj'")
@@ -192,8 +216,7 @@ def test_check_command_reports_drift_in_one_line(fake_module, future, tmp_path, 
 
 def test_a_spec_without_verified_on_is_not_drift(fake_module, future):
     """A draft that never passed its golden test: its faults are plain spec errors, found at load."""
-    raw = copy.deepcopy(dict(moe_unfuse.get_spec("mixtral").raw))
-    raw["target"] = {"class": f"{FAKE}.GoneExperts"}
+    raw = spec_raw("mixtral", lambda r: r.update(target={"class": f"{FAKE}.GoneExperts"}))
     with pytest.raises(SpecError) as err:
         parse(raw, "specs/draft.yaml")
     assert not isinstance(err.value, DriftError) and "has no class 'GoneExperts'" in str(err.value)

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 import moe_unfuse
 from moe_unfuse.calibration import calibration_batches, read_calibration_texts
-from moe_unfuse.export import engine_renames, estimate_tensor_bytes, rename_key, rename_module
+from moe_unfuse.export import engine_renames, rename_key, rename_module
+from moe_unfuse.policy import estimate_tensor_bytes
 from moe_unfuse.quantize import quantize_model
 from moe_unfuse.tiny import byte_tokenizer, tiny_gemma4
 from moe_unfuse.verify import CheckpointContractError, verify_checkpoint
@@ -35,7 +36,9 @@ def _export(tmp: Path, qformat: str, multimodal: bool = False, **kwargs) -> Path
     exclude = kwargs.pop("exclude", ())
     result = quantize_model(model, qformat, _batches(), exclude=exclude)
     out = tmp / f"{qformat}-{'mm' if multimodal else 'text'}"
-    _, report = moe_unfuse.export_checkpoint(model, out, specs=result.specs, qformat=qformat, tokenizer=byte_tokenizer(), **kwargs)
+    _, report = moe_unfuse.export_checkpoint(
+        model, out, specs=result.specs, qformat=qformat, tokenizer=byte_tokenizer(), **kwargs
+    )
     assert report.ok, str(report)
     return out
 
@@ -48,10 +51,21 @@ def fp8_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def nvfp4_mm_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Multimodal NVFP4 with layer 1's experts kept BF16 and re-fused."""
-    return _export(tmp_path_factory.mktemp("nvfp4"), "nvfp4", multimodal=True, exclude=("*layers.1.experts*",), refuse_unquantized=True)
+    return _export(
+        tmp_path_factory.mktemp("nvfp4"),
+        "nvfp4",
+        multimodal=True,
+        exclude=("*layers.1.experts*",),
+        fuse_unquantized=True,
+    )
 
 
-def corrupt(src: Path, tmp: Path, tensors: Callable[[dict[str, torch.Tensor]], None] | None = None, configs: Callable[[dict, dict], None] | None = None) -> Path:
+def corrupt(
+    src: Path,
+    tmp: Path,
+    tensors: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    configs: Callable[[dict, dict], None] | None = None,
+) -> Path:
     """A copy of checkpoint ``src`` with its tensors and/or (hf_quant_config, config) edited in place."""
     dst = tmp / "corrupt"
     shutil.copytree(src, dst)
@@ -109,8 +123,15 @@ def test_hub_names_not_moe_prefixed(fp8_ckpt: Path) -> None:
 
 def test_fused_next_to_per_expert_fails(fp8_ckpt: Path, tmp_path: Path) -> None:
     """What modelopt 0.48's read_unplaced_weights did: the bf16 fused tensor written beside the per-expert weights."""
-    path = corrupt(fp8_ckpt, tmp_path, lambda t: t.update({"model.layers.2.experts.gate_up_proj": torch.zeros(8, 128, 128, dtype=torch.bfloat16)}))
-    assert "model.layers.2.experts.gate_up_proj (and per-expert weights of model.layers.2.experts)" in failed(path)["no-fused-experts"]
+    path = corrupt(
+        fp8_ckpt,
+        tmp_path,
+        lambda t: t.update({"model.layers.2.experts.gate_up_proj": torch.zeros(8, 128, 128, dtype=torch.bfloat16)}),
+    )
+    assert (
+        "model.layers.2.experts.gate_up_proj (and per-expert weights of model.layers.2.experts)"
+        in failed(path)["no-fused-experts"]
+    )
 
 
 def test_missing_expert_scale_or_expert_fails(fp8_ckpt: Path, tmp_path: Path) -> None:
@@ -120,7 +141,10 @@ def test_missing_expert_scale_or_expert_fails(fp8_ckpt: Path, tmp_path: Path) ->
             del t[k]
 
     bad = failed(corrupt(fp8_ckpt, tmp_path, drop))
-    assert f"{L0}.3.up_proj.weight_scale" in bad["experts-complete"] and f"{L0}.5.gate_proj.weight (missing)" in bad["experts-complete"]
+    assert (
+        f"{L0}.3.up_proj.weight_scale" in bad["experts-complete"]
+        and f"{L0}.5.gate_proj.weight (missing)" in bad["experts-complete"]
+    )
     assert f"{L0}.5.down_proj.weight (missing)" in bad["hub-names"]
 
 
@@ -128,7 +152,9 @@ def test_gate_up_global_scale_mismatch_fails(nvfp4_mm_ckpt: Path, tmp_path: Path
     key = "model.language_model.layers.2.experts.6.up_proj.weight_scale_2"
     path = corrupt(nvfp4_mm_ckpt, tmp_path, lambda t: t.update({key: t[key] * 1.5}))
     bad = failed(path)
-    assert list(bad) == ["gate-up-global-scale"] and bad["gate-up-global-scale"][0].startswith("model.language_model.layers.2.experts.6 (gate_proj")
+    assert list(bad) == ["gate-up-global-scale"] and bad["gate-up-global-scale"][0].startswith(
+        "model.language_model.layers.2.experts.6 (gate_proj"
+    )
 
 
 @pytest.mark.parametrize("value", [0.0, float("nan"), float("inf"), -1.0])
@@ -147,7 +173,13 @@ def test_nan_global_scale_fails(nvfp4_mm_ckpt: Path, tmp_path: Path) -> None:
 
 
 def test_router_tower_and_lm_head_must_be_excluded(nvfp4_mm_ckpt: Path, tmp_path: Path) -> None:
-    path = corrupt(nvfp4_mm_ckpt, tmp_path, configs=_excludes(lambda ex: [e for e in ex if "layers.2.router" not in e and "vision_tower" not in e and e != "lm_head"]))
+    path = corrupt(
+        nvfp4_mm_ckpt,
+        tmp_path,
+        configs=_excludes(
+            lambda ex: [e for e in ex if "layers.2.router" not in e and "vision_tower" not in e and e != "lm_head"]
+        ),
+    )
     bad = failed(path)["unquantized-excluded"]
     assert "model.language_model.layers.2.router.proj (unquantized, not in exclude_modules)" in bad
     assert "model.vision_tower.patch_embedder.input_proj (unquantized, not in exclude_modules)" in bad
@@ -155,20 +187,27 @@ def test_router_tower_and_lm_head_must_be_excluded(nvfp4_mm_ckpt: Path, tmp_path
 
 
 def test_quantized_router_fails(fp8_ckpt: Path, tmp_path: Path) -> None:
-    path = corrupt(fp8_ckpt, tmp_path, lambda t: t.update({"model.layers.1.router.proj.weight_scale": torch.tensor(0.01)}))
+    path = corrupt(
+        fp8_ckpt, tmp_path, lambda t: t.update({"model.layers.1.router.proj.weight_scale": torch.tensor(0.01)})
+    )
     assert failed(path)["unquantized-excluded"] == ["model.layers.1.router.proj (quantized; must stay unquantized)"]
 
 
 def test_exclude_everything_fails(fp8_ckpt: Path, tmp_path: Path) -> None:
     """``exclude_modules: ["*"]`` over quantized modules: an engine would load FP8 bytes as BF16."""
     bad = failed(corrupt(fp8_ckpt, tmp_path, configs=_excludes(lambda ex: ["*"])))
-    assert f"{L0}.0.gate_proj (quantized, yet excluded: an engine loads it as unquantized)" in bad["unquantized-excluded"]
+    assert (
+        f"{L0}.0.gate_proj (quantized, yet excluded: an engine loads it as unquantized)" in bad["unquantized-excluded"]
+    )
 
 
 def test_refused_experts_must_stay_excluded(nvfp4_mm_ckpt: Path, tmp_path: Path) -> None:
-    path = corrupt(nvfp4_mm_ckpt, tmp_path, configs=_excludes(lambda ex: [e for e in ex if "layers.1.experts" not in e]))
+    path = corrupt(
+        nvfp4_mm_ckpt, tmp_path, configs=_excludes(lambda ex: [e for e in ex if "layers.1.experts" not in e])
+    )
     assert set(failed(path)["no-fused-experts"]) == {
-        "model.language_model.layers.1.experts.down_proj [8, 128, 64]", "model.language_model.layers.1.experts.gate_up_proj [8, 128, 128]",
+        "model.language_model.layers.1.experts.down_proj [8, 128, 64]",
+        "model.language_model.layers.1.experts.gate_up_proj [8, 128, 128]",
     }
 
 
@@ -176,7 +215,9 @@ def test_quant_configs_must_agree(fp8_ckpt: Path, tmp_path: Path) -> None:
     def edit(hf: dict, cfg: dict) -> None:
         cfg["quantization_config"]["ignore"].append("model.layers.0.self_attn")
 
-    assert failed(corrupt(fp8_ckpt, tmp_path, configs=edit)) == {"quant-config": ["model.layers.0.self_attn (only in config.json)"]}
+    assert failed(corrupt(fp8_ckpt, tmp_path, configs=edit)) == {
+        "quant-config": ["model.layers.0.self_attn (only in config.json)"]
+    }
 
 
 def test_quantized_tensors_without_config_fail(fp8_ckpt: Path, tmp_path: Path) -> None:
@@ -194,7 +235,10 @@ def test_nvfp4_labelled_fp8_fails(nvfp4_mm_ckpt: Path, tmp_path: Path) -> None:
         hf["quantization"]["quant_algo"] = cfg["quantization_config"]["quant_algo"] = "FP8"
 
     bad = failed(corrupt(nvfp4_mm_ckpt, tmp_path, configs=relabel))
-    assert any("model.language_model.layers.0.experts.0.gate_proj.weight U8" in k and "FP8 expected F8_E4M3" in k for k in bad["hub-names"])
+    assert any(
+        "model.language_model.layers.0.experts.0.gate_proj.weight U8" in k and "FP8 expected F8_E4M3" in k
+        for k in bad["hub-names"]
+    )
 
 
 def test_transposed_or_wrong_dtype_weight_fails(fp8_ckpt: Path, tmp_path: Path) -> None:
@@ -209,7 +253,9 @@ def test_transposed_or_wrong_dtype_weight_fails(fp8_ckpt: Path, tmp_path: Path) 
 
 def test_unknown_tensor_fails(fp8_ckpt: Path, tmp_path: Path) -> None:
     path = corrupt(fp8_ckpt, tmp_path, lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(2)}))
-    assert failed(path) == {"hub-names": ["model.layers.0.extra.weight (not a tensor save_pretrained writes for this model)"]}
+    assert failed(path) == {
+        "hub-names": ["model.layers.0.extra.weight (not a tensor save_pretrained writes for this model)"]
+    }
 
 
 def _shard(src: Path, tmp: Path) -> Path:
@@ -219,7 +265,10 @@ def _shard(src: Path, tmp: Path) -> Path:
         data = {k: fh.get_tensor(k) for k in fh.keys()}
     (dst / "model.safetensors").unlink()
     keys = sorted(data)
-    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    halves = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     for name, ks in halves.items():
         save_file({k: data[k] for k in ks}, str(dst / name), metadata={"format": "pt"})
     index = {"metadata": {}, "weight_map": {k: name for name, ks in halves.items() for k in ks}}
@@ -236,14 +285,21 @@ def test_sharded_index_must_match(fp8_ckpt: Path, tmp_path: Path) -> None:
     index["weight_map"]["model.layers.0.ghost.weight"] = "model-00001-of-00002.safetensors"
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
     bad = failed(path)["shards"]
-    assert f"{dropped} (in model-00001-of-00002.safetensors, not in the index)" in bad and "model.layers.0.ghost.weight (in the index, in no shard)" in bad
+    assert (
+        f"{dropped} (in model-00001-of-00002.safetensors, not in the index)" in bad
+        and "model.layers.0.ghost.weight (in the index, in no shard)" in bad
+    )
     index["weight_map"]["x"] = "../elsewhere.safetensors"
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
     assert "../elsewhere.safetensors (shard outside the folder)" in failed(path)["shards"]
 
 
-@pytest.mark.parametrize("damage", ["truncated", "header-only", "bad-json", "list-config", "no-weight-map", "missing-shard"])
-def test_unreadable_checkpoint_is_one_line_exit_2(fp8_ckpt: Path, tmp_path: Path, damage: str, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "damage", ["truncated", "header-only", "bad-json", "list-config", "no-weight-map", "missing-shard"]
+)
+def test_unreadable_checkpoint_is_one_line_exit_2(
+    fp8_ckpt: Path, tmp_path: Path, damage: str, capsys: pytest.CaptureFixture
+) -> None:
     path = _shard(fp8_ckpt, tmp_path) if damage in ("no-weight-map", "missing-shard") else corrupt(fp8_ckpt, tmp_path)
     if damage == "truncated":
         data = (path / "model.safetensors").read_bytes()
@@ -282,7 +338,9 @@ def test_moe_prefixed_expert_keys_fail_vllm_and_trtllm(fp8_ckpt: Path, tmp_path:
     for engine in ("vllm", "trtllm"):
         bad = failed(path, engine=engine)
         assert f"{L0.replace('.experts', '.moe.experts')}.0.gate_proj.weight" in bad["experts-under-decoder-layer"]
-        assert any(k.startswith("model.layers.0.moe.experts.0.gate_proj.weight (not a tensor") for k in bad["hub-names"])
+        assert any(
+            k.startswith("model.layers.0.moe.experts.0.gate_proj.weight (not a tensor") for k in bad["hub-names"]
+        )
     assert "experts-under-decoder-layer" not in failed(path, engine="sglang")
 
 
@@ -296,7 +354,9 @@ def test_expert_input_scale_must_be_0d(fp8_ckpt: Path, tmp_path: Path) -> None:
 
 def test_exclude_pattern_vllm_cannot_match(fp8_ckpt: Path, tmp_path: Path) -> None:
     path = corrupt(fp8_ckpt, tmp_path, configs=_excludes(lambda ex: [*ex, "model.layers.0.router.*"]))
-    assert failed(path, engine="vllm") == {"exclude-patterns": ["model.layers.0.router.* (write model.layers.0.router*)"]}
+    assert failed(path, engine="vllm") == {
+        "exclude-patterns": ["model.layers.0.router.* (write model.layers.0.router*)"]
+    }
 
 
 def test_quant_config_fields(nvfp4_mm_ckpt: Path, tmp_path: Path) -> None:
@@ -305,7 +365,9 @@ def test_quant_config_fields(nvfp4_mm_ckpt: Path, tmp_path: Path) -> None:
         cfg["quantization_config"]["quant_method"] = "fp4"
 
     bad = failed(corrupt(nvfp4_mm_ckpt, tmp_path, configs=edit), engine="vllm")["quant-config-fields"]
-    assert "hf_quant_config.json quantization.group_size (missing)" in bad and any("quant_method 'fp4'" in b for b in bad)
+    assert "hf_quant_config.json quantization.group_size (missing)" in bad and any(
+        "quant_method 'fp4'" in b for b in bad
+    )
 
 
 def test_gpt_oss_per_expert_fails_vllm(tmp_path: Path) -> None:
@@ -322,7 +384,10 @@ def test_gpt_oss_per_expert_fails_vllm(tmp_path: Path) -> None:
     _, report = moe_unfuse.export_checkpoint(model, tmp_path / "o", specs=[per_expert], qformat="fp8", progress=False)
     path = report.path
     bad = failed(path, engine="vllm", arch="gpt_oss")
-    assert "model.layers.0.mlp.experts (per-expert keys; vLLM reads only the fused model.layers.0.mlp.experts.gate_up_proj)" in bad["gpt-oss-fused-experts"]
+    assert (
+        "model.layers.0.mlp.experts (per-expert keys; vLLM reads only the fused model.layers.0.mlp.experts.gate_up_proj)"
+        in bad["gpt-oss-fused-experts"]
+    )
     assert result.specs == [per_expert]
 
 
@@ -337,7 +402,9 @@ def test_raise_and_cli_exit_status(fp8_ckpt: Path, tmp_path: Path, capsys: pytes
     assert f"FAIL scales: scales that are not finite and > 0: {key}=nan" in capsys.readouterr().out
 
 
-def test_failed_verification_keeps_out_clean(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_failed_verification_keeps_out_clean(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """A spec rename that breaks the names (as `.moe.moe.experts` broke vLLM 0.19): the command fails
     (exit 1) naming the keys, and the checkpoint never lands at --out, only at <out>.invalid; a good
     earlier checkpoint at --out is kept."""
@@ -353,12 +420,19 @@ def test_failed_verification_keeps_out_clean(tmp_path: Path, monkeypatch: pytest
     capsys.readouterr()
     assert main([*args, "--overwrite"]) == 1
     printed = capsys.readouterr().out
-    assert "verify     FAILED" in printed and "model.layers.0.moe.moe.experts.0.down_proj.input_scale (not a tensor save_pretrained writes" in printed
-    assert (out / "model.safetensors").read_bytes() == before and (tmp_path / "out.invalid" / "model.safetensors").is_file()
+    assert (
+        "verify     FAILED" in printed
+        and "model.layers.0.moe.moe.experts.0.down_proj.input_scale (not a tensor save_pretrained writes" in printed
+    )
+    assert (out / "model.safetensors").read_bytes() == before and (
+        tmp_path / "out.invalid" / "model.safetensors"
+    ).is_file()
     assert f"FAILED     checkpoint kept for inspection at {tmp_path / 'out.invalid'}" in printed
 
 
-def test_export_error_is_one_line_and_keeps_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_export_error_is_one_line_and_keeps_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """A crash inside modelopt's export: one line with the fix, exit 2, <out>.invalid says why, --out untouched."""
     import modelopt.torch.export as mte
 
@@ -424,7 +498,9 @@ def test_refused_unquantized_reloads_bit_exact(tmp_path: Path) -> None:
 
     model = tiny_gemma4()
     result = quantize_model(model, "none", _batches())
-    _, report = moe_unfuse.export_checkpoint(model, tmp_path / "o", specs=result.specs, qformat="none", refuse_unquantized=True)
+    _, report = moe_unfuse.export_checkpoint(
+        model, tmp_path / "o", specs=result.specs, qformat="none", fuse_unquantized=True
+    )
     assert report.ok, str(report)
     reloaded = Gemma4ForCausalLM.from_pretrained(tmp_path / "o", dtype=torch.bfloat16).eval()
     original = tiny_gemma4()
@@ -445,7 +521,11 @@ def test_refused_layer_in_quantized_export_is_the_original(nvfp4_mm_ckpt: Path) 
 
 def test_renames_apply_once_and_to_modules() -> None:
     """``export.renames`` stays for an engine that truly needs one (none ships: Gemma 4's was wrong)."""
-    assert all(engine_renames([spec], e) == [] for spec in moe_unfuse.list_specs().values() for e in ("vllm", "sglang", "trtllm", "hf"))
+    assert all(
+        engine_renames([spec], e) == []
+        for spec in moe_unfuse.list_specs().values()
+        for e in ("vllm", "sglang", "trtllm", "hf")
+    )
     renames = [(re.compile(r"(?<!\.moe)\.experts\.(\d+)\."), r".moe.experts.\1.")]
     once = rename_key("model.layers.7.experts.12.gate_proj.weight_scale_2", renames)
     assert once == "model.layers.7.moe.experts.12.gate_proj.weight_scale_2" and rename_key(once, renames) == once
@@ -461,13 +541,17 @@ def _tensor_bytes(path: Path) -> int:
     with safe_open(path / "model.safetensors", "pt") as f:
         for k in f.keys():
             sl = f.get_slice(k)
-            total += int(torch.tensor(sl.get_shape()).prod().item() if sl.get_shape() else 1) * DTYPE_BYTES[sl.get_dtype()]
+            total += (
+                int(torch.tensor(sl.get_shape()).prod().item() if sl.get_shape() else 1) * DTYPE_BYTES[sl.get_dtype()]
+            )
     return total
 
 
 def test_size_estimate_matches_export(fp8_ckpt: Path, nvfp4_mm_ckpt: Path) -> None:
     assert estimate_tensor_bytes(tiny_gemma4(), "fp8") == _tensor_bytes(fp8_ckpt)
-    assert estimate_tensor_bytes(tiny_gemma4(multimodal=True), "nvfp4", exclude=("*layers.1.experts*",)) == _tensor_bytes(nvfp4_mm_ckpt)
+    assert estimate_tensor_bytes(
+        tiny_gemma4(multimodal=True), "nvfp4", exclude=("*layers.1.experts*",)
+    ) == _tensor_bytes(nvfp4_mm_ckpt)
 
 
 def test_gemma4_26b_a4b_sized_estimate() -> None:

@@ -14,9 +14,9 @@ import types
 
 import pytest
 import torch
+from helpers import installed_spec, spec_names, spec_raw
 
 import moe_unfuse
-from helpers import installed_spec, spec_names, spec_raw
 from moe_unfuse import golden
 
 
@@ -29,8 +29,11 @@ def spec(request: pytest.FixtureRequest) -> moe_unfuse.Spec:
 def per_spec(*, needs_model: bool = False):
     """Parametrize ``spec`` over every built-in arch (names read from the spec folder, the spec
     loaded by the fixture); with ``needs_model`` only those whose ``golden`` has a whole ``model``."""
-    params = [pytest.param(arch, id=arch, marks=pytest.mark.arch(arch)) for arch in spec_names()
-              if not needs_model or (spec_raw(arch).get("golden") or {}).get("model")]
+    params = [
+        pytest.param(arch, id=arch, marks=pytest.mark.arch(arch))
+        for arch in spec_names()
+        if not needs_model or (spec_raw(arch).get("golden") or {}).get("model")
+    ]
     return pytest.mark.parametrize("spec", params, indirect=True)
 
 
@@ -63,12 +66,18 @@ def declared_implementations(spec: moe_unfuse.Spec) -> list[str]:
     impls = list((spec.golden or {}).get("implementations", []))
     cls = spec.resolve_class()
     if impls and not dispatches(cls):
-        pytest.fail(f"{spec.arch}: golden.implementations declares {', '.join(impls)}, but the installed {spec.class_name}.forward "
-                    f"does not dispatch through transformers' use_experts_implementation; fix: remove golden.implementations "
-                    f"from {spec.source} (the class lost its grouped_mm/batched_mm dispatch) or point the spec at the class that has it", pytrace=False)
+        pytest.fail(
+            f"{spec.arch}: golden.implementations declares {', '.join(impls)}, but the installed {spec.class_name}.forward "
+            f"does not dispatch through transformers' use_experts_implementation; fix: remove golden.implementations "
+            f"from {spec.source} (the class lost its grouped_mm/batched_mm dispatch) or point the spec at the class that has it",
+            pytrace=False,
+        )
     if not impls and dispatches(cls):
-        pytest.fail(f"{spec.arch}: {spec.class_name} dispatches through use_experts_implementation, but golden.implementations "
-                    f"is not declared; fix: add `implementations: [grouped_mm, batched_mm]` to golden in {spec.source}", pytrace=False)
+        pytest.fail(
+            f"{spec.arch}: {spec.class_name} dispatches through use_experts_implementation, but golden.implementations "
+            f"is not declared; fix: add `implementations: [grouped_mm, batched_mm]` to golden in {spec.source}",
+            pytrace=False,
+        )
     return impls
 
 
@@ -83,19 +92,34 @@ def test_unfused_equals_eager_exactly(spec, dtype):
 def test_unfused_close_to_grouped_and_batched(spec, dtype):
     impls = declared_implementations(spec)
     if not impls:
-        pytest.skip(f"{spec.class_name} has no grouped_mm/batched_mm dispatch (not decorated with use_experts_implementation)")
+        pytest.skip(
+            f"{spec.class_name} has no grouped_mm/batched_mm dispatch (not decorated with use_experts_implementation)"
+        )
     results = golden.check_implementations(spec, dtype)
     compared = [r.name.rsplit("-", 1)[0] for r in results]
     assert compared == impls, f"declared {impls}, but golden.check_implementations compared {compared or 'nothing'}"
     assert_all(results)
 
 
-@pytest.mark.parametrize(("arch", "edit", "message"), [
-    pytest.param("llama4", lambda r: r["golden"].update(implementations=["grouped_mm"]), "does not dispatch through transformers' use_experts_implementation",
-                 id="declared-for-an-undecorated-class", marks=pytest.mark.arch("llama4")),
-    pytest.param("gemma4", lambda r: r["golden"].pop("implementations"), "golden.implementations is not declared",
-                 id="undeclared-for-a-decorated-class", marks=pytest.mark.arch("gemma4")),
-])
+@pytest.mark.parametrize(
+    ("arch", "edit", "message"),
+    [
+        pytest.param(
+            "llama4",
+            lambda r: r["golden"].update(implementations=["grouped_mm"]),
+            "does not dispatch through transformers' use_experts_implementation",
+            id="declared-undecorated-llama4",
+            marks=pytest.mark.arch("llama4"),
+        ),
+        pytest.param(
+            "gemma4",
+            lambda r: r["golden"].pop("implementations"),
+            "golden.implementations is not declared",
+            id="undeclared-decorated-gemma4",
+            marks=pytest.mark.arch("gemma4"),
+        ),
+    ],
+)
 def test_implementations_that_disagree_with_the_class_fail_not_skip(mutated_spec, arch, edit, message):
     """Llama4TextExperts is undecorated: a spec that declares grouped_mm for it must fail the
     implementations test (before, check_implementations returned nothing and the test skipped)."""
@@ -112,7 +136,7 @@ def test_implementations_that_disagree_with_the_class_fail_not_skip(mutated_spec
 
 @per_spec()
 def test_refuse_restores_bit_exact(spec):
-    assert_all(golden.check_refuse(spec))
+    assert_all(golden.check_fuse(spec))
 
 
 @per_spec()

@@ -37,7 +37,9 @@ def assert_exact_mismatch(result: golden.CheckResult, dtype: torch.dtype) -> Non
 def assert_implementations_mismatch(results: list[golden.CheckResult], dtype: torch.dtype) -> None:
     """grouped_mm and batched_mm were both compared and both differ by more than the tolerance."""
     tol = golden.IMPL_TOLERANCE[dtype]
-    assert [r.name for r in results] == [f"{impl}-{str(dtype).removeprefix('torch.')}" for impl in ("grouped_mm", "batched_mm")], results
+    assert [r.name for r in results] == [
+        f"{impl}-{str(dtype).removeprefix('torch.')}" for impl in ("grouped_mm", "batched_mm")
+    ], results
     for r in results:
         assert not r.ok, r
         (diff,) = max_diffs(r.detail)

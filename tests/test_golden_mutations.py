@@ -4,16 +4,10 @@ gpt_oss (transposed, interleaved, biases, clamped gate), applied to the real spe
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-
 import pytest
 import torch
-import yaml
 
-import moe_unfuse
-from moe_unfuse import SpecError, golden, load_spec
-from moe_unfuse.spec import merged_raw
+from moe_unfuse import SpecError, golden
 
 
 def transposed(raw: dict) -> None:
@@ -40,6 +34,7 @@ def put(*path_value):
             node.pop(path[-1], None)
         else:
             node[path[-1]] = value
+
     return apply
 
 
@@ -56,7 +51,11 @@ def swap_roles(raw: dict) -> None:
 
 
 def standard_arg_names(raw: dict) -> None:
-    raw["forward"]["args"] = {"hidden_states": "hidden_states", "top_k_index": "top_k_index", "top_k_weights": "top_k_weights"}
+    raw["forward"]["args"] = {
+        "hidden_states": "hidden_states",
+        "top_k_index": "top_k_index",
+        "top_k_weights": "top_k_weights",
+    }
 
 
 def swap_dims(raw: dict) -> None:
@@ -89,7 +88,9 @@ GEMMA4 = {
     "clamped gate": put("gate", {"kind": "clamped_glu", "limit": 0.5}),
     "a bias the class does not have": lambda r: r["params"]["down_proj"].update(bias="down_proj_bias"),
     "bias after matmul with no bias": put("linear", "bias", "after_matmul"),
-    "arg names not the forward's": lambda r: r["forward"].update(args={"x": "hidden_states", "top_k_index": "top_k_index", "top_k_weights": "top_k_weights"}),
+    "arg names not the forward's": lambda r: r["forward"].update(
+        args={"x": "hidden_states", "top_k_index": "top_k_index", "top_k_weights": "top_k_weights"}
+    ),
     "unknown glu parameter": put("gate", "limit", 1.0),
     "top_k 2 hides nothing": lambda r: (put("golden", "top_k", 2)(r), put("forward", "accumulate", "float32")(r)),
 }
@@ -102,63 +103,65 @@ GPT_OSS = {
     "bias fused into the matmul": put("linear", None),
     "alpha a literal": put("gate", "alpha", 1.0),
     "limit not an attribute": put("gate", "limit", {"attribute": "swiglu_limit_missing"}),
-    "glu gate instead": lambda r: (r.update(gate={"kind": "glu"}, activation={"name": "silu"})),
+    "glu gate instead": lambda r: r.update(gate={"kind": "glu"}, activation={"name": "silu"}),
     "gate parameter it does not take": put("gate", "beta", 2.0),
     "the standard arg names": standard_arg_names,
     "top_k 2 hides nothing": lambda r: (put("golden", "top_k", 2)(r), put("forward", "accumulate", "float32")(r)),
 }
 
 
-def verdict(tmp_path: Path, arch: str, mutate) -> str:
+def verdict(mutated_spec, arch: str, mutate) -> str:
     """How the mutant fails: ``load``, ``check`` (a SpecError while checking) or ``mismatch``; ``passed`` is a bug."""
-    raw = copy.deepcopy(merged_raw(Path(moe_unfuse.get_spec(arch).source)))
-    mutate(raw)
-    path = tmp_path / f"{arch}.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
     try:
-        spec = load_spec(path, (Path(moe_unfuse.get_spec(arch).source).parent,))
+        spec = mutated_spec.load(arch, mutate, f"{arch}.yaml")
     except SpecError:
         return "load"
     try:
         for dtype in (torch.float32, torch.bfloat16):
             if not golden.check_exact(spec, dtype).ok:
                 return "mismatch"
-        if not all(r.ok for r in golden.check_refuse(spec)):
+        if not all(r.ok for r in golden.check_fuse(spec)):
             return "mismatch"
     except SpecError:
         return "check"
     return "passed"
 
 
-@pytest.mark.parametrize(("arch", "name"), [pytest.param("gemma4", n, marks=pytest.mark.arch("gemma4")) for n in GEMMA4]
-                         + [pytest.param("gpt_oss", n, marks=pytest.mark.arch("gpt_oss")) for n in GPT_OSS])
-def test_mutated_spec_fails(tmp_path, arch, name):
+@pytest.mark.parametrize(
+    ("arch", "name"),
+    [pytest.param("gemma4", n, marks=pytest.mark.arch("gemma4")) for n in GEMMA4]
+    + [pytest.param("gpt_oss", n, marks=pytest.mark.arch("gpt_oss")) for n in GPT_OSS],
+)
+def test_mutated_spec_fails(mutated_spec, arch, name):
     mutate = (GEMMA4 if arch == "gemma4" else GPT_OSS)[name]
-    assert verdict(tmp_path, arch, mutate) != "passed"
+    assert verdict(mutated_spec, arch, mutate) != "passed"
 
 
-@pytest.mark.parametrize("arch", [pytest.param("gemma4", marks=pytest.mark.arch("gemma4")), pytest.param("gpt_oss", marks=pytest.mark.arch("gpt_oss"))])
-def test_the_unmutated_spec_passes(tmp_path, arch):
-    assert verdict(tmp_path, arch, lambda raw: None) == "passed"
+@pytest.mark.parametrize(
+    "arch",
+    [
+        pytest.param("gemma4", marks=pytest.mark.arch("gemma4")),
+        pytest.param("gpt_oss", marks=pytest.mark.arch("gpt_oss")),
+    ],
+)
+def test_the_unmutated_spec_passes(mutated_spec, arch):
+    assert verdict(mutated_spec, arch, lambda raw: None) == "passed"
 
 
 @pytest.mark.arch("gemma4")
-def test_wrong_orientation_with_matching_shape_is_a_spec_error_in_check(tmp_path, capsys):
+def test_wrong_orientation_with_matching_shape_is_a_spec_error_in_check(mutated_spec, capsys):
     """``moe-unfuse check`` gives the same one-line SpecError that unfuse() gives, not a torch crash."""
     from moe_unfuse.cli import main
 
-    raw = copy.deepcopy(merged_raw(Path(moe_unfuse.get_spec("gemma4").source)))
-    transposed(raw)
-    path = tmp_path / "gemma4.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    path = mutated_spec.path("gemma4", transposed, "gemma4.yaml")
     assert main(["check", str(path), "--no-modelopt"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "params.gate_up_proj.shape" in err and "crashed" not in err
 
 
 @pytest.mark.arch("gemma4")
-def test_check_calls_by_keyword_with_the_forwards_own_names():
-    spec = moe_unfuse.get_spec("gemma4")
+def test_check_calls_by_keyword_with_the_forwards_own_names(gemma4_spec):
+    spec = gemma4_spec
     module = golden.build_experts(spec)
     _, kwargs = golden.make_inputs(module, spec, keywords=True)
     assert set(kwargs) == {"hidden_states", "top_k_index", "top_k_weights"}

@@ -12,10 +12,13 @@ def shares_storage(view: torch.Tensor, base: torch.Tensor) -> bool:
     return view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
 
 
-@pytest.mark.parametrize("op, x", [
-    (Transpose(1, 2), torch.randn(3, 4, 5)),
-    (Unflatten(0, (3, -1)), torch.randn(12, 5)),
-])
+@pytest.mark.parametrize(
+    "op, x",
+    [
+        (Transpose(1, 2), torch.randn(3, 4, 5)),
+        (Unflatten(0, (3, -1)), torch.randn(12, 5)),
+    ],
+)
 def test_shape_ops_are_views_and_reverse_exactly(op, x):
     y = op.apply(x)
     assert shares_storage(y, x)
@@ -45,13 +48,16 @@ def test_unbind_reverse():
     assert torch.equal(Unbind(0).reverse(parts), x)
 
 
-@pytest.mark.parametrize("axes, shape, packing, expect_gate", [
-    (("expert", "out", "in"), (4, 10, 6), "concatenated", lambda t, e: t[e, :5, :]),
-    (("expert", "in", "out"), (4, 6, 10), "concatenated", lambda t, e: t[e, :, :5].T),
-    (("expert", "in", "out"), (4, 6, 10), "interleaved", lambda t, e: t[e, :, ::2].T),
-    (("expert*out", "in"), (40, 6), "concatenated", lambda t, e: t.view(4, 10, 6)[e, :5]),
-    (("expert*in", "out"), (40, 6), "concatenated", lambda t, e: t.view(4, 10, 6)[e].T[:3]),
-])
+@pytest.mark.parametrize(
+    "axes, shape, packing, expect_gate",
+    [
+        (("expert", "out", "in"), (4, 10, 6), "concatenated", lambda t, e: t[e, :5, :]),
+        (("expert", "in", "out"), (4, 6, 10), "concatenated", lambda t, e: t[e, :, :5].T),
+        (("expert", "in", "out"), (4, 6, 10), "interleaved", lambda t, e: t[e, :, ::2].T),
+        (("expert*out", "in"), (40, 6), "concatenated", lambda t, e: t.view(4, 10, 6)[e, :5]),
+        (("expert*in", "out"), (40, 6), "concatenated", lambda t, e: t.view(4, 10, 6)[e].T[:3]),
+    ],
+)
 def test_layout_round_trip(axes, shape, packing, expect_gate):
     fused = torch.randn(*shape)
     layout = layout_for(axes, 2, packing, {"expert": 4})

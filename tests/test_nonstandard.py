@@ -18,15 +18,15 @@ from typing import Callable
 
 import pytest
 import torch
+from helpers import arch_param
 from torch import nn
 
 import moe_unfuse
-from helpers import arch_param
 from moe_unfuse import golden
 from moe_unfuse.coverage import uncovered_expert_params
 from moe_unfuse.experts import UnfusedExpertsMixin
+from moe_unfuse.plan import REST_PREFIX, resolve_dims
 from moe_unfuse.spec import Spec
-from moe_unfuse.unfusing import REST_PREFIX, resolve_dims
 
 
 def run_exact(spec: Spec, dtype: torch.dtype, inputs: Callable[[nn.Module], tuple] | None = None) -> tuple[bool, float]:
@@ -47,23 +47,46 @@ INKLING_MODEL = {
     "class": "transformers.InklingForCausalLM",
     "config": "transformers.InklingTextConfig",
     "config_kwargs": {
-        "hidden_size": 64, "intermediate_size": 40, "moe_intermediate_size": 40, "n_routed_experts": 4, "n_shared_experts": 2,
-        "num_experts_per_tok": 2, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "vocab_size": 128, "max_position_embeddings": 128,
+        "hidden_size": 64,
+        "intermediate_size": 40,
+        "moe_intermediate_size": 40,
+        "n_routed_experts": 4,
+        "n_shared_experts": 2,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 128,
+        "max_position_embeddings": 128,
     },
 }
 WHOLE_MODELS = {  # family -> the model (None: the first arch's golden.model)
-    "aria": None, "openai_privacy_filter": None, "dbrx": None, "longcat_flash": None, "jetmoe": None,
-    "inkling_shared": INKLING_MODEL, "gpt_oss": None, "llama4": None,
+    "aria": None,
+    "openai_privacy_filter": None,
+    "dbrx": None,
+    "longcat_flash": None,
+    "jetmoe": None,
+    "inkling_shared": INKLING_MODEL,
+    "gpt_oss": None,
+    "llama4": None,
 }
-WHOLE_MODEL_PARAMS = [arch_param("inkling_shared", "inkling") if f == "inkling_shared" else arch_param(f) for f in WHOLE_MODELS]
+WHOLE_MODEL_PARAMS = [
+    arch_param("inkling_shared", "inkling") if f == "inkling_shared" else arch_param(f) for f in WHOLE_MODELS
+]
 
 
 def modelopt_expert_wrappers() -> tuple[type, ...]:
     """modelopt's own fused-experts wrappers: none of them may appear once ``register`` ran."""
     from modelopt.torch.quantization.plugins import huggingface as hf
 
-    names = ("_QuantFusedExperts", "_QuantDbrxExperts", "_QuantDbrxExpertGLU", "_QuantLlama4TextExperts", "_QuantGptOssExperts")
+    names = (
+        "_QuantFusedExperts",
+        "_QuantDbrxExperts",
+        "_QuantDbrxExpertGLU",
+        "_QuantLlama4TextExperts",
+        "_QuantGptOssExperts",
+    )
     return tuple(getattr(hf, n) for n in names if hasattr(hf, n))
 
 
@@ -101,7 +124,11 @@ def test_whole_model_quantized_by_register(archs, tiny_model):
             for proj in unfused._moe_unfuse.spec.projection_names():
                 lin = getattr(expert, proj)
                 linears.append(lin)
-                missing += [f"{path}.{e}.{proj}.{q}" for q in ("weight_quantizer", "input_quantizer") if getattr(getattr(lin, q, None), "amax", None) is None]
+                missing += [
+                    f"{path}.{e}.{proj}.{q}"
+                    for q in ("weight_quantizer", "input_quantizer")
+                    if getattr(getattr(lin, q, None), "amax", None) is None
+                ]
     assert linears and not missing, f"uncalibrated: {missing[:6]}"
 
     mtq.disable_quantizer(model, "*")
@@ -111,10 +138,13 @@ def test_whole_model_quantized_by_register(archs, tiny_model):
         lin.weight_quantizer.enable()
         lin.input_quantizer.enable()
     with torch.no_grad():
-        assert not torch.equal(model(input_ids=batches[0]).logits, expected), "the experts' quantizers do not act in the forward"
+        assert not torch.equal(model(input_ids=batches[0]).logits, expected), (
+            "the experts' quantizers do not act in the forward"
+        )
 
 
 # --- declared numerics, each needed ------------------------------------------------------------------
+
 
 @pytest.mark.arch("gpt_oss")
 def test_gpt_oss_needs_bias_after_matmul(mutated_spec):
@@ -130,7 +160,11 @@ def test_gpt_oss_needs_bias_after_matmul(mutated_spec):
 def test_openai_privacy_filter_needs_fp32_compute_and_accumulation(mutated_spec, drop):
     """bf16 weights, fp32 projections and fp32 sum over experts, as the original; either missing differs."""
     assert run_exact(moe_unfuse.get_spec("openai_privacy_filter"), torch.bfloat16)[0]
-    edit = (lambda r: r["linear"].pop("compute_dtype")) if drop == "compute_dtype" else (lambda r: r["forward"].pop("accumulate"))
+    edit = (
+        (lambda r: r["linear"].pop("compute_dtype"))
+        if drop == "compute_dtype"
+        else (lambda r: r["forward"].pop("accumulate"))
+    )
     ok, _ = run_exact(mutated_spec.parse("openai_privacy_filter", edit), torch.bfloat16)
     assert not ok
 
@@ -144,7 +178,9 @@ def test_nemotron_h_accumulates_in_routing_weights_dtype(mutated_spec):
         return hidden, index, weights.float()
 
     assert run_exact(moe_unfuse.get_spec("nemotron_h"), torch.bfloat16, inputs)[0]
-    assert not run_exact(mutated_spec.parse("nemotron_h", lambda r: r["forward"].pop("accumulate")), torch.bfloat16, inputs)[0]
+    assert not run_exact(
+        mutated_spec.parse("nemotron_h", lambda r: r["forward"].pop("accumulate")), torch.bfloat16, inputs
+    )[0]
 
 
 @pytest.mark.arch("muse_spark")
@@ -183,6 +219,7 @@ def test_batched_originals_exact_for_every_token_count(archs, dtype):
     try:
         bad = []
         for tokens in range(1, 25):
+
             def inputs(module, tokens=tokens):
                 gen = torch.Generator().manual_seed(tokens)
                 num_experts = resolve_dims(module, spec, "")["num_experts"]
@@ -202,13 +239,19 @@ def test_batched_originals_exact_for_every_token_count(archs, dtype):
 
 # --- layout variants -------------------------------------------------------------------------------
 
+
 @pytest.mark.arch("nemotron_h")
 def test_nemotron_h_with_latent_size(mutated_spec):
     """With moe_latent_size the experts take the latent width (48), not hidden_size (64)."""
     spec = mutated_spec.parse("nemotron_h", lambda r: r["golden"]["config_kwargs"].update(moe_latent_size=48))
     module = golden.build_experts(spec)
     assert module.up_proj.shape[-1] == 48 and module.hidden_dim == 64
-    results = [golden.check_exact(spec, torch.float32), golden.check_exact(spec, torch.bfloat16), *golden.check_refuse(spec), *golden.check_modelopt(spec)]
+    results = [
+        golden.check_exact(spec, torch.float32),
+        golden.check_exact(spec, torch.bfloat16),
+        *golden.check_fuse(spec),
+        *golden.check_modelopt(spec),
+    ]
     assert all(r.ok for r in results), [f"{r.name}: {r.detail}" for r in results if not r.ok]
 
 
@@ -225,11 +268,11 @@ def test_longcat_identity_experts_and_unused_rows():
     assert len(module) == module.num_routed_experts
     assert not any("gate_up_proj" in k for k in module.state_dict())
     rest = module._buffers[REST_PREFIX + "gate_up_proj"]
-    assert torch.equal(rest, fused[module.num_routed_experts:]) and rest.data_ptr() != 0
+    assert torch.equal(rest, fused[module.num_routed_experts :]) and rest.data_ptr() != 0
     with torch.no_grad():
         for p in module.parameters():
             p.data = p.data.clone()
-    moe_unfuse.refuse(module)
+    moe_unfuse.fuse(module)
     assert torch.equal(module.gate_up_proj, fused) and REST_PREFIX + "gate_up_proj" not in module._buffers
 
 
@@ -244,9 +287,11 @@ def test_dbrx_mlp_detached_while_unfused():
     moe_unfuse.unfuse(module, spec)
     assert "mlp" not in module._modules and not any(k.startswith("mlp.") for k in module.state_dict())
     assert module.mlp is mlp and all(m is not mlp for m in module.modules())
-    assert sorted(module.state_dict()) == sorted(f"{e}.{p}.weight" for e in range(4) for p in ("gate_proj", "up_proj", "down_proj"))
+    assert sorted(module.state_dict()) == sorted(
+        f"{e}.{p}.weight" for e in range(4) for p in ("gate_proj", "up_proj", "down_proj")
+    )
     assert module[1].gate_proj.weight.shape == (40, 64) and module[1].down_proj.weight.shape == (64, 40)
-    moe_unfuse.refuse(module)
+    moe_unfuse.fuse(module)
     assert module.mlp is mlp and all(torch.equal(before[k], v) for k, v in module.state_dict().items())
 
 
@@ -262,7 +307,12 @@ def test_dbrx_unfused_before_mtq_quantize(tiny_model):
     mtq.quantize(model, copy.deepcopy(mtq.FP8_DEFAULT_CFG), forward_loop=lambda m: m(input_ids=ids))
     experts = [m for m in model.modules() if isinstance(m, UnfusedExpertsMixin)]
     assert len(experts) == 2
-    assert all(getattr(x, p).input_quantizer.amax is not None for m in experts for x in m for p in ("gate_proj", "up_proj", "down_proj"))
+    assert all(
+        getattr(x, p).input_quantizer.amax is not None
+        for m in experts
+        for x in m
+        for p in ("gate_proj", "up_proj", "down_proj")
+    )
 
 
 @pytest.mark.arch("jetmoe")

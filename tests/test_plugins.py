@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-
 import pytest
 import torch
-import yaml
 
 import moe_unfuse
 from moe_unfuse import golden
 from moe_unfuse.hookspecs import hookimpl
-from moe_unfuse.plugins import DEFAULT_PLUGINS, pm
-from moe_unfuse.spec import merged_raw
+from moe_unfuse.plugins import DEFAULT_PLUGINS, manager
 
 pytestmark = pytest.mark.arch("gemma4")
 
 
 def test_builtin_features_are_registered_as_plugins():
+    pm = manager()
     names = {pm.get_name(p) for p in pm.get_plugins()}
     assert set(DEFAULT_PLUGINS) <= names
     reg = moe_unfuse.registry()
@@ -39,26 +35,24 @@ class CountingGelu:
 
 
 @pytest.fixture
-def plugin(tmp_path):
-    raw = copy.deepcopy(merged_raw(Path(moe_unfuse.get_spec("gemma4").source)))
-    raw["arch"] = "gemma4_plugin"
-    raw["activation"] = {"name": "counting_gelu"}
-    (tmp_path / "gemma4_plugin.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+def plugin(mutated_spec, registered_plugin):
+    mutated_spec.path(
+        "gemma4", lambda r: r.update(arch="gemma4_plugin", activation={"name": "counting_gelu"}), "gemma4_plugin.yaml"
+    )
+    spec_dir = mutated_spec.directory
     act = CountingGelu()
 
     class Plugin:
         @hookimpl
         def register_specs(self, register):
-            register(tmp_path)
+            register(spec_dir)
 
         @hookimpl
         def register_activations(self, register):
             register("counting_gelu", lambda: act)
 
-    obj = Plugin()
-    moe_unfuse.register_plugin(obj, name="test-plugin")
-    yield act
-    moe_unfuse.unregister_plugin(obj)
+    registered_plugin(Plugin(), name="test-plugin")
+    return act
 
 
 def test_plugin_contributes_spec_and_activation(plugin):
@@ -75,28 +69,113 @@ def test_plugin_contributes_spec_and_activation(plugin):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)  # F.gelu(tanh) vs ACT2FN's module: same formula
 
 
-def test_plugin_is_gone_after_unregister(tmp_path):
+def test_plugin_is_gone_after_unregister(registered_plugin):
     class Plugin:
         @hookimpl
         def register_activations(self, register):
             register("temporary_act", lambda: torch.tanh)
 
-    obj = Plugin()
-    moe_unfuse.register_plugin(obj)
+    obj = registered_plugin(Plugin())
     assert "temporary_act" in moe_unfuse.registry().activations
     moe_unfuse.unregister_plugin(obj)
     assert "temporary_act" not in moe_unfuse.registry().activations
 
 
-def test_duplicate_names_across_plugins_are_an_error():
+def test_duplicate_names_across_plugins_are_an_error(registered_plugin):
     class Clash:
         @hookimpl
         def register_gates(self, register):
             register("glu", lambda *a: None)
 
     obj = Clash()
-    with pytest.raises(moe_unfuse.MoeUnfuseError, match="two plugins register the gate kind 'glu'"):
-        moe_unfuse.register_plugin(obj, name="clash")
+    with pytest.raises(
+        moe_unfuse.MoeUnfuseError,
+        match="plugins 'moe_unfuse.default_plugins.gates' and .* both register the gate kind 'glu'",
+    ):
+        registered_plugin(obj, name="clash")
         moe_unfuse.registry()
     moe_unfuse.unregister_plugin(obj)
     assert "glu" in moe_unfuse.registry().gates
+
+
+def test_plugin_adds_a_command(registered_plugin, capsys) -> None:
+    """A plugin contributes a ``moe-unfuse`` subcommand through ``register_commands``."""
+    import types
+
+    from moe_unfuse.cli import main
+
+    command = types.SimpleNamespace(
+        __doc__="Say hello (a plugin's command).",
+        add_arguments=lambda parser: parser.add_argument("--name", default="world"),
+        run=lambda args: print(f"hello {args.name}") or 0,
+    )
+
+    class Plugin:
+        @moe_unfuse.hookimpl
+        def register_commands(self, register):
+            register("hello", command)
+
+    registered_plugin(Plugin())
+    assert main(["hello", "--name", "moe"]) == 0
+    assert capsys.readouterr().out == "hello moe\n"
+
+
+def test_plugin_command_cannot_shadow_a_builtin(registered_plugin, capsys) -> None:
+    import types
+
+    from moe_unfuse.cli import main
+
+    class Plugin:
+        @moe_unfuse.hookimpl
+        def register_commands(self, register):
+            register("verify", types.SimpleNamespace(__doc__="x", add_arguments=lambda p: None, run=lambda a: 0))
+
+    registered_plugin(Plugin())
+    assert main(["list"]) == 2
+    assert "a plugin registers the command 'verify'" in capsys.readouterr().err
+
+
+def test_entry_points_can_be_skipped(monkeypatch) -> None:
+    """``MOE_UNFUSE_NO_ENTRY_POINTS`` (the suite sets it): a broken installed plugin cannot break us."""
+    from moe_unfuse import plugins
+
+    calls = []
+    monkeypatch.setattr(plugins, "_pm", None)
+    monkeypatch.setattr(
+        plugins.pluggy.PluginManager, "load_setuptools_entrypoints", lambda self, group: calls.append(group)
+    )
+    monkeypatch.setenv(plugins.NO_ENTRY_POINTS_ENV, "1")
+    plugins.manager()
+    assert calls == []
+    monkeypatch.setattr(plugins, "_pm", None)
+    monkeypatch.delenv(plugins.NO_ENTRY_POINTS_ENV)
+    plugins.manager()
+    assert calls == ["moe_unfuse"]
+
+
+def test_a_broken_entry_point_is_one_line(monkeypatch) -> None:
+    from moe_unfuse import plugins
+
+    def boom(self, group):
+        raise ImportError("No module named 'their_plugin'")
+
+    monkeypatch.setattr(plugins, "_pm", None)
+    monkeypatch.setattr(plugins.pluggy.PluginManager, "load_setuptools_entrypoints", boom)
+    monkeypatch.delenv(plugins.NO_ENTRY_POINTS_ENV, raising=False)
+    with pytest.raises(moe_unfuse.MoeUnfuseError, match="their_plugin.*MOE_UNFUSE_NO_ENTRY_POINTS=1"):
+        plugins.manager()
+
+
+def test_refuse_and_infer_are_deprecated_aliases(capsys) -> None:
+    import warnings
+
+    from moe_unfuse.cli import main
+
+    model = torch.nn.Module()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert moe_unfuse.refuse(model).modules == []
+    assert any(issubclass(w.category, DeprecationWarning) and "moe_unfuse.fuse" in str(w.message) for w in caught)
+    with pytest.raises(SystemExit) as done:
+        main(["infer", "--help"])
+    assert done.value.code == 0 and "Draft a spec" in capsys.readouterr().out

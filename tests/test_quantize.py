@@ -11,8 +11,16 @@ from torch import nn
 
 import moe_unfuse
 from moe_unfuse import UncoveredExpertsError
-from moe_unfuse.calibration import RoutingStats, calibration_batches, finalize_input_scales, forced_routing, read_calibration_texts, unfused_experts
-from moe_unfuse.quantize import check_coverage, quantize_model
+from moe_unfuse.calibration import (
+    RoutingStats,
+    calibration_batches,
+    finalize_input_scales,
+    forced_routing,
+    read_calibration_texts,
+    unfused_experts,
+)
+from moe_unfuse.coverage import check_coverage
+from moe_unfuse.quantize import quantize_model
 from moe_unfuse.tiny import byte_tokenizer, tiny_gemma4
 from moe_unfuse.verify import verify_checkpoint
 
@@ -20,7 +28,9 @@ pytestmark = [pytest.mark.arch("gemma4"), pytest.mark.usefixtures("one_thread")]
 
 
 def small_batches(n: int = 4, seq_len: int = 64) -> list[dict[str, torch.Tensor]]:
-    return calibration_batches(byte_tokenizer(), read_calibration_texts(None), calib_size=n, seq_len=seq_len, batch_size=2)
+    return calibration_batches(
+        byte_tokenizer(), read_calibration_texts(None), calib_size=n, seq_len=seq_len, batch_size=2
+    )
 
 
 def cli(*argv: str) -> int:
@@ -30,7 +40,12 @@ def cli(*argv: str) -> int:
 
 
 def input_amax(model: nn.Module) -> dict[tuple[str, int, str], torch.Tensor | None]:
-    return {(path, e, proj): getattr(getattr(expert, proj), "input_quantizer").amax for path, m in unfused_experts(model) for e, expert in enumerate(m) for proj in ("gate_proj", "up_proj", "down_proj")}
+    return {
+        (path, e, proj): getattr(getattr(expert, proj), "input_quantizer").amax
+        for path, m in unfused_experts(model)
+        for e, expert in enumerate(m)
+        for proj in ("gate_proj", "up_proj", "down_proj")
+    }
 
 
 class _ExtraExperts(nn.Module):
@@ -85,10 +100,30 @@ def test_local_folder_experts_only(tmp_path: Path, capsys: pytest.CaptureFixture
     tiny_gemma4().save_pretrained(src)
     byte_tokenizer().save_pretrained(src)
     out = tmp_path / "out"
-    code = cli("quantize", str(src), "--qformat", "nvfp4_experts_only", "--out", str(out), "--device-map", "cpu", "--calib-size", "4", "--seq-len", "64", "--no-progress", "--json", str(tmp_path / "r.json"))
+    code = cli(
+        "quantize",
+        str(src),
+        "--qformat",
+        "nvfp4_experts_only",
+        "--out",
+        str(out),
+        "--device-map",
+        "cpu",
+        "--calib-size",
+        "4",
+        "--seq-len",
+        "64",
+        "--no-progress",
+        "--report",
+        str(tmp_path / "r.json"),
+    )
     assert code == 0, capsys.readouterr().out
     saved = json.loads((tmp_path / "r.json").read_text())
-    assert saved["verify"]["ok"] and saved["bytes_before_of"] == "source checkpoint" and saved["export"]["bytes_after"] < saved["bytes_before"]
+    assert (
+        saved["verify"]["ok"]
+        and saved["bytes_before_of"] == "source checkpoint"
+        and saved["export"]["bytes_after"] < saved["bytes_before"]
+    )
     report = verify_checkpoint(out)
     assert report.ok and report.quant_algo == "NVFP4"
     from safetensors import safe_open
@@ -103,15 +138,25 @@ def test_nvfp4_multimodal(tmp_path: Path) -> None:
     """Gemma4ForConditionalGeneration: text experts under model.language_model, towers untouched and excluded."""
     model = tiny_gemma4(multimodal=True)
     result = quantize_model(model, "nvfp4", small_batches())
-    assert [(p, n) for p, _, n in result.coverage.covered] == [(f"model.language_model.layers.{i}.experts", 8) for i in range(4)]
+    assert [(p, n) for p, _, n in result.coverage.covered] == [
+        (f"model.language_model.layers.{i}.experts", 8) for i in range(4)
+    ]
     assert result.num_linears == 4 * 8 * 3 and not result.fallbacks
     for name, module in model.named_modules():
-        if any(t in name for t in ("vision_tower", "audio_tower", "embed_vision", "embed_audio", "router")) and hasattr(module, "weight_quantizer"):
+        if any(t in name for t in ("vision_tower", "audio_tower", "embed_vision", "embed_audio", "router")) and hasattr(
+            module, "weight_quantizer"
+        ):
             assert not module.weight_quantizer.is_enabled, name
     exported, report = moe_unfuse.export_checkpoint(model, tmp_path / "mm", specs=result.specs, qformat="nvfp4")
     assert report.ok, str(report)
     excl = json.loads((tmp_path / "mm" / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
-    for name in ("lm_head", "model.vision_tower*", "model.audio_tower*", "model.embed_vision*", "model.language_model.layers.3.router*"):
+    for name in (
+        "lm_head",
+        "model.vision_tower*",
+        "model.audio_tower*",
+        "model.embed_vision*",
+        "model.language_model.layers.3.router*",
+    ):
         assert name in excl
 
 
@@ -135,8 +180,13 @@ def test_uncovered_fused_experts_fail_loudly(tmp_path: Path) -> None:
     result = quantize_model(model, "fp8", small_batches(), allow_uncovered=True)
     assert result.coverage.uncovered == [name]
     _, report = moe_unfuse.export_checkpoint(model, tmp_path / "o", specs=result.specs, qformat="fp8")
-    assert [(c.name, c.keys) for c in report.failed] == [("hub-names", [f"{name} (not a tensor save_pretrained writes for this model)"])]
-    assert "model.layers.0.extra_experts*" in json.loads((tmp_path / "o.invalid" / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    assert [(c.name, c.keys) for c in report.failed] == [
+        ("hub-names", [f"{name} (not a tensor save_pretrained writes for this model)"])
+    ]
+    assert (
+        "model.layers.0.extra_experts*"
+        in json.loads((tmp_path / "o.invalid" / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    )
 
 
 @pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
@@ -146,7 +196,9 @@ def test_calibration_whatever_experts_implementation(impl: str, tmp_path: Path) 
     assert model.config._experts_implementation == impl
     result = quantize_model(model, "fp8", small_batches(), input_scale="per-expert")
     amax = input_amax(model)
-    assert len(amax) == 4 * 8 * 3 and all(a is not None and torch.isfinite(a).all() and (a > 0).all() for a in amax.values())
+    assert len(amax) == 4 * 8 * 3 and all(
+        a is not None and torch.isfinite(a).all() and (a > 0).all() for a in amax.values()
+    )
     assert all(sum(c) > 0 for c in result.routing.counts.values())
     if impl == "grouped_mm":  # and the export has every expert's input_scale (experts-complete checks it)
         _, report = moe_unfuse.export_checkpoint(model, tmp_path / "o", specs=result.specs, qformat="fp8")
@@ -161,7 +213,9 @@ def test_forced_routing_covers_idle_experts() -> None:
     idle = plain.routing.uncovered()
     assert idle == {f"model.layers.{i}.experts": [3] for i in range(4)}
     # Fallback: the max over the layer's other experts, finite and > 0, never zero or NaN.
-    assert {(f.path, f.expert) for f in plain.fallbacks} == {(f"model.layers.{i}.experts", 3) for i in range(4)} and len(plain.fallbacks) == 8
+    assert {(f.path, f.expert) for f in plain.fallbacks} == {
+        (f"model.layers.{i}.experts", 3) for i in range(4)
+    } and len(plain.fallbacks) == 8
     amax = input_amax(model)
     for f in plain.fallbacks:
         assert f.source == "layer max" and f.value > 0 and torch.isfinite(torch.tensor(f.value))
@@ -205,7 +259,9 @@ def test_input_scale_policies() -> None:
         for proj in ("gate_proj", "down_proj"):
             values = [s[(path, e, proj)] for e in range(8)]
             assert all(torch.equal(v, values[0]) for v in values)  # one per layer and input
-            assert torch.equal(values[0], torch.stack([p[(path, e, proj)] for e in range(8)]).max())  # = max over experts
+            assert torch.equal(
+                values[0], torch.stack([p[(path, e, proj)] for e in range(8)]).max()
+            )  # = max over experts
         assert len({p[(path, e, "gate_proj")].item() for e in range(8)}) > 1  # per-expert keeps its own
         assert all(torch.equal(p[(path, e, "gate_proj")], p[(path, e, "up_proj")]) for e in range(8))  # same input
 

@@ -32,7 +32,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_folder_without_tokenizer(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    _one_line_exit_2(["quantize", str(model_dir), "--out", str(tmp_path / "o"), *QUICK], capsys, "tokenizer", str(model_dir))
+    _one_line_exit_2(
+        ["quantize", str(model_dir), "--out", str(tmp_path / "o"), *QUICK], capsys, "tokenizer", str(model_dir)
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -60,18 +62,29 @@ def test_stdout_is_the_report_alone(model_dir: Path, tmp_path: Path, capsys: pyt
     captured = capsys.readouterr()
     heads = {line.split()[0] for line in captured.out.splitlines() if line and not line.startswith(" ")}
     assert heads <= {"model", "coverage", "calibrate", "scales", "export", "size", "verify", "checkpoint"}, captured.out
-    assert "Inserted" not in captured.out and "Writing model shards" not in captured.err and "Loading weights" not in captured.err
+    assert (
+        "Inserted" not in captured.out
+        and "Writing model shards" not in captured.err
+        and "Loading weights" not in captured.err
+    )
 
 
 def test_dense_model_says_there_are_no_experts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     src = tmp_path / "dense"
-    config = LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=272)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=272,
+    )
     config.architectures = ["LlamaForCausalLM"]
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(src)
     byte_tokenizer().save_pretrained(src)
-    assert main(["quantize", str(src), "--out", str(tmp_path / "o"), *QUICK, "--json", str(tmp_path / "r.json")]) == 0
+    assert main(["quantize", str(src), "--out", str(tmp_path / "o"), *QUICK, "--report", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
     assert "no fused expert modules in this model" in out and "(no experts modules: nothing to count)" in out
     assert "every expert received tokens" not in out and json.loads((tmp_path / "r.json").read_text())["verify"]["ok"]

@@ -7,39 +7,23 @@ installed version is simulated as one gemma4 lists, so these tests do not depend
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import spec_raw
 
 import moe_unfuse
-from moe_unfuse import SpecError, UnknownArchError, drift, golden, load_spec
+from moe_unfuse import SpecError, UnknownArchError, golden, load_spec, versions
 from moe_unfuse.drift import DriftError
-from moe_unfuse.spec import merged_raw
 
 pytestmark = pytest.mark.arch("gemma4")
-
-GEMMA4 = Path(moe_unfuse.get_spec("gemma4").source)
 
 
 @pytest.fixture(autouse=True)
 def on_a_verified_version(monkeypatch):
     """The installed transformers, as far as drift is concerned, is the first gemma4 is verified on."""
-    monkeypatch.setattr(drift, "installed_version", lambda: drift.verified_versions(merged_raw(GEMMA4))[0])
-
-
-def write(tmp_path: Path, raw: dict, name: str = "broken.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
-
-
-def mutated(edit) -> dict:
-    raw = copy.deepcopy(merged_raw(GEMMA4))
-    edit(raw)
-    return raw
+    monkeypatch.setattr(versions, "installed_version", lambda: versions.verified_versions(spec_raw("gemma4"))[0])
 
 
 def assert_one_line(err: SpecError, path: Path, field: str) -> None:
@@ -56,20 +40,34 @@ CASES = {
     "unknown nested key": (lambda r: r["params"]["gate_up_proj"].update(axis=[0]), "params.gate_up_proj.axis"),
     "missing field": (lambda r: r.pop("forward"), "forward"),
     "wrong type": (lambda r: r["dims"].update(num_experts=4), "dims.num_experts"),
-    "unknown axis name": (lambda r: r["params"]["down_proj"].update(axes=["expert", "rows", "in"]), "params.down_proj.axes.1"),
-    "class not importable": (lambda r: r["target"].update({"class": "transformers.models.gemma4.modeling_gemma4.Gemma9Experts"}), "target.class"),
+    "unknown axis name": (
+        lambda r: r["params"]["down_proj"].update(axes=["expert", "rows", "in"]),
+        "params.down_proj.axes.1",
+    ),
+    "class not importable": (
+        lambda r: r["target"].update({"class": "transformers.models.gemma4.modeling_gemma4.Gemma9Experts"}),
+        "target.class",
+    ),
     "module not importable": (lambda r: r["target"].update({"class": "not_a_package.Experts"}), "target.class"),
     "packing not declared": (lambda r: r["params"]["gate_up_proj"].pop("packing"), "params.gate_up_proj.packing"),
-    "unknown dim in shape": (lambda r: r["params"]["down_proj"].update(shape=["num_experts", "hiden", "intermediate"]), "params.down_proj.shape.1"),
+    "unknown dim in shape": (
+        lambda r: r["params"]["down_proj"].update(shape=["num_experts", "hiden", "intermediate"]),
+        "params.down_proj.shape.1",
+    ),
     "projection twice": (lambda r: r["params"]["down_proj"].update(into=["up_proj"]), "params.down_proj.into"),
-    "unknown role": (lambda r: r["forward"].update(args={"hidden_states": "hidden_states", "top_k_index": "indices", "top_k_weights": "top_k_weights"}), "forward.args.top_k_index"),
+    "unknown role": (
+        lambda r: r["forward"].update(
+            args={"hidden_states": "hidden_states", "top_k_index": "indices", "top_k_weights": "top_k_weights"}
+        ),
+        "forward.args.top_k_index",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_malformed_spec_is_one_line_error(tmp_path, case):
+def test_malformed_spec_is_one_line_error(mutated_spec, case):
     edit, field = CASES[case]
-    path = write(tmp_path, mutated(edit))
+    path = mutated_spec.path("gemma4", edit)
     with pytest.raises(SpecError) as info:
         load_spec(path)
     assert_one_line(info.value, path, field)
@@ -83,19 +81,18 @@ def test_invalid_yaml(tmp_path):
     assert "\n" not in str(info.value) and str(path) in str(info.value) and "fix:" in str(info.value)
 
 
-def test_missing_base_spec(tmp_path):
-    path = write(tmp_path, {"arch": "x", "extends": "_nowhere"})
+def test_missing_base_spec(mutated_spec):
+    path = mutated_spec.write({"arch": "x", "extends": "_nowhere"})
     with pytest.raises(SpecError) as info:
         load_spec(path)
     assert_one_line(info.value, path, "extends")
 
 
-def test_extends_merges_base(tmp_path):
-    base = mutated(lambda r: r.update(abstract=True))
-    write(tmp_path, base, "_base.yaml")
-    path = write(tmp_path, {"arch": "child", "extends": "_base", "description": "override"})
+def test_extends_merges_base(mutated_spec, gemma4_spec):
+    mutated_spec.path("gemma4", lambda r: r.update(abstract=True), "_base.yaml")
+    path = mutated_spec.write({"arch": "child", "extends": "_base", "description": "override"})
     spec = load_spec(path)
-    assert spec.arch == "child" and spec.description == "override" and spec.params == moe_unfuse.get_spec("gemma4").params
+    assert spec.arch == "child" and spec.description == "override" and spec.params == gemma4_spec.params
 
 
 def snapshot(module: torch.nn.Module) -> tuple[type, dict[str, torch.Tensor]]:
@@ -110,9 +107,14 @@ def assert_untouched(module: torch.nn.Module, snap) -> None:
     assert not hasattr(module, "_moe_unfuse") and "0" not in module._modules
 
 
-def test_wrong_shape_errors_at_unfuse_and_leaves_module_untouched(tmp_path):
+def test_wrong_shape_errors_at_unfuse_and_leaves_module_untouched(mutated_spec):
     # The transposed orientation declared for a standard-layout module: caught by the shape check.
-    path = write(tmp_path, mutated(lambda r: r["params"]["gate_up_proj"].update(axes=["expert", "in", "out"], shape=["num_experts", "hidden", "2*intermediate"])))
+    path = mutated_spec.path(
+        "gemma4",
+        lambda r: r["params"]["gate_up_proj"].update(
+            axes=["expert", "in", "out"], shape=["num_experts", "hidden", "2*intermediate"]
+        ),
+    )
     spec = load_spec(path)
     module = golden.build_experts(spec)
     snap = snapshot(module)
@@ -123,10 +125,16 @@ def test_wrong_shape_errors_at_unfuse_and_leaves_module_untouched(tmp_path):
     assert_untouched(module, snap)
 
 
-def test_split_that_does_not_divide_errors(tmp_path):
-    raw = mutated(lambda r: (r["params"]["gate_up_proj"].update(axes=["expert", "in", "out"]), r["params"]["gate_up_proj"].pop("shape")))
+def test_split_that_does_not_divide_errors(mutated_spec):
+    raw = mutated_spec.raw(
+        "gemma4",
+        lambda r: (
+            r["params"]["gate_up_proj"].update(axes=["expert", "in", "out"]),
+            r["params"]["gate_up_proj"].pop("shape"),
+        ),
+    )
     raw["golden"]["config_kwargs"]["hidden_size"] = 63
-    spec = load_spec(write(tmp_path, raw))
+    spec = load_spec(mutated_spec.write(raw))
     module = golden.build_experts(spec)
     snap = snapshot(module)
     with pytest.raises(SpecError) as info:
@@ -135,9 +143,9 @@ def test_split_that_does_not_divide_errors(tmp_path):
     assert_untouched(module, snap)
 
 
-def test_missing_dim_attribute_errors(tmp_path):
-    spec = load_spec(write(tmp_path, mutated(lambda r: r["dims"].update(num_experts="n_experts"))))
-    module = golden.build_experts(moe_unfuse.get_spec("gemma4"))
+def test_missing_dim_attribute_errors(mutated_spec, gemma4_spec):
+    spec = load_spec(mutated_spec.path("gemma4", lambda r: r["dims"].update(num_experts="n_experts")))
+    module = golden.build_experts(gemma4_spec)
     snap = snapshot(module)
     with pytest.raises(SpecError) as info:
         moe_unfuse.unfuse(module, spec)

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 import spec_fuzz
+
 from moe_unfuse import SpecError, load_spec
 
 pytestmark = pytest.mark.arch("gemma4")
@@ -41,7 +41,9 @@ def test_every_mutant_is_accepted_or_one_spec_error_line(tmp_path):
         if time.perf_counter() - start > BUDGET_S:  # a slow machine tries fewer, never fails on time
             break
     tried = sum(counts.values())
-    print(f"spec fuzz: tried {tried}, clean {counts['clean']}, traceback {counts['traceback']}, accepted {counts['accepted']}")
+    print(
+        f"spec fuzz: tried {tried}, clean {counts['clean']}, traceback {counts['traceback']}, accepted {counts['accepted']}"
+    )
     assert tried >= 200, f"only {tried} mutants in {BUDGET_S} s"
     assert not bad, f"{len(bad)} of {tried} mutants escaped as non-SpecError: " + "; ".join(bad[:5])
 

@@ -9,9 +9,9 @@ from typing import Any, Callable
 
 import pytest
 import torch
+from helpers import spec_names
 
 import moe_unfuse
-from helpers import spec_names
 from moe_unfuse import SpecError, golden, load_spec
 from moe_unfuse.default_plugins.clamped_gates import clamped_swiglu_alpha
 from moe_unfuse.experts import LinearExact, linear_over
@@ -35,20 +35,72 @@ LOAD_CASES = [
     case("gpt_oss", lambda r: r["forward"].update(accumulat="float32"), "forward.accumulat", "unknown forward option"),
     case("gpt_oss", lambda r: r["forward"].update(accumulate="float64"), "forward.accumulate", "bad accumulate value"),
     case("dbrx", lambda r: r["forward"].update(tokens="batch"), "forward.tokens", "bad tokens value"),
-    case("jetmoe", lambda r: r["forward"].update(args={"inputs": "hidden_states", "expert_size": "top_k_index"}), "forward.args.expert_size", "role not of the kind"),
-    case("inkling_shared", lambda r: r["forward"].update(args={"hidden_states": "hidden_states"}), "forward.args", "role missing for the kind"),
-    case("longcat_flash", lambda r: r["forward"].update(identity_experts="zeros"), "forward.identity_experts", "identity experts unknown dim"),
-    case("longcat_flash", lambda r: r["params"]["gate_up_proj"].update(extra_experts="zeros"), "params.gate_up_proj.extra_experts", "extra experts unknown dim"),
-    case("dbrx", lambda r: r["params"]["mlp.w1"].update(extra_experts=1), "params.mlp.w1.extra_experts", "extra experts on a flattened axis"),
-    case("dbrx", lambda r: r["params"].update({"mlp..w3": r["params"].pop("mlp.w2")}), "params", "malformed dotted param name"),
+    case(
+        "jetmoe",
+        lambda r: r["forward"].update(args={"inputs": "hidden_states", "expert_size": "top_k_index"}),
+        "forward.args.expert_size",
+        "role not of the kind",
+    ),
+    case(
+        "inkling_shared",
+        lambda r: r["forward"].update(args={"hidden_states": "hidden_states"}),
+        "forward.args",
+        "role missing for the kind",
+    ),
+    case(
+        "longcat_flash",
+        lambda r: r["forward"].update(identity_experts="zeros"),
+        "forward.identity_experts",
+        "identity experts unknown dim",
+    ),
+    case(
+        "longcat_flash",
+        lambda r: r["params"]["gate_up_proj"].update(extra_experts="zeros"),
+        "params.gate_up_proj.extra_experts",
+        "extra experts unknown dim",
+    ),
+    case(
+        "dbrx",
+        lambda r: r["params"]["mlp.w1"].update(extra_experts=1),
+        "params.mlp.w1.extra_experts",
+        "extra experts on a flattened axis",
+    ),
+    case(
+        "dbrx",
+        lambda r: r["params"].update({"mlp..w3": r["params"].pop("mlp.w2")}),
+        "params",
+        "malformed dotted param name",
+    ),
     case("gpt_oss", lambda r: r["gate"].update(beta=1.0), "gate.beta", "unknown gate parameter"),
     case("gpt_oss", lambda r: r["gate"].pop("limit"), "gate.limit", "missing gate parameter"),
     case("gpt_oss", lambda r: r["gate"].update(alpha={"attr": "alpha"}), "gate.alpha", "gate value of the wrong form"),
-    case("aria", lambda r: r.update(linear={"bias": "after_matmul"}), "linear.bias", "bias after matmul without a bias"),
-    case("gpt_oss", lambda r: r["linear"].update(compute_dtype="float64"), "linear.compute_dtype", "unknown compute dtype"),
-    case("aria", lambda r: r["params"]["down_proj"].update(into=["linear"]), "params.down_proj.into", "linear projection in a routed spec"),
-    case("jetmoe", lambda r: r["params"]["weight"].update(into=["gate_proj", "up_proj"], packing="concatenated"), "params", "mlp projections in an expert bank"),
-    case("muse_spark", lambda r: r.update(post_expert_norm={}), "post_expert_norm.attribute", "post-expert norm without attribute"),
+    case(
+        "aria", lambda r: r.update(linear={"bias": "after_matmul"}), "linear.bias", "bias after matmul without a bias"
+    ),
+    case(
+        "gpt_oss",
+        lambda r: r["linear"].update(compute_dtype="float64"),
+        "linear.compute_dtype",
+        "unknown compute dtype",
+    ),
+    case(
+        "aria",
+        lambda r: r["params"]["down_proj"].update(into=["linear"]),
+        "params.down_proj.into",
+        "linear projection in a routed spec",
+    ),
+    case(
+        "jetmoe",
+        lambda r: r["params"]["weight"].update(into=["gate_proj", "up_proj"], packing="concatenated"),
+        "params",
+        "mlp projections in an expert bank",
+    ),
+    case(
+        "muse_spark",
+        lambda r: r.update(post_expert_norm={}),
+        "post_expert_norm.attribute",
+        "post-expert norm without attribute",
+    ),
 ]
 
 
@@ -61,12 +113,37 @@ def test_bad_value_is_one_line_error_at_load(mutated_spec, arch, edit, field):
 
 
 UNFUSE_CASES = [
-    case("gpt_oss", lambda r: r["gate"].update(alpha={"attribute": "swiglu_alpha"}), "gate", "gate attribute missing on the module"),
+    case(
+        "gpt_oss",
+        lambda r: r["gate"].update(alpha={"attribute": "swiglu_alpha"}),
+        "gate",
+        "gate attribute missing on the module",
+    ),
     case("gpt_oss", lambda r: r["gate"].update(alpha="fast"), "gate", "gate parameter not a number"),
-    case("muse_spark", lambda r: r["post_expert_norm"].update(attribute="post_norm"), "post_expert_norm.attribute", "post-expert norm missing on the module"),
-    case("dbrx", lambda r: r["params"].update({"mlp.w9": r["params"].pop("mlp.w2")}), "params.mlp.w9.axes", "dotted param missing"),
-    case("longcat_flash", lambda r: r["params"]["gate_up_proj"].update(extra_experts=1, shape=None), "params.gate_up_proj.extra_experts", "extra expert rows miscounted"),
-    case("longcat_flash", lambda r: r["forward"].update(identity_experts="0-1"), "forward.identity_experts", "negative identity experts"),
+    case(
+        "muse_spark",
+        lambda r: r["post_expert_norm"].update(attribute="post_norm"),
+        "post_expert_norm.attribute",
+        "post-expert norm missing on the module",
+    ),
+    case(
+        "dbrx",
+        lambda r: r["params"].update({"mlp.w9": r["params"].pop("mlp.w2")}),
+        "params.mlp.w9.axes",
+        "dotted param missing",
+    ),
+    case(
+        "longcat_flash",
+        lambda r: r["params"]["gate_up_proj"].update(extra_experts=1, shape=None),
+        "params.gate_up_proj.extra_experts",
+        "extra expert rows miscounted",
+    ),
+    case(
+        "longcat_flash",
+        lambda r: r["forward"].update(identity_experts="0-1"),
+        "forward.identity_experts",
+        "negative identity experts",
+    ),
 ]
 
 
@@ -91,6 +168,7 @@ def test_bad_value_for_the_module_errors_at_unfuse_and_leaves_it_untouched(mutat
 
 # --- declared gates reproduce the classes' own _apply_gate ---------------------------------------
 
+
 def _declared(arch: str, gate: dict, activation: dict | None) -> Any:
     def edit(raw: dict) -> None:
         raw["gate"] = gate
@@ -98,15 +176,28 @@ def _declared(arch: str, gate: dict, activation: dict | None) -> Any:
         if activation is not None:
             raw["activation"] = activation
 
-    return pytest.param(arch, edit, id=arch, marks=[pytest.mark.arch(arch)] + ([] if arch in spec_names() else [pytest.mark.skip(reason=f"no {arch} spec")]))
+    return pytest.param(
+        arch,
+        edit,
+        id=arch,
+        marks=[pytest.mark.arch(arch)] + ([] if arch in spec_names() else [pytest.mark.skip(reason=f"no {arch} spec")]),
+    )
 
 
 DECLARED_GATES = [
     _declared("deepseek_v4", {"kind": "clamped_glu", "limit": {"attribute": "limit"}}, {"attribute": "act_fn"}),
     _declared("glm5_next", {"kind": "clamped_glu", "limit": {"attribute": "swiglu_limit"}}, {"name": "silu"}),
     _declared("hy_v4", {"kind": "clamped_glu", "limit": {"config": "swiglu_limit"}}, {"name": "silu"}),
-    _declared("step3p7", {"kind": "clamped_glu", "limit": {"attribute": "limit"}, "clamp": "after_activation"}, {"attribute": "act_fn"}),
-    _declared("minimax_m3_vl", {"kind": "clamped_swiglu_alpha", "alpha": {"config": "swiglu_alpha"}, "limit": {"attribute": "swiglu_limit"}}, None),
+    _declared(
+        "step3p7",
+        {"kind": "clamped_glu", "limit": {"attribute": "limit"}, "clamp": "after_activation"},
+        {"attribute": "act_fn"},
+    ),
+    _declared(
+        "minimax_m3_vl",
+        {"kind": "clamped_swiglu_alpha", "alpha": {"config": "swiglu_alpha"}, "limit": {"attribute": "swiglu_limit"}},
+        None,
+    ),
 ]
 
 
@@ -127,6 +218,7 @@ def test_declared_gate_sees_the_clamp(mutated_spec):
 
 
 # --- forward and gate kinds as third-party plugins --------------------------------------------------
+
 
 @pytest.mark.arch("gpt_oss")
 def test_plugin_forward_and_gate_kinds(mutated_spec, registered_plugin):
@@ -149,19 +241,41 @@ def test_plugin_forward_and_gate_kinds(mutated_spec, registered_plugin):
     class Plugin:
         @hookimpl
         def register_gates(self, register):
-            register("plugin_swiglu", GateKind(build=lambda m, cfg, act, split: clamped_swiglu_alpha(m, {"alpha": cfg["slope"], "limit": cfg["bound"]}, act, split),
-                                               params={"slope": "sigmoid slope", "bound": "clamp bound"}, required=("slope", "bound"), needs_activation=False))
+            register(
+                "plugin_swiglu",
+                GateKind(
+                    build=lambda m, cfg, act, split: clamped_swiglu_alpha(
+                        m, {"alpha": cfg["slope"], "limit": cfg["bound"]}, act, split
+                    ),
+                    params={"slope": "sigmoid slope", "bound": "clamp bound"},
+                    required=("slope", "bound"),
+                    needs_activation=False,
+                ),
+            )
 
         @hookimpl
         def register_forwards(self, register):
-            register("plugin_routed", ForwardKind(forward=plugin_routed, roles=("tokens", "expert_ids", "scores"), golden_inputs=lambda module, spec, v, gen: {
-                "tokens": v["hidden_states"], "expert_ids": v["top_k_index"], "scores": v["top_k_weights"]}))
+            register(
+                "plugin_routed",
+                ForwardKind(
+                    forward=plugin_routed,
+                    roles=("tokens", "expert_ids", "scores"),
+                    golden_inputs=lambda module, spec, v, gen: {
+                        "tokens": v["hidden_states"],
+                        "expert_ids": v["top_k_index"],
+                        "scores": v["top_k_weights"],
+                    },
+                ),
+            )
 
     obj = registered_plugin(Plugin(), name="kinds-plugin")
 
     def edit(raw: dict) -> None:
         raw["gate"] = {"kind": "plugin_swiglu", "slope": {"attribute": "alpha"}, "bound": {"attribute": "limit"}}
-        raw["forward"] = {"kind": "plugin_routed", "args": {"hidden_states": "tokens", "router_indices": "expert_ids", "routing_weights": "scores"}}
+        raw["forward"] = {
+            "kind": "plugin_routed",
+            "args": {"hidden_states": "tokens", "router_indices": "expert_ids", "routing_weights": "scores"},
+        }
 
     spec = load_spec(mutated_spec.path("gpt_oss", edit))
     assert golden.check_exact(spec, torch.float32).ok and golden.check_exact(spec, torch.bfloat16).ok
@@ -170,7 +284,9 @@ def test_plugin_forward_and_gate_kinds(mutated_spec, registered_plugin):
         load_spec(bad)
     assert_one_line(info.value, bad, "gate.alpha")
     assert "slope, bound" in str(info.value)
-    bad = mutated_spec.path("gpt_oss", lambda r: (edit(r), r["forward"]["args"].update(routing_weights="top_k_weights")))
+    bad = mutated_spec.path(
+        "gpt_oss", lambda r: (edit(r), r["forward"]["args"].update(routing_weights="top_k_weights"))
+    )
     with pytest.raises(SpecError) as info:
         load_spec(bad)
     assert_one_line(info.value, bad, "forward.args.routing_weights")
@@ -179,6 +295,7 @@ def test_plugin_forward_and_gate_kinds(mutated_spec, registered_plugin):
 
 
 # --- layout pieces ------------------------------------------------------------------------------------
+
 
 def shares_storage(view: torch.Tensor, base: torch.Tensor) -> bool:
     return view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()

@@ -63,10 +63,13 @@ def traced_apply(interrupt: Interrupt, real):
             real(plan, swap_class)
         finally:
             sys.settrace(None)
+
     return apply
 
 
-@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.arch(a)) for a in ("gemma4", "gpt_oss", "dbrx", "longcat_flash")])
+@pytest.mark.parametrize(
+    "arch", [pytest.param(a, marks=pytest.mark.arch(a)) for a in ("gemma4", "gpt_oss", "dbrx", "longcat_flash")]
+)
 def test_an_interrupt_anywhere_in_unfuse_leaves_the_module_fused(monkeypatch, arch):
     spec = moe_unfuse.get_spec(arch)
     module = golden.build_experts(spec)
@@ -79,7 +82,7 @@ def test_an_interrupt_anywhere_in_unfuse_leaves_the_module_fused(monkeypatch, ar
         counter = Interrupt(at=0)
         monkeypatch.setattr(unfusing, "_apply_plan", traced_apply(counter, real))
         moe_unfuse.unfuse(module, spec)
-        moe_unfuse.refuse(module)
+        moe_unfuse.fuse(module)
     lines = counter.count
     assert lines > 50
     for at in range(1, lines + 1, max(1, lines // 150)):
@@ -126,7 +129,13 @@ def roundtrips():
     return {"pickle": lambda m: pickle.loads(pickle.dumps(m)), "torch.save": saved, "deepcopy": copy.deepcopy}
 
 
-@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.arch(a)) for a in ("gemma4", "gpt_oss", "dbrx", "hy_v4", "jetmoe", "longcat_flash")])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        pytest.param(a, marks=pytest.mark.arch(a))
+        for a in ("gemma4", "gpt_oss", "dbrx", "hy_v4", "jetmoe", "longcat_flash")
+    ],
+)
 @pytest.mark.parametrize("how", list(roundtrips()))
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
 def test_an_unfused_module_pickles_saves_and_deep_copies(arch, how, requires_grad):
@@ -144,7 +153,7 @@ def test_an_unfused_module_pickles_saves_and_deep_copies(arch, how, requires_gra
         assert torch.equal(copied(*args, **kwargs), expected)
     assert all(p.requires_grad == requires_grad for p in copied.parameters())
     fused = {k: v.clone() for k, v in copied._moe_unfuse.originals.items()}
-    moe_unfuse.refuse(copied)
+    moe_unfuse.fuse(copied)
     assert all(torch.equal(dict(copied.named_parameters())[k], v) for k, v in fused.items())
 
 
@@ -177,8 +186,12 @@ def test_ctrl_c_in_a_command_is_one_line_and_exit_130(monkeypatch, capsys):
 
 @pytest.mark.arch("gemma4")
 def test_sigint_during_check_exits_130_with_one_line():
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "moe_unfuse", "check", "gemma4", "--no-modelopt"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "moe_unfuse", "check", "gemma4", "--no-modelopt"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().startswith("spec ok")  # in the golden checks now
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

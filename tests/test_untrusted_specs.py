@@ -3,34 +3,25 @@ called (or imported from outside transformers and registered plugins) unless it 
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import SPECS_DIR as SPECS
+from helpers import spec_raw, write_spec
 
 import moe_unfuse
 from moe_unfuse import SpecError, golden, load_spec
-from moe_unfuse.spec import MAX_SPEC_BYTES, eval_shape_expr, merged_raw
+from moe_unfuse.spec import MAX_SPEC_BYTES, eval_shape_expr, golden_config
 
 pytestmark = pytest.mark.arch("gemma4")
 
-SPECS = Path(moe_unfuse.get_spec("gemma4").source).parent
 GEMMA4 = SPECS / "gemma4.yaml"
 
 
 def gemma4_raw() -> dict:
-    return copy.deepcopy(merged_raw(GEMMA4))
-
-
-def write(tmp_path: Path, data: str | bytes | dict, name: str = "spec.yaml") -> Path:
-    path = tmp_path / name
-    if isinstance(data, dict):
-        data = yaml.safe_dump(data, sort_keys=False)
-    path.write_bytes(data if isinstance(data, bytes) else data.encode())
-    return path
+    return spec_raw("gemma4")
 
 
 def load_error(path: Path, **kwargs) -> SpecError:
@@ -46,10 +37,18 @@ TEXT = GEMMA4.read_text()
 HOSTILE_FILES = {
     "100,000-deep flow list": (TEXT + "colour: " + "[" * 100_000 + "]" * 100_000 + "\n", "nests deeper"),
     "deep block mapping": (TEXT + "".join(f"{' ' * i}k{i}:\n" for i in range(40)) + " " * 40 + "v\n", "nests deeper"),
-    "alias bomb": (TEXT + "lol:\n  a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(f"  b{i}: &b{i} [{', '.join(['*a' if i == 0 else f'*b{i - 1}'] * 9)}]\n" for i in range(12)), "anchor or alias"),
+    "alias bomb": (
+        TEXT
+        + "lol:\n  a: &a [x, x, x, x, x, x, x, x, x]\n"
+        + "".join(f"  b{i}: &b{i} [{', '.join(['*a' if i == 0 else f'*b{i - 1}'] * 9)}]\n" for i in range(12)),
+        "anchor or alias",
+    ),
     "plain anchor": (TEXT.replace("dims:", "dims: &d", 1), "anchor or alias"),
     "duplicate key": (TEXT + "arch: gemma5\n", "duplicate key 'arch'"),
-    "nested duplicate key": (TEXT.replace("  hidden: hidden_dim\n", "  hidden: hidden_dim\n  hidden: intermediate_dim\n", 1), "duplicate key 'hidden'"),
+    "nested duplicate key": (
+        TEXT.replace("  hidden: hidden_dim", "  hidden: intermediate_dim\n  hidden: hidden_dim", 1),
+        "duplicate key 'hidden'",
+    ),
     "mixed-type keys": (TEXT + "colour: {1: a, b: c}\n", "is a int, not a string"),
     "bool key": (TEXT + "true: 1\n", "is a bool, not a string"),
     "non-UTF-8 bytes": (TEXT.encode() + b"description: \xff\xfe\n", "is not UTF-8"),
@@ -66,7 +65,7 @@ HOSTILE_FILES = {
 @pytest.mark.parametrize("case", list(HOSTILE_FILES))
 def test_hostile_file_is_one_spec_error(tmp_path, case):
     data, expected = HOSTILE_FILES[case]
-    err = load_error(write(tmp_path, data))
+    err = load_error(write_spec(tmp_path, data))
     assert expected in str(err), str(err)
 
 
@@ -77,12 +76,12 @@ def test_extends_cannot_leave_the_search_path_through_a_symlink(tmp_path):
     inside = tmp_path / "specs"
     inside.mkdir()
     os.symlink(outside / "_base.yaml", inside / "_base.yaml")
-    err = load_error(write(inside, "arch: x\nextends: _base\n"))
+    err = load_error(write_spec(inside, "arch: x\nextends: _base\n"))
     assert err.field == "extends" and "not found" in str(err)
 
 
 def test_parse_cache_sees_a_rewrite_in_the_same_mtime(tmp_path):
-    path = write(tmp_path, TEXT)
+    path = write_spec(tmp_path, TEXT)
     stat = path.stat()
     assert load_spec(path).arch == "gemma4"
     path.write_text(TEXT.replace("arch: gemma4", "arch: gemma9"))
@@ -90,18 +89,21 @@ def test_parse_cache_sees_a_rewrite_in_the_same_mtime(tmp_path):
     assert load_spec(path).arch == "gemma9"
 
 
-@pytest.mark.parametrize(("expr", "expected"), [
-    ("+".join(["1"] * 50_000), "over 200"),  # a 50,000-term expression (a RecursionError before)
-    ("2*(intermediate", "syntax error"),
-    ("2**intermediate", "is not allowed"),
-    ("intermediate//0", "divides by zero"),
-    ("__import__('os')", "is not allowed"),
-    ("hiden", "unknown dim 'hiden'"),
-])
+@pytest.mark.parametrize(
+    ("expr", "expected"),
+    [
+        ("+".join(["1"] * 50_000), "over 200"),  # a 50,000-term expression (a RecursionError before)
+        ("2*(intermediate", "syntax error"),
+        ("2**intermediate", "is not allowed"),
+        ("intermediate//0", "divides by zero"),
+        ("__import__('os')", "is not allowed"),
+        ("hiden", "unknown dim 'hiden'"),
+    ],
+)
 def test_bad_shape_expression(tmp_path, expr, expected):
     raw = gemma4_raw()
     raw["params"]["down_proj"]["shape"][1] = expr
-    err = load_error(write(tmp_path, raw))
+    err = load_error(write_spec(tmp_path, raw))
     assert err.field == "params.down_proj.shape.1" and expected in str(err), str(err)
 
 
@@ -116,24 +118,78 @@ def edit(path: tuple, value) -> callable:
         for part in path[:-1]:
             node = node.setdefault(part, {})
         node[path[-1]] = value
+
     return apply
 
 
 SEMANTIC = {
     "unknown glu parameter": (edit(("gate", "alpha"), 1.5), "gate.alpha", "not a parameter of gate kind 'glu'"),
-    "top_k above the expert count": (edit(("golden", "top_k"), 5), "golden.top_k", "more than the golden config's 4 experts"),
-    "rename with an invalid regex": (edit(("export", "renames"), [{"engine": "vllm", "match": "(unclosed", "replace": "x"}]), "export.renames.0.match", "invalid regex"),
-    "rename for an unknown engine": (edit(("export", "renames"), [{"engine": "vlm", "match": "a", "replace": "b"}]), "export.renames.0.engine", "unknown engine 'vlm'"),
-    "rename to a missing group": (edit(("export", "renames"), [{"engine": "vllm", "match": "a(b)", "replace": r"\2"}]), "export.renames.0.replace", "group '2'"),
-    "forward args renamed": (edit(("forward", "args"), {"x": "hidden_states", "top_k_index": "top_k_index", "top_k_weights": "top_k_weights"}), "forward.args", "Gemma4TextExperts.forward takes (hidden_states"),
-    "forward args reordered": (edit(("forward", "args"), {"top_k_index": "top_k_index", "hidden_states": "hidden_states", "top_k_weights": "top_k_weights"}), "forward.args", "forward(top_k_index"),
+    "top_k above the expert count": (
+        edit(("golden", "top_k"), 5),
+        "golden.top_k",
+        "more than the golden config's 4 experts",
+    ),
+    "rename with an invalid regex": (
+        edit(("export", "renames"), [{"engine": "vllm", "match": "(unclosed", "replace": "x"}]),
+        "export.renames.0.match",
+        "invalid regex",
+    ),
+    "rename for an unknown engine": (
+        edit(("export", "renames"), [{"engine": "vlm", "match": "a", "replace": "b"}]),
+        "export.renames.0.engine",
+        "unknown engine 'vlm'",
+    ),
+    "rename to a missing group": (
+        edit(("export", "renames"), [{"engine": "vllm", "match": "a(b)", "replace": r"\2"}]),
+        "export.renames.0.replace",
+        "group '2'",
+    ),
+    "forward args renamed": (
+        edit(
+            ("forward", "args"), {"x": "hidden_states", "top_k_index": "top_k_index", "top_k_weights": "top_k_weights"}
+        ),
+        "forward.args",
+        "Gemma4TextExperts.forward takes (hidden_states",
+    ),
+    "forward args reordered": (
+        edit(
+            ("forward", "args"),
+            {"top_k_index": "top_k_index", "hidden_states": "hidden_states", "top_k_weights": "top_k_weights"},
+        ),
+        "forward.args",
+        "forward(top_k_index",
+    ),
     "target os.system": (edit(("target", "class"), "os.system"), "target.class", "is not an nn.Module subclass"),
-    "target subprocess.Popen": (edit(("target", "class"), "subprocess.Popen"), "target.class", "is not an nn.Module subclass"),
-    "target a transformers function": (edit(("target", "class"), "transformers.pipeline"), "target.class", "is not an nn.Module subclass"),
-    "target outside the allowed packages": (edit(("target", "class"), "json.tool.Experts"), "target.class", "outside what a spec may import"),
-    "golden.config a function": (edit(("golden", "config"), "builtins.eval"), "golden.config", "is not a transformers PretrainedConfig subclass"),
-    "golden.config not a config": (edit(("golden", "config"), "transformers.Gemma4ForCausalLM"), "golden.config", "is not a transformers PretrainedConfig subclass"),
-    "golden.model.class not a model": (edit(("golden", "model", "class"), "subprocess.Popen"), "golden.model.class", "is not a transformers PreTrainedModel subclass"),
+    "target subprocess.Popen": (
+        edit(("target", "class"), "subprocess.Popen"),
+        "target.class",
+        "is not an nn.Module subclass",
+    ),
+    "target a transformers function": (
+        edit(("target", "class"), "transformers.pipeline"),
+        "target.class",
+        "is not an nn.Module subclass",
+    ),
+    "target outside the allowed packages": (
+        edit(("target", "class"), "json.tool.Experts"),
+        "target.class",
+        "outside what a spec may import",
+    ),
+    "golden.config a function": (
+        edit(("golden", "config"), "builtins.eval"),
+        "golden.config",
+        "is not a transformers PretrainedConfig subclass",
+    ),
+    "golden.config not a config": (
+        edit(("golden", "config"), "transformers.Gemma4ForCausalLM"),
+        "golden.config",
+        "is not a transformers PretrainedConfig subclass",
+    ),
+    "golden.model.class not a model": (
+        edit(("golden", "model", "class"), "subprocess.Popen"),
+        "golden.model.class",
+        "is not a transformers PreTrainedModel subclass",
+    ),
 }
 
 
@@ -142,7 +198,7 @@ def test_semantic_error_at_load(tmp_path, case):
     change, field, expected = SEMANTIC[case]
     raw = gemma4_raw()
     change(raw)
-    err = load_error(write(tmp_path, raw))
+    err = load_error(write_spec(tmp_path, raw))
     assert err.field == field and expected in str(err), str(err)
 
 
@@ -150,12 +206,14 @@ def test_a_module_outside_the_allowed_packages_is_not_imported(tmp_path, monkeyp
     """Naming a module a spec may not import fails before the import runs (its code never executes)."""
     pkg = tmp_path / "evil_spec_pkg"
     pkg.mkdir()
-    (pkg / "__init__.py").write_text("import pathlib; pathlib.Path(__file__).with_name('RAN').write_text('x')\nclass Experts: pass\n")
+    (pkg / "__init__.py").write_text(
+        "import pathlib; pathlib.Path(__file__).with_name('RAN').write_text('x')\nclass Experts: pass\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     raw = gemma4_raw()
     raw["target"]["class"] = "evil_spec_pkg.Experts"
     for check_import in (True, False):
-        err = load_error(write(tmp_path, raw), check_import=check_import)
+        err = load_error(write_spec(tmp_path, raw), check_import=check_import)
         assert "outside what a spec may import" in str(err)
     assert not (pkg / "RAN").exists() and "evil_spec_pkg" not in sys.modules
 
@@ -168,14 +226,19 @@ def test_golden_config_is_checked_before_it_is_called(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: calls.append(a))
     spec = moe_unfuse.get_spec("gemma4")
-    bad = type(spec)(**{**{f: getattr(spec, f) for f in spec.__dataclass_fields__}, "golden": {**spec.golden, "config": "subprocess.Popen", "config_kwargs": {"args": ["true"]}}})
+    bad = type(spec)(
+        **{
+            **{f: getattr(spec, f) for f in spec.__dataclass_fields__},
+            "golden": {**spec.golden, "config": "subprocess.Popen", "config_kwargs": {"args": ["true"]}},
+        }
+    )
     with pytest.raises(SpecError) as err:
-        golden.build_config(bad)
+        golden_config(bad)
     assert "PretrainedConfig" in str(err.value) and not calls
 
 
 def test_register_and_unfuse_take_a_spec_path(tmp_path):
-    path = write(tmp_path, gemma4_raw(), "my_gemma4.yaml")
+    path = write_spec(tmp_path, gemma4_raw(), "my_gemma4.yaml")
     for arg in (str(path), path):
         assert moe_unfuse.register(arg) is not None
         module = golden.build_experts(moe_unfuse.get_spec("gemma4"))
@@ -186,15 +249,15 @@ def test_register_and_unfuse_take_a_spec_path(tmp_path):
 def test_a_dim_read_from_a_parameter_size(tmp_path):
     raw = gemma4_raw()
     raw["dims"]["intermediate"] = {"param": "down_proj", "axis": 2}
-    spec = load_spec(write(tmp_path, raw))
+    spec = load_spec(write_spec(tmp_path, raw))
     assert golden.check_exact(spec, golden.torch.float32).ok
     raw["dims"]["intermediate"] = {"param": "down_proj", "axis": 1}  # 64, not 40: the shape check says so
-    spec = load_spec(write(tmp_path, raw))
+    spec = load_spec(write_spec(tmp_path, raw))
     with pytest.raises(SpecError) as err:
         moe_unfuse.unfuse(golden.build_experts(spec), spec)
     assert err.value.field == "params.gate_up_proj.shape"
     raw["dims"]["intermediate"] = {"param": "nope", "axis": 1}
-    spec = load_spec(write(tmp_path, raw))
+    spec = load_spec(write_spec(tmp_path, raw))
     with pytest.raises(SpecError) as err:
         moe_unfuse.unfuse(golden.build_experts(spec), spec)
     assert err.value.field == "dims.intermediate.param"

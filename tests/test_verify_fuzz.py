@@ -22,7 +22,10 @@ from moe_unfuse.tiny import tiny_gemma4
 
 pytestmark = [pytest.mark.arch("gemma4"), pytest.mark.usefixtures("one_thread")]
 SEED, CASES = 1234, 60
-HARMLESS = {"drop-metadata", "garbage-metadata"}  # moe_unfuse.json is provenance; the contract is computed from config.json
+HARMLESS = {
+    "drop-metadata",
+    "garbage-metadata",
+}  # moe_unfuse.json is provenance; the contract is computed from config.json
 # (Unquantized tensors cast to another float dtype are not corrupted: engines cast them on load; the
 # corrupter casts quantized weights and scales, which an engine would misread.)
 
@@ -52,27 +55,58 @@ def _pick(data: dict, rng: random.Random, suffix: str = "") -> str:
 
 def _pick_quantized(data: dict, rng: random.Random) -> str:
     """A quantized weight or a scale: what an engine reads by dtype."""
-    return rng.choice(sorted(k for k in data if k.endswith(("weight_scale", "weight_scale_2", "input_scale")) or k.endswith(".weight") and k[: -len("weight")] + "weight_scale" in data))
+    return rng.choice(
+        sorted(
+            k
+            for k in data
+            if k.endswith(("weight_scale", "weight_scale_2", "input_scale"))
+            or k.endswith(".weight")
+            and k[: -len("weight")] + "weight_scale" in data
+        )
+    )
 
 
 CORRUPTIONS: dict[str, Callable[[Path, random.Random], None]] = {
-    "truncate": lambda p, r: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[: r.randrange(1, 4000)]),
+    "truncate": lambda p, r: (p / "model.safetensors").write_bytes(
+        (p / "model.safetensors").read_bytes()[: r.randrange(1, 4000)]
+    ),
     "flip-header": lambda p, r: _flip(p / "model.safetensors", r, 8, 400),
     "drop-config": lambda p, r: (p / "config.json").unlink(),
     "drop-quant-config": lambda p, r: (p / "hf_quant_config.json").unlink(),
     "drop-weights": lambda p, r: (p / "model.safetensors").unlink(),
     "drop-metadata": lambda p, r: (p / "moe_unfuse.json").unlink(),
-    "garbage-json": lambda p, r: (p / r.choice(["config.json", "hf_quant_config.json"])).write_text(r.choice(["{", "[]", "3", "null", "\xff\xfe", "[" * 5000])),
+    "garbage-json": lambda p, r: (p / r.choice(["config.json", "hf_quant_config.json"])).write_text(
+        r.choice(["{", "[]", "3", "null", "\xff\xfe", "[" * 5000])
+    ),
     "garbage-metadata": lambda p, r: (p / "moe_unfuse.json").write_text(r.choice(["{", "[]", "3", "null", "[" * 5000])),
     "drop-tensor": lambda p, r: _tensors(p, lambda d, r: d.pop(_pick(d, r)), r),
     "rename-tensor": lambda p, r: _tensors(p, lambda d, r: d.__setitem__(_pick(d, r) + "_x", d.pop(_pick(d, r))), r),
-    "nan-scale": lambda p, r: _tensors(p, lambda d, r: d.__setitem__(k := _pick(d, r, "scale"), torch.full_like(d[k], float("nan"))), r),
-    "zero-scale": lambda p, r: _tensors(p, lambda d, r: d.__setitem__(k := _pick(d, r, "input_scale"), torch.zeros_like(d[k])), r),
-    "wrong-dtype": lambda p, r: _tensors(p, lambda d, r: d.__setitem__(k := _pick_quantized(d, r), d[k].to(r.choice([t for t in (torch.float32, torch.bfloat16, torch.float16) if t != d[k].dtype]))), r),
-    "transpose": lambda p, r: _tensors(p, lambda d, r: d.__setitem__(k := _pick(d, r, "k_proj.weight"), d[k].t().contiguous()), r),
-    "extra-tensor": lambda p, r: _tensors(p, lambda d, r: d.__setitem__(f"model.extra_{r.randrange(99)}.weight", torch.zeros(3)), r),
-    "exclude-all": lambda p, r: _json(p, "hf_quant_config.json", lambda j: j["quantization"].__setitem__("exclude_modules", ["*"])),
-    "relabel": lambda p, r: _json(p, "hf_quant_config.json", lambda j: j["quantization"].__setitem__("quant_algo", "NVFP4")),
+    "nan-scale": lambda p, r: _tensors(
+        p, lambda d, r: d.__setitem__(k := _pick(d, r, "scale"), torch.full_like(d[k], float("nan"))), r
+    ),
+    "zero-scale": lambda p, r: _tensors(
+        p, lambda d, r: d.__setitem__(k := _pick(d, r, "input_scale"), torch.zeros_like(d[k])), r
+    ),
+    "wrong-dtype": lambda p, r: _tensors(
+        p,
+        lambda d, r: d.__setitem__(
+            k := _pick_quantized(d, r),
+            d[k].to(r.choice([t for t in (torch.float32, torch.bfloat16, torch.float16) if t != d[k].dtype])),
+        ),
+        r,
+    ),
+    "transpose": lambda p, r: _tensors(
+        p, lambda d, r: d.__setitem__(k := _pick(d, r, "k_proj.weight"), d[k].t().contiguous()), r
+    ),
+    "extra-tensor": lambda p, r: _tensors(
+        p, lambda d, r: d.__setitem__(f"model.extra_{r.randrange(99)}.weight", torch.zeros(3)), r
+    ),
+    "exclude-all": lambda p, r: _json(
+        p, "hf_quant_config.json", lambda j: j["quantization"].__setitem__("exclude_modules", ["*"])
+    ),
+    "relabel": lambda p, r: _json(
+        p, "hf_quant_config.json", lambda j: j["quantization"].__setitem__("quant_algo", "NVFP4")
+    ),
 }
 
 

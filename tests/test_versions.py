@@ -8,7 +8,6 @@ nothing here assumes which one is installed: other versions are simulated by mon
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import subprocess
@@ -16,13 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, SPECS_DIR, spec_names, spec_raw, spec_variant
 
 import moe_unfuse
-from moe_unfuse import cli, drift
+from moe_unfuse import cli, drift, versions
 from moe_unfuse.commands import list as list_command
-from moe_unfuse.spec import parse
 
-ROOT = Path(__file__).resolve().parents[1]
 VERIFIED = "1.2.3"
 FUTURE = "99.0.0"
 #: Fused-experts classes that first appear in transformers 5.24.0.
@@ -45,16 +43,17 @@ def clean_cache():
 
 
 def mixtral_like(target: str | None = None, verified_on: list[str] | None = None, edit=None) -> moe_unfuse.Spec:
-    raw = copy.deepcopy(dict(moe_unfuse.get_spec("mixtral").raw))
-    if target:
-        raw["target"]["class"] = target
-    if verified_on is None:
-        raw["target"].pop("verified_on", None)
-    else:
-        raw["target"]["verified_on"] = {"transformers": verified_on}
-    if edit:
-        edit(raw)
-    return parse(raw, "specs/simulated.yaml")
+    def simulate(raw: dict) -> None:
+        if target:
+            raw["target"]["class"] = target
+        if verified_on is None:
+            raw["target"].pop("verified_on", None)
+        else:
+            raw["target"]["verified_on"] = {"transformers": verified_on}
+        if edit:
+            edit(raw)
+
+    return spec_variant("mixtral", simulate, "specs/simulated.yaml")
 
 
 def test_both_ci_versions_are_pinned():
@@ -63,25 +62,35 @@ def test_both_ci_versions_are_pinned():
 
 def test_every_spec_is_verified_on_the_ci_version_it_runs_on():
     """On a version CI tests, a spec whose class exists must list it: its golden test runs there."""
-    version = drift.installed_version()
+    version = versions.installed_version()
     if version not in ci_versions():
         pytest.skip(f"transformers {version} is not one CI pins")
-    unlisted = [arch for arch, spec in moe_unfuse.list_specs().items() if drift.class_present(spec.target_class) and version not in drift.verified_versions(spec)]
-    assert not unlisted, f"add {version} to target.verified_on of: {', '.join(unlisted)} (after their golden tests pass on it)"
+    unlisted = [
+        arch
+        for arch, spec in moe_unfuse.list_specs().items()
+        if drift.class_present(spec.target_class) and version not in versions.verified_versions(spec)
+    ]
+    assert not unlisted, (
+        f"add {version} to target.verified_on of: {', '.join(unlisted)} (after their golden tests pass on it)"
+    )
 
 
 @pytest.mark.parametrize("arch", sorted(NEW_IN_5_24))
 def test_the_5_24_specs_load_everywhere_and_are_missing_or_verified(arch):
     spec = moe_unfuse.get_spec(arch)
-    assert spec.class_name == NEW_IN_5_24[arch] and drift.verified_versions(spec) == ("5.24.0",)
+    assert spec.class_name == NEW_IN_5_24[arch] and versions.verified_versions(spec) == ("5.24.0",)
     present = spec.resolve_class() is not None
     assert drift.class_present(spec.target_class) is present
-    assert drift.status(spec) == (drift.VERIFIED if drift.installed_version() == "5.24.0" else drift.MISSING if not present else drift.FITS)
+    assert drift.status(spec) == (
+        drift.VERIFIED if versions.installed_version() == "5.24.0" else drift.MISSING if not present else drift.FITS
+    )
 
 
 def test_class_presence_from_source_agrees_with_importing():
     specs = moe_unfuse.list_specs().values()
-    assert {s.arch: drift.class_present(s.target_class) for s in specs} == {s.arch: s.resolve_class() is not None for s in specs}
+    assert {s.arch: drift.class_present(s.target_class) for s in specs} == {
+        s.arch: s.resolve_class() is not None for s in specs
+    }
     gemma = moe_unfuse.get_spec("gemma4").target_class
     assert not drift.class_present(gemma.replace("Gemma4TextExperts", "Gemma9Experts"))
     assert not drift.class_present("transformers.models.no_such_model.modeling_no_such_model.NoSuchExperts")
@@ -90,10 +99,10 @@ def test_class_presence_from_source_agrees_with_importing():
 
 def test_class_presence_imports_no_modeling_file():
     code = (
-        "import sys; from moe_unfuse import drift\n"
+        "import sys; from moe_unfuse import drift, versions\n"
         "assert drift.class_present('transformers.models.mixtral.modeling_mixtral.MixtralExperts')\n"
         "assert not drift.class_present('transformers.models.no_such_model.modeling_no_such_model.X')\n"
-        "assert drift.installed_version()\n"
+        "assert versions.installed_version()\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -101,44 +110,78 @@ def test_class_presence_imports_no_modeling_file():
 
 
 def test_status_verified_fits_drifted_unproven_missing(monkeypatch, clean_cache):
-    monkeypatch.setattr(drift, "installed_version", lambda: VERIFIED)
+    monkeypatch.setattr(versions, "installed_version", lambda: VERIFIED)
     assert drift.status(mixtral_like(verified_on=[VERIFIED])) == drift.VERIFIED
-    monkeypatch.setattr(drift, "installed_version", lambda: FUTURE)
+    monkeypatch.setattr(versions, "installed_version", lambda: FUTURE)
     assert drift.status(mixtral_like(verified_on=[VERIFIED])) == drift.FITS
-    transposed = mixtral_like(verified_on=[VERIFIED], edit=lambda r: r["params"]["gate_up_proj"].update(axes=["expert", "in", "out"], shape=["num_experts", "hidden", "2*intermediate"]))
+    transposed = mixtral_like(
+        verified_on=[VERIFIED],
+        edit=lambda r: r["params"]["gate_up_proj"].update(
+            axes=["expert", "in", "out"], shape=["num_experts", "hidden", "2*intermediate"]
+        ),
+    )
     assert drift.status(transposed) == drift.DRIFTED
     assert drift.status(mixtral_like(verified_on=None)) == drift.UNPROVEN
-    gone = mixtral_like("transformers.models.no_such_model.modeling_no_such_model.NoSuchExperts", verified_on=[VERIFIED])
+    gone = mixtral_like(
+        "transformers.models.no_such_model.modeling_no_such_model.NoSuchExperts", verified_on=[VERIFIED]
+    )
     assert drift.status(gone) == drift.MISSING
 
 
 def test_list_shows_each_status(monkeypatch, capsys, clean_cache):
     specs = {
         "fitting": mixtral_like(verified_on=[VERIFIED]),
-        "reshaped": mixtral_like(verified_on=[VERIFIED], edit=lambda r: r["params"]["gate_up_proj"].update(axes=["expert", "in", "out"], shape=["num_experts", "hidden", "2*intermediate"])),
+        "reshaped": mixtral_like(
+            verified_on=[VERIFIED],
+            edit=lambda r: r["params"]["gate_up_proj"].update(
+                axes=["expert", "in", "out"], shape=["num_experts", "hidden", "2*intermediate"]
+            ),
+        ),
         "draft": mixtral_like(verified_on=None),
-        "gone": mixtral_like("transformers.models.no_such_model.modeling_no_such_model.NoSuchExperts", verified_on=[VERIFIED]),
+        "gone": mixtral_like(
+            "transformers.models.no_such_model.modeling_no_such_model.NoSuchExperts", verified_on=[VERIFIED]
+        ),
     }
     specs = {arch: spec.__class__(**{**spec.__dict__, "arch": arch}) for arch, spec in specs.items()}
     monkeypatch.setattr(moe_unfuse, "list_specs", lambda: specs)
-    monkeypatch.setattr(drift, "installed_version", lambda: FUTURE)
+    monkeypatch.setattr(versions, "installed_version", lambda: FUTURE)
     assert cli.main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:3] == ["arch", "transformers", FUTURE]
-    assert {line.split()[0]: line.split()[1] for line in lines[1:-1]} == {"fitting": "fits", "reshaped": "DRIFTED", "draft": "unproven", "gone": "NO"}
+    assert {line.split()[0]: line.split()[1] for line in lines[1:-1]} == {
+        "fitting": "fits",
+        "reshaped": "DRIFTED",
+        "draft": "unproven",
+        "gone": "NO",
+    }
     assert lines[-1].startswith(f"4 specs on transformers {FUTURE}: 0 yes (verified on it), 1 fits")
     assert cli.main(["list", "--json"]) == 0
     rows = {r["arch"]: r for r in json.loads(capsys.readouterr().out)}
-    assert {a: r["status"] for a, r in rows.items()} == {"fitting": "fits", "reshaped": "drifted", "draft": "unproven", "gone": "missing"}
+    assert {a: r["status"] for a, r in rows.items()} == {
+        "fitting": "fits",
+        "reshaped": "drifted",
+        "draft": "unproven",
+        "gone": "missing",
+    }
     assert rows["gone"]["available"] is False and rows["fitting"]["verified_on"] == {"transformers": [VERIFIED]}
 
 
 def test_builtin_specs_read_light_are_the_registry_specs():
     light = list_command.read_builtin_specs()
-    registry = {arch: spec for arch, spec in moe_unfuse.list_specs().items() if Path(spec.source).parent == ROOT / "specs"}
+    registry = {
+        arch: spec for arch, spec in moe_unfuse.list_specs().items() if Path(spec.source).parent == ROOT / "specs"
+    }
     assert list(light) == list(registry)
     for arch, (source, raw) in light.items():
         assert source == registry[arch].source and raw == dict(registry[arch].raw), arch
+
+
+def test_spec_names_are_the_registry_archs():
+    """The cheap reading the tests parametrize with (file names, merged mappings: no Spec at import)
+    gives the registry's built-in archs and mappings."""
+    registry = {arch: spec for arch, spec in moe_unfuse.list_specs().items() if Path(spec.source).parent == SPECS_DIR}
+    assert spec_names() == list(registry)
+    assert all(spec_raw(arch) == dict(spec.raw) for arch, spec in registry.items())
 
 
 def run_cli(*args: str) -> tuple[str, list[str]]:

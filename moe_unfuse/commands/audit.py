@@ -18,7 +18,11 @@ import json
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="local model folder or config.json")
-    parser.add_argument("--qformat", default="nvfp4", help="format whose quantize/exclude plan to show: bf16 or a modelopt preset (default: nvfp4)")
+    parser.add_argument(
+        "--qformat",
+        default="nvfp4",
+        help="format whose quantize/exclude plan to show: bf16 or a modelopt preset (default: nvfp4)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 

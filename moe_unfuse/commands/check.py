@@ -16,7 +16,9 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", metavar="SPEC.yaml", help="spec file to check (extends resolves next to it and in the built-in specs)")
+    parser.add_argument(
+        "spec", metavar="SPEC.yaml", help="spec file to check (extends resolves next to it and in the built-in specs)"
+    )
     parser.add_argument("--no-modelopt", action="store_true", help="skip the modelopt checks (faster)")
 
 
@@ -31,17 +33,29 @@ def run(args: argparse.Namespace) -> int:
     spec = resolve_spec(args.spec)
     drift.check(spec)  # a transformers not in verified_on: what changed in the class, in one line
     if spec.resolve_class() is None:
-        raise SpecError(spec.source, "target.class", f"{spec.target_class} is not in the installed transformers", "install a transformers version listed in target.verified_on")
+        raise SpecError(
+            spec.source,
+            "target.class",
+            f"{spec.target_class} is not in the installed transformers",
+            "install a transformers version listed in target.verified_on",
+        )
     print(f"spec ok: {spec.arch} -> {spec.target_class} ({spec.source})")
     if not spec.golden:
-        raise SpecError(spec.source, "golden", "missing, so nothing can be checked", "add golden.config and golden.config_kwargs (a tiny config of the model)")
+        raise SpecError(
+            spec.source,
+            "golden",
+            "missing, so nothing can be checked",
+            "add golden.config and golden.config_kwargs (a tiny config of the model)",
+        )
     start = time.perf_counter()
     try:
         results = run_golden(spec, modelopt=not args.no_modelopt)
     except MoeUnfuseError:
         raise
     except Exception as exc:  # noqa: BLE001 - a crashing check is a failed check, reported in one line
-        print(f"FAIL golden checks crashed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+        print(
+            f"FAIL golden checks crashed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        )
         return 1
     for r in results:
         print(f"{'PASS' if r.ok else 'FAIL'}  {r.name:24} {r.detail}")

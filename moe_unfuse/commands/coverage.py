@@ -31,10 +31,20 @@ README_COLUMNS = COLUMNS[:-1]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", action="store_true", help="print a markdown table (the README format)")
-    parser.add_argument("--write", type=Path, metavar="FILE", help=f"replace the section between {START} and {END} in FILE with the markdown table")
+    parser.add_argument(
+        "--write",
+        type=Path,
+        metavar="FILE",
+        help=f"replace the section between {START} and {END} in FILE with the markdown table",
+    )
     parser.add_argument("--run", action="store_true", help="status: run each spec's golden checks now")
     parser.add_argument("--no-modelopt", action="store_true", help="with --run: skip the modelopt checks (faster)")
-    parser.add_argument("--results", type=Path, metavar="FILE", help="status: read from a results file (pytest -p moe_unfuse.golden_results --golden-results FILE)")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        metavar="FILE",
+        help="status: read from a results file (pytest -p moe_unfuse.golden_results --golden-results FILE)",
+    )
     parser.add_argument("--arch", help="only these archs (comma-separated)")
 
 
@@ -59,13 +69,18 @@ def layout_kind(spec: Any) -> str:
     if spec.forward_kind != "routed":
         parts.append(spec.forward_kind.replace("_", " "))
     options = getattr(spec, "forward_options", {}) or {}
-    if any(getattr(p, "extra_experts", None) is not None for p in spec.params) or options.get("identity_experts") is not None:
+    if (
+        any(getattr(p, "extra_experts", None) is not None for p in spec.params)
+        or options.get("identity_experts") is not None
+    ):
         parts.append("zero experts")
     if getattr(spec, "post_expert_norm", None):
         parts.append("post-expert norm")
     kind = spec.gate.get("kind", "glu")
     if kind not in ("glu", "none"):
-        parts.append(f"own `{spec.gate.get('method', '_apply_gate')}`" if kind == "module_method" else kind.replace("_", " "))
+        parts.append(
+            f"own `{spec.gate.get('method', '_apply_gate')}`" if kind == "module_method" else kind.replace("_", " ")
+        )
     linear = getattr(spec, "linear", {}) or {}
     if linear.get("compute_dtype"):
         parts.append(f"{linear['compute_dtype'].replace('float', 'fp')} compute")
@@ -132,11 +147,13 @@ def _status_default(spec: Any, version: str) -> str:
     }[drift.status(spec, present=True)]
 
 
-def rows(archs: list[str] | None = None, run: bool = False, modelopt: bool = True, results: dict[str, Any] | None = None) -> list[dict[str, str]]:
+def rows(
+    archs: list[str] | None = None, run: bool = False, modelopt: bool = True, results: dict[str, Any] | None = None
+) -> list[dict[str, str]]:
     """One row per spec: the table's columns, as strings."""
-    from .. import drift, list_specs
+    from .. import list_specs, versions
 
-    version = drift.installed_version()
+    version = versions.installed_version()
     out = []
     for arch, spec in list_specs().items():
         if archs and arch not in archs:
@@ -150,14 +167,16 @@ def rows(archs: list[str] | None = None, run: bool = False, modelopt: bool = Tru
             status = _status_run(spec, modelopt)
         else:
             status = _status_default(spec, version)
-        out.append({
-            "arch": arch,
-            "class": spec.class_name,
-            "layout": layout_kind(spec),
-            "golden test": golden_scope(spec),
-            "verified on": ", ".join(spec.verified_on.get("transformers", ())) or "-",
-            "status": status,
-        })
+        out.append(
+            {
+                "arch": arch,
+                "class": spec.class_name,
+                "layout": layout_kind(spec),
+                "golden test": golden_scope(spec),
+                "verified on": ", ".join(spec.verified_on.get("transformers", ())) or "-",
+                "status": status,
+            }
+        )
     return out
 
 
@@ -173,7 +192,7 @@ def readme_section(table: list[dict[str, str]]) -> str:
     """The generated README section, markers included: from the specs alone (no status column,
     no installed version), so it is the same on every transformers the suite runs on."""
     head = (
-        f"{len(table)} specs. \"verified on\" lists the transformers versions each spec's golden test passed on. "
+        f'{len(table)} specs. "verified on" lists the transformers versions each spec\'s golden test passed on. '
         "Generated from `specs/` by `moe-unfuse coverage --markdown --write README.md`; do not edit by hand "
         "(`tests/test_coverage_table.py` fails when it is stale). Each spec's golden test is "
         "`pytest --arch ARCH`; `moe-unfuse coverage --run` runs them on the installed transformers and shows the result, "
@@ -188,8 +207,10 @@ def replace_section(text: str, section: str, source: str) -> str:
 
     start, end = text.find(START), text.find(END)
     if start < 0 or end < start:
-        raise MoeUnfuseError(f"{source}: no {START} ... {END} section; fix: add the two markers where the table belongs")
-    return text[:start] + section + text[end + len(END):]
+        raise MoeUnfuseError(
+            f"{source}: no {START} ... {END} section; fix: add the two markers where the table belongs"
+        )
+    return text[:start] + section + text[end + len(END) :]
 
 
 def plain(table: list[dict[str, str]]) -> str:
@@ -206,7 +227,9 @@ def run(args: argparse.Namespace) -> int:
     if args.run and args.results:
         raise MoeUnfuseError("--run and --results both set the status column; fix: pass one of them")
     if args.write and (args.run or args.results or args.arch):
-        raise MoeUnfuseError("--write writes the README table, which lists every spec with the default status; fix: drop --run/--results/--arch")
+        raise MoeUnfuseError(
+            "--write writes the README table, which lists every spec with the default status; fix: drop --run/--results/--arch"
+        )
     results = read_results(args.results) if args.results else None
     archs = args.arch.split(",") if args.arch else None
     if archs:
@@ -231,6 +254,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(markdown(table) if args.markdown else plain(table))
     if results is not None:
-        print(f"\n(status from {args.results}: transformers {results.get('transformers', '?')}, torch {results.get('torch', '?')})")
+        print(
+            f"\n(status from {args.results}: transformers {results.get('transformers', '?')}, torch {results.get('torch', '?')})"
+        )
     failed = any(r["status"].startswith("FAIL") for r in table)
     return 1 if failed else 0

@@ -33,10 +33,11 @@ def light_specs() -> dict[str, tuple[str, dict]] | None:
     plugin registry, whose import loads torch and transformers (seconds) for what listing does not
     need. None when the registry is already loaded or plugins are installed: then only the
     registry knows every spec. The test-suite checks both give the same specs."""
-    import sys
     from importlib.metadata import entry_points
 
-    if "moe_unfuse.plugins" in sys.modules or entry_points(group="moe_unfuse"):
+    from .. import plugins
+
+    if plugins.loaded() or entry_points(group="moe_unfuse"):
         return None
     return read_builtin_specs()
 
@@ -57,11 +58,18 @@ def read_builtin_specs() -> dict[str, tuple[str, dict]]:
         if read_yaml(path).get("abstract"):
             continue
         raw = merged_raw(path, (directory,))
-        errors = sorted(validator.iter_errors(raw), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+        errors = sorted(
+            validator.iter_errors(raw), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path)))
+        )
         if errors:
             raise _schema_error(str(path), errors[0])
         if raw["arch"] in found:
-            raise SpecError(str(path), "arch", f"{raw['arch']!r} is already defined by {found[raw['arch']][0]}", "rename one of the two specs")
+            raise SpecError(
+                str(path),
+                "arch",
+                f"{raw['arch']!r} is already defined by {found[raw['arch']][0]}",
+                "rename one of the two specs",
+            )
         found[raw["arch"]] = (str(path), raw)
     return dict(sorted(found.items()))
 
@@ -84,9 +92,9 @@ def spec_rows() -> list[dict]:
     """One row per spec (built-in and from plugins), sorted by arch; ``status`` as in
     :func:`moe_unfuse.drift.status`. Only a spec that is neither verified on the installed
     transformers nor missing from it needs the drift check, which imports its class."""
-    from .. import drift
+    from .. import drift, versions
 
-    version = drift.installed_version()
+    version = versions.installed_version()
     light = light_specs()
     if light is None:
         from .. import list_specs
@@ -99,12 +107,12 @@ def spec_rows() -> list[dict]:
     rows = []
     for arch, (source, raw) in light.items():
         present = drift.class_present(raw["target"]["class"])
-        versions = drift.verified_versions(raw)
+        verified = versions.verified_versions(raw)
         if not present:
             status = drift.MISSING
-        elif version in versions:
+        elif version in verified:
             status = drift.VERIFIED
-        elif not versions:
+        elif not verified:
             status = drift.UNPROVEN
         else:
             from .. import get_spec

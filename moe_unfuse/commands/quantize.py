@@ -21,27 +21,112 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..options import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SIZE, DEFAULT_CHUNK_TOKENS, DEFAULT_SEQ_LEN, ENGINES, INPUT_SCALE_POLICIES, QFORMATS
+    from ..options import (
+        DEFAULT_BATCH_SIZE,
+        DEFAULT_CALIB_SIZE,
+        DEFAULT_CHUNK_TOKENS,
+        DEFAULT_SEQ_LEN,
+        ENGINES,
+        INPUT_SCALE_POLICIES,
+        QFORMATS,
+    )
 
-    parser.add_argument("model", nargs="?", metavar="MODEL", help="local model folder (default: the built-in tiny Gemma 4)")
-    parser.add_argument("--qformat", required=True, choices=list(QFORMATS), help="quantization format (none: unfuse and re-export only)")
+    parser.add_argument(
+        "model", nargs="?", metavar="MODEL", help="local model folder (default: the built-in tiny Gemma 4)"
+    )
+    parser.add_argument(
+        "--qformat", required=True, choices=list(QFORMATS), help="quantization format (none: unfuse and re-export only)"
+    )
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="checkpoint folder to write")
-    parser.add_argument("--engine", default="vllm", choices=ENGINES, help="serving engine whose loader rules the export is verified against (names are always the hub's); default vllm")
-    parser.add_argument("--calib-size", type=int, default=DEFAULT_CALIB_SIZE, metavar="N", help=f"calibration samples (default {DEFAULT_CALIB_SIZE}; fewer if the text runs out)")
-    parser.add_argument("--calib-file", type=Path, metavar="FILE", help="calibration text: .txt (paragraphs), .json list, or .jsonl with a \"text\" field (default: built-in text)")
-    parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, metavar="T", help=f"tokens per sample (default {DEFAULT_SEQ_LEN})")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="B", help=f"samples per forward (default {DEFAULT_BATCH_SIZE})")
-    parser.add_argument("--device-map", default="auto", metavar="MAP", help="accelerate device_map for MODEL: auto, cpu, cuda, balanced, sequential, none (default auto)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="dtype to load MODEL in (default: the checkpoint's)")
-    parser.add_argument("--input-scale", default="shared", choices=list(INPUT_SCALE_POLICIES), help="expert input scales: shared = one per layer and input, max over experts (what fused-MoE kernels use; default); per-expert = each its own")
-    parser.add_argument("--force-routing", action="store_true", help="after calibration, run experts that got no token on their layer's actual inputs (outputs discarded)")
-    parser.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS, metavar="T", help=f"tokens per forced-routing chunk (default {DEFAULT_CHUNK_TOKENS})")
-    parser.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="keep modules matching this name glob unquantized (repeatable), e.g. '*layers.0.experts*'")
-    parser.add_argument("--refuse-unquantized", action="store_true", help="write experts modules left unquantized back as the model's fused tensors (from_pretrained-loadable)")
-    parser.add_argument("--allow-uncovered", action="store_true", help="proceed when fused expert parameters have no spec (they stay unquantized); default: fail naming them")
+    parser.add_argument(
+        "--engine",
+        default="vllm",
+        choices=ENGINES,
+        help="serving engine whose loader rules the export is verified against (names are always the hub's); default vllm",
+    )
+    parser.add_argument(
+        "--calib-size",
+        type=int,
+        default=DEFAULT_CALIB_SIZE,
+        metavar="N",
+        help=f"calibration samples (default {DEFAULT_CALIB_SIZE}; fewer if the text runs out)",
+    )
+    parser.add_argument(
+        "--calib-file",
+        type=Path,
+        metavar="FILE",
+        help='calibration text: .txt (paragraphs), .json list, or .jsonl with a "text" field (default: built-in text)',
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=DEFAULT_SEQ_LEN,
+        metavar="T",
+        help=f"tokens per sample (default {DEFAULT_SEQ_LEN})",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        metavar="B",
+        help=f"samples per forward (default {DEFAULT_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--device-map",
+        default="auto",
+        metavar="MAP",
+        help="accelerate device_map for MODEL: auto, cpu, cuda, balanced, sequential, none (default auto)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="dtype to load MODEL in (default: the checkpoint's)",
+    )
+    parser.add_argument(
+        "--input-scale",
+        default="shared",
+        choices=list(INPUT_SCALE_POLICIES),
+        help="expert input scales: shared = one per layer and input, max over experts (what fused-MoE kernels use; default); per-expert = each its own",
+    )
+    parser.add_argument(
+        "--force-routing",
+        action="store_true",
+        help="after calibration, run experts that got no token on their layer's actual inputs (outputs discarded)",
+    )
+    parser.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=DEFAULT_CHUNK_TOKENS,
+        metavar="T",
+        help=f"tokens per forced-routing chunk (default {DEFAULT_CHUNK_TOKENS})",
+    )
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="keep modules matching this name glob unquantized (repeatable), e.g. '*layers.0.experts*'",
+    )
+    parser.add_argument(
+        "--fuse-unquantized",
+        "--refuse-unquantized",
+        action="store_true",
+        help="write experts modules left unquantized back as the model's fused tensors (from_pretrained-loadable)",
+    )
+    parser.add_argument(
+        "--allow-uncovered",
+        action="store_true",
+        help="proceed when fused expert parameters have no spec (they stay unquantized); default: fail naming them",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    parser.add_argument("--multimodal", action="store_true", help="built-in model only: Gemma4ForConditionalGeneration with vision and audio towers")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
+    parser.add_argument(
+        "--multimodal",
+        action="store_true",
+        help="built-in model only: Gemma4ForConditionalGeneration with vision and audio towers",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+    parser.add_argument("--report", type=Path, metavar="FILE", help="also write the report as JSON to FILE")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -52,14 +137,29 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None and args.multimodal:
         raise MoeUnfuseError("--multimodal applies to the built-in model only; fix: drop it or drop MODEL")
     opts = QuantizeOptions(
-        model=args.model, qformat=args.qformat, out=args.out, calib_size=args.calib_size, calib_file=args.calib_file,
-        seq_len=args.seq_len, batch_size=args.batch_size, device_map=args.device_map, dtype=args.dtype, engine=args.engine,
-        input_scale=args.input_scale, force_routing=args.force_routing, chunk_tokens=args.chunk_tokens,
-        allow_uncovered=args.allow_uncovered, refuse_unquantized=args.refuse_unquantized, exclude=tuple(args.exclude),
-        overwrite=args.overwrite, multimodal=args.multimodal, progress=not args.no_progress,
+        model=args.model,
+        qformat=args.qformat,
+        out=args.out,
+        calib_size=args.calib_size,
+        calib_file=args.calib_file,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        device_map=args.device_map,
+        dtype=args.dtype,
+        engine=args.engine,
+        input_scale=args.input_scale,
+        force_routing=args.force_routing,
+        chunk_tokens=args.chunk_tokens,
+        allow_uncovered=args.allow_uncovered,
+        fuse_unquantized=args.fuse_unquantized,
+        exclude=tuple(args.exclude),
+        overwrite=args.overwrite,
+        multimodal=args.multimodal,
+        progress=not args.no_progress,
     )
     report = run_quantize(opts)
-    print(report)
-    if args.json:
-        args.json.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    as_json = json.dumps(report.to_dict(), indent=2, default=str) + "\n"
+    print(as_json, end="") if args.json else print(report)
+    if args.report:
+        args.report.write_text(as_json)
     return 0 if report.ok else 1

@@ -16,9 +16,16 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..options import ENGINES
 
-    parser.add_argument("path", type=Path, metavar="DIR", help="checkpoint folder (config.json, *.safetensors, hf_quant_config.json)")
-    parser.add_argument("--engine", choices=ENGINES, help="engine naming to check (default: the one moe_unfuse.json records, else vllm)")
-    parser.add_argument("--arch", help="spec(s) whose renames define the naming, comma-separated (default: moe_unfuse.json, else inferred from config.json)")
+    parser.add_argument(
+        "path", type=Path, metavar="DIR", help="checkpoint folder (config.json, *.safetensors, hf_quant_config.json)"
+    )
+    parser.add_argument(
+        "--engine", choices=ENGINES, help="engine naming to check (default: the one moe_unfuse.json records, else vllm)"
+    )
+    parser.add_argument(
+        "--arch",
+        help="spec(s) whose renames define the naming, comma-separated (default: moe_unfuse.json, else inferred from config.json)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 

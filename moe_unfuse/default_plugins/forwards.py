@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 
-from ..experts import post_expert_norm, stack_packed
+from ..experts import post_expert_norm, stack_packed, unfuse_state
 from ..hookspecs import hookimpl
 from ..kinds import ForwardKind
+from ..plan import resolve_dims
 
 
 def _experts(module) -> list:
-    return [module._modules[str(e)] for e in range(module._moe_unfuse.num_experts)]
+    return [module._modules[str(e)] for e in range(unfuse_state(module).num_experts)]
 
 
 def _down_all(module, experts: list, hidden: torch.Tensor) -> torch.Tensor:
@@ -39,7 +40,7 @@ def _down_all(module, experts: list, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def pre_grouped_bmm_forward(module, *args, **kwargs) -> torch.Tensor:
-    state = module._moe_unfuse
+    state = unfuse_state(module)
     hidden_states = state.bind(args, kwargs)["hidden_states"]
     grouped = hidden_states.view(state.num_experts, -1, hidden_states.shape[-1])
     experts = _experts(module)
@@ -51,7 +52,7 @@ def pre_grouped_bmm_forward(module, *args, **kwargs) -> torch.Tensor:
 
 
 def expert_bank_forward(module, *args, **kwargs) -> torch.Tensor:
-    state = module._moe_unfuse
+    state = unfuse_state(module)
     bound = state.bind(args, kwargs)
     inputs, sizes = bound["hidden_states"], bound["expert_sizes"]
     pieces = inputs.split(sizes, dim=0)
@@ -65,7 +66,7 @@ def expert_bank_forward(module, *args, **kwargs) -> torch.Tensor:
 
 
 def dense_shared_forward(module, *args, **kwargs) -> torch.Tensor:
-    state = module._moe_unfuse
+    state = unfuse_state(module)
     bound = state.bind(args, kwargs)
     hidden_states, gammas = bound["hidden_states"], bound["gammas"]
     input_shape = hidden_states.shape
@@ -79,7 +80,6 @@ def dense_shared_forward(module, *args, **kwargs) -> torch.Tensor:
 
 def _bank_inputs(module, spec, values: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
     """Tokens per expert from the golden routing's first choice (every expert has some)."""
-    from ..unfusing import resolve_dims
 
     num_experts = resolve_dims(module, spec, "")["num_experts"]
     return {"expert_sizes": torch.bincount(values["top_k_index"][:, 0], minlength=num_experts).tolist()}
@@ -87,7 +87,6 @@ def _bank_inputs(module, spec, values: dict[str, Any], generator: torch.Generato
 
 def _shared_inputs(module, spec, values: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
     """Per-token mixing weights ``[tokens, num_experts]``, like Inkling's router's shared gammas."""
-    from ..unfusing import resolve_dims
 
     num_experts = resolve_dims(module, spec, "")["num_experts"]
     gammas = torch.rand(values["hidden_states"].shape[0], num_experts, generator=generator)
@@ -95,8 +94,12 @@ def _shared_inputs(module, spec, values: dict[str, Any], generator: torch.Genera
 
 
 PRE_GROUPED_BMM = ForwardKind(forward=pre_grouped_bmm_forward, roles=("hidden_states",))
-EXPERT_BANK = ForwardKind(forward=expert_bank_forward, roles=("hidden_states", "expert_sizes"), expert="linear", golden_inputs=_bank_inputs)
-DENSE_SHARED = ForwardKind(forward=dense_shared_forward, roles=("hidden_states", "gammas"), golden_inputs=_shared_inputs)
+EXPERT_BANK = ForwardKind(
+    forward=expert_bank_forward, roles=("hidden_states", "expert_sizes"), expert="linear", golden_inputs=_bank_inputs
+)
+DENSE_SHARED = ForwardKind(
+    forward=dense_shared_forward, roles=("hidden_states", "gammas"), golden_inputs=_shared_inputs
+)
 
 
 @hookimpl

@@ -46,7 +46,11 @@ def non_gated(module, cfg, act, split):
 
 
 GLU = GateKind(build=glu)
-MODULE_METHOD = GateKind(build=module_method, params={"method": "the experts class's own gating method (default _apply_gate)"}, needs_activation=False)
+MODULE_METHOD = GateKind(
+    build=module_method,
+    params={"method": "the experts class's own gating method (default _apply_gate)"},
+    needs_activation=False,
+)
 NON_GATED = GateKind(build=non_gated, needs_gate_proj=False, needs_activation=False)
 
 

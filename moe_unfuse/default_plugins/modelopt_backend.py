@@ -16,7 +16,10 @@ exported by modelopt's own linear handler as the walk reaches them).
 from __future__ import annotations
 
 from ..errors import SpecError
+from ..experts import LinearExact, UnfusedExpertsMixin, unfuse_state
 from ..hookspecs import hookimpl
+from ..plan import build_plan
+from ..unfusing import apply_plan
 
 KEY_PREFIX = "moe_unfuse."
 
@@ -31,13 +34,14 @@ class ModeloptBackend:
         """The dynamic-module base modelopt combines with the target class: unfuse in ``_setup``."""
         from modelopt.torch.quantization.nn import QuantModule
 
-        from ..experts import UnfusedExpertsMixin
-        from ..unfusing import apply_plan, build_plan
-
         def _setup(self) -> None:
             apply_plan(build_plan(self, spec, type(self).__name__), swap_class=False)
 
-        return type(f"_QuantUnfused{spec.class_name}", (UnfusedExpertsMixin, QuantModule), {"_setup": _setup, "_moe_unfuse_spec": spec, "__module__": __name__})
+        return type(
+            f"_QuantUnfused{spec.class_name}",
+            (UnfusedExpertsMixin, QuantModule),
+            {"_setup": _setup, "_moe_unfuse_spec": spec, "__module__": __name__},
+        )
 
     @staticmethod
     def _register_linear_exact() -> None:
@@ -46,8 +50,6 @@ class ModeloptBackend:
         calls ours)."""
         from modelopt.torch.quantization.nn import QuantModuleRegistry
         from modelopt.torch.quantization.nn.modules.quant_linear import _QuantLinear
-
-        from ..experts import LinearExact
 
         if LinearExact not in QuantModuleRegistry._registry:
             QuantModuleRegistry.register({LinearExact: f"{KEY_PREFIX}LinearExact"})(_QuantLinear)
@@ -60,7 +62,12 @@ class ModeloptBackend:
         install_export_handlers()
         cls = spec.resolve_class()
         if cls is None:
-            raise SpecError(spec.source, "target.class", f"{spec.target_class} is not in the installed transformers", "install a transformers version listed in target.verified_on")
+            raise SpecError(
+                spec.source,
+                "target.class",
+                f"{spec.target_class} is not in the installed transformers",
+                "install a transformers version listed in target.verified_on",
+            )
         known = self._classes.get(cls)
         if known is not None and QuantModuleRegistry._registry.get(cls) is known and known._moe_unfuse_spec == spec:
             return known  # the same spec again; an edited spec for the class replaces the registration
@@ -78,7 +85,7 @@ def _prepare_unfused_experts(name: str, moe_block, ctx) -> None:
     from modelopt.torch.export.layer_utils import set_expert_quantizer_amax
 
     experts = moe_block.experts
-    for proj in experts._moe_unfuse.spec.projection_names():
+    for proj in unfuse_state(experts).spec.projection_names():
         linears = [getattr(expert, proj) for expert in experts]
         set_expert_quantizer_amax(modules=linears, quantizer_attrs=["input_quantizer"])
 
@@ -99,7 +106,9 @@ def _export_unfused_experts(name: str, module, ctx) -> None:
         for pname, p in list(linear._parameters.items()):
             if p is None or (pname == "weight" and packed):
                 continue
-            linear._parameters[pname] = torch.nn.Parameter(p.detach().clone(memory_format=torch.contiguous_format), requires_grad=False)
+            linear._parameters[pname] = torch.nn.Parameter(
+                p.detach().clone(memory_format=torch.contiguous_format), requires_grad=False
+            )
 
 
 _handlers_installed = False
@@ -111,8 +120,6 @@ def install_export_handlers() -> None:
     if _handlers_installed:
         return
     from modelopt.torch.export.registry import ExportModuleRegistry, PrepareMoEInputsRegistry
-
-    from ..experts import UnfusedExpertsMixin
 
     PrepareMoEInputsRegistry.register(UnfusedExpertsMixin, prepend=True)(_prepare_unfused_experts)
     ExportModuleRegistry.register(UnfusedExpertsMixin, prepend=True)(_export_unfused_experts)

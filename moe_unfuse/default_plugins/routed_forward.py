@@ -13,16 +13,18 @@ from typing import Any
 
 import torch
 
-from ..experts import post_expert_norm
+from ..errors import SpecError
+from ..experts import post_expert_norm, unfuse_state
 from ..hookspecs import hookimpl
 from ..kinds import ForwardKind
+from ..plan import resolve_dims
 from ..spec import eval_shape_expr
 
 _ACCUMULATE = ("input", "float32", "top_k_weights")
 
 
 def routed_forward(module, *args, **kwargs) -> torch.Tensor:
-    state = module._moe_unfuse
+    state = unfuse_state(module)
     opts = state.spec.forward_options
     bound = state.bind(args, kwargs)
     hidden_states, top_k_index, top_k_weights = bound["hidden_states"], bound["top_k_index"], bound["top_k_weights"]
@@ -31,7 +33,13 @@ def routed_forward(module, *args, **kwargs) -> torch.Tensor:
     if batch_first:
         hidden_states = hidden_states.reshape(-1, input_shape[-1])
     accumulate = opts.get("accumulate", "input")
-    acc_dtype = torch.float32 if accumulate == "float32" else top_k_weights.dtype if accumulate == "top_k_weights" else input_dtype
+    acc_dtype = (
+        torch.float32
+        if accumulate == "float32"
+        else top_k_weights.dtype
+        if accumulate == "top_k_weights"
+        else input_dtype
+    )
     final = torch.zeros_like(hidden_states, dtype=acc_dtype)
     num_experts = state.num_experts
     num_ids = num_experts + state.extra.get("forward", {}).get("identity_experts", 0)
@@ -58,7 +66,6 @@ def routed_forward(module, *args, **kwargs) -> torch.Tensor:
 
 def _prepare(module, spec, dims: dict[str, int]) -> dict[str, Any]:
     """Resolve ``identity_experts`` against the module's dims once, at plan time."""
-    from ..errors import SpecError
 
     expr = spec.forward_options.get("identity_experts")
     count = eval_shape_expr(expr, dims) if expr is not None else 0
@@ -69,7 +76,6 @@ def _prepare(module, spec, dims: dict[str, int]) -> dict[str, Any]:
 
 def _golden_inputs(module, spec, values: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
     """With identity experts, route over real and identity ids alike, every id hit at least once."""
-    from ..unfusing import resolve_dims
 
     dims = resolve_dims(module, spec, "")
     count = _prepare(module, spec, dims)["identity_experts"]

@@ -63,7 +63,7 @@ class Draft:
 
     def to_yaml(self) -> str:
         """The spec as YAML, headed by comments: where it came from and every undecided point."""
-        head = [f"# Drafted by `moe-unfuse infer` from {self.cls.__module__}.{self.cls.__qualname__}."]
+        head = [f"# Drafted by `moe-unfuse draft` from {self.cls.__module__}.{self.cls.__qualname__}."]
         if self.notes:
             head.append("# Could not decide (fix these, then run `moe-unfuse check FILE`):")
             head += [f"#   - {n}" for n in self.notes]
@@ -95,23 +95,34 @@ def import_target(path: str) -> list[type]:
         module = None
     if module is not None:
         found = [
-            obj for name, obj in vars(module).items()
-            if inspect.isclass(obj) and issubclass(obj, nn.Module) and obj.__module__ == module.__name__
+            obj
+            for name, obj in vars(module).items()
+            if inspect.isclass(obj)
+            and issubclass(obj, nn.Module)
+            and obj.__module__ == module.__name__
             and (is_decorated(obj) or name.endswith("Experts"))
         ]
         if not found:
-            raise MoeUnfuseError(f"{path}: no experts class (decorated by use_experts_implementation or named *Experts); fix: name the class, e.g. {path}.SomeExperts")
+            raise MoeUnfuseError(
+                f"{path}: no experts class (decorated by use_experts_implementation or named *Experts); fix: name the class, e.g. {path}.SomeExperts"
+            )
         return found
     mod_name, _, cls_name = path.rpartition(".")
     if not mod_name:
-        raise MoeUnfuseError(f"{path}: not an import path; fix: give module.Class, e.g. transformers.models.mixtral.modeling_mixtral.MixtralExperts")
+        raise MoeUnfuseError(
+            f"{path}: not an import path; fix: give module.Class, e.g. transformers.models.mixtral.modeling_mixtral.MixtralExperts"
+        )
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as exc:
-        raise MoeUnfuseError(f"{path}: cannot import module {mod_name!r} ({exc.__class__.__name__}: {exc}); fix: check the path and the installed transformers") from None
+        raise MoeUnfuseError(
+            f"{path}: cannot import module {mod_name!r} ({exc.__class__.__name__}: {exc}); fix: check the path and the installed transformers"
+        ) from None
     cls = getattr(mod, cls_name, None)
     if not inspect.isclass(cls):
-        raise MoeUnfuseError(f"{path}: {mod_name} has no class {cls_name!r}; fix: check the class name (moe-unfuse infer {mod_name} lists its experts classes)")
+        raise MoeUnfuseError(
+            f"{path}: {mod_name} has no class {cls_name!r}; fix: check the class name (moe-unfuse draft {mod_name} lists its experts classes)"
+        )
     return [cls]
 
 
@@ -199,8 +210,12 @@ def _make_config(config_cls: type, kwargs: dict[str, Any]) -> tuple[Any, dict[st
     return config_cls(), {}
 
 
-def build_instance(cls: type, config_cls: type | None = None, config_kwargs: dict[str, Any] | None = None,
-                   module_kwargs: dict[str, Any] | None = None) -> tuple[Any, type, dict[str, Any]]:
+def build_instance(
+    cls: type,
+    config_cls: type | None = None,
+    config_kwargs: dict[str, Any] | None = None,
+    module_kwargs: dict[str, Any] | None = None,
+) -> tuple[Any, type, dict[str, Any]]:
     """Build ``cls`` on the meta device (no memory) from a tiny config; returns (module, config class, kwargs used)."""
     import torch
 
@@ -212,7 +227,9 @@ def build_instance(cls: type, config_cls: type | None = None, config_kwargs: dic
             with torch.device("meta"):
                 module = cls(config, **(module_kwargs or {}))
         except Exception as exc:  # noqa: BLE001 - a wrong candidate fails in arbitrary ways; try the next
-            errors.append(f"{candidate.__name__}: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            errors.append(
+                f"{candidate.__name__}: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            )
             continue
         if any(p.dim() >= 2 for p in module.parameters()):
             return module, candidate, kwargs
@@ -231,7 +248,9 @@ def build_instance(cls: type, config_cls: type | None = None, config_kwargs: dic
                 problem = "built, but owns no fused parameter"
         errors.append(f"keyword arguments: {problem}")
     tried = "; ".join(errors[:3]) or "no config class found in its module"
-    raise MoeUnfuseError(f"{cls.__name__}: cannot build an instance from a config or from keyword arguments ({tried}); fix: pass --config CLASS and --config-kwargs JSON, or --module-kwargs JSON")
+    raise MoeUnfuseError(
+        f"{cls.__name__}: cannot build an instance from a config or from keyword arguments ({tried}); fix: pass --config CLASS and --config-kwargs JSON, or --module-kwargs JSON"
+    )
 
 
 #: Constructor parameter name fragments -> the tiny size given to a class built from plain
@@ -271,7 +290,11 @@ def _import_path(obj: type) -> str:
 
 
 def _int_attrs(module: Any) -> dict[str, int]:
-    return {k: v for k, v in vars(module).items() if isinstance(v, int) and not isinstance(v, bool) and not k.startswith("_")}
+    return {
+        k: v
+        for k, v in vars(module).items()
+        if isinstance(v, int) and not isinstance(v, bool) and not k.startswith("_")
+    }
 
 
 def _pick_attr(attrs: dict[str, int], size: int, dim: str) -> str | None:
@@ -318,7 +341,9 @@ def _forward_facts(fn: Callable, params: list[str]) -> _ForwardFacts:
             if isinstance(func, ast.Attribute) and func.attr == "float" and isinstance(func.value, ast.Subscript):
                 facts.upcast = True
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-            if any(isinstance(side, ast.BinOp) and isinstance(side.op, ast.MatMult) for side in (node.left, node.right)):
+            if any(
+                isinstance(side, ast.BinOp) and isinstance(side.op, ast.MatMult) for side in (node.left, node.right)
+            ):
                 facts.bias_add = True
     return facts
 
@@ -328,9 +353,13 @@ def _forward_args(params: list[str], notes: list[str]) -> dict[str, str] | None:
         return {p: p for p in params if p in ROLES}
     if len(params) == 3:
         if not _obvious_roles(params):
-            notes.append(f"forward({', '.join(params)}): roles mapped by position to {', '.join(ROLES)}; check the order")
+            notes.append(
+                f"forward({', '.join(params)}): roles mapped by position to {', '.join(ROLES)}; check the order"
+            )
         return dict(zip(params, ROLES))
-    notes.append(f"forward({', '.join(params)}) is not a routed (hidden_states, top_k_index, top_k_weights) forward: choose a forward kind (moe-unfuse list) and map its args")
+    notes.append(
+        f"forward({', '.join(params)}) is not a routed (hidden_states, top_k_index, top_k_weights) forward: choose a forward kind (moe-unfuse list) and map its args"
+    )
     return None
 
 
@@ -339,8 +368,13 @@ def _obvious_roles(params: list[str]) -> bool:
     return "hidden" in params[0] and ("indices" in params[1] or "index" in params[1]) and "weight" in params[2]
 
 
-def infer(cls: type, config_cls: type | None = None, config_kwargs: dict[str, Any] | None = None,
-          module_kwargs: dict[str, Any] | None = None, arch: str | None = None) -> Draft:
+def draft(
+    cls: type,
+    config_cls: type | None = None,
+    config_kwargs: dict[str, Any] | None = None,
+    module_kwargs: dict[str, Any] | None = None,
+    arch: str | None = None,
+) -> Draft:
     """Draft a spec for ``cls``; :attr:`Draft.notes` lists what it could not decide."""
     import transformers
     from torch import nn
@@ -350,17 +384,29 @@ def infer(cls: type, config_cls: type | None = None, config_kwargs: dict[str, An
     decorated = is_decorated(cls)
     flags = {f: getattr(module, f) for f in FLAGS if hasattr(module, f)} if decorated else {}
     if not decorated:
-        notes.append("undecorated class (no use_experts_implementation flags): orientation and packing are read from the parameter shapes; check the forward")
+        notes.append(
+            "undecorated class (no use_experts_implementation flags): orientation and packing are read from the parameter shapes; check the forward"
+        )
 
     num_experts = _expert_count(module, used_kwargs)
     # fused parameters are found by structure: 3-D with the expert count leading (any name)
-    fused = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3 and (num_experts is None or p.shape[0] == num_experts)}
+    fused = {
+        n: p
+        for n, p in module.named_parameters(recurse=False)
+        if p.dim() == 3 and (num_experts is None or p.shape[0] == num_experts)
+    }
     roles = _structural_roles(fused, flags)
     # with names that say nothing, any [E, n] parameter may be a bias; else only *_bias ones
-    biases = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 2 and (n.endswith("_bias") or (roles and p.shape[0] == num_experts and n not in fused))}
+    biases = {
+        n: p
+        for n, p in module.named_parameters(recurse=False)
+        if p.dim() == 2 and (n.endswith("_bias") or (roles and p.shape[0] == num_experts and n not in fused))
+    }
     others = [n for n, p in module.named_parameters() if n not in fused and n not in biases and p.dim() >= 2]
     if others:
-        notes.append(f"parameters {', '.join(others)} are not 3-D [expert, ., .] tensors of the module itself: describe them by hand (flattened experts, submodules)")
+        notes.append(
+            f"parameters {', '.join(others)} are not 3-D [expert, ., .] tensors of the module itself: describe them by hand (flattened experts, submodules)"
+        )
     attrs = _int_attrs(module)
 
     gate_up = fused.get("gate_up_proj")
@@ -419,13 +465,21 @@ def infer(cls: type, config_cls: type | None = None, config_kwargs: dict[str, An
             concatenated = flags.get("is_concatenated", True)
             entry["packing"] = "concatenated" if concatenated else "interleaved"
             if not decorated:
-                notes.append(f"{name}: packing assumed concatenated (gate rows, then up rows); check the forward's split")
-        bias_name = f"{name}_bias" if f"{name}_bias" in biases else _structural_bias(name, p, out_size, biases, fused, transposed)
+                notes.append(
+                    f"{name}: packing assumed concatenated (gate rows, then up rows); check the forward's split"
+                )
+        bias_name = (
+            f"{name}_bias"
+            if f"{name}_bias" in biases
+            else _structural_bias(name, p, out_size, biases, fused, transposed)
+        )
         if bias_name in biases:
             entry["bias"] = bias_name
         params[name] = entry
     if not params:
-        raise MoeUnfuseError(f"{cls.__name__}: owns no 3-D fused expert parameter (found {', '.join(n for n, _ in module.named_parameters()) or 'none'}); fix: write this spec by hand (see CONTRIBUTING.md)")
+        raise MoeUnfuseError(
+            f"{cls.__name__}: owns no 3-D fused expert parameter (found {', '.join(n for n, _ in module.named_parameters()) or 'none'}); fix: write this spec by hand (see CONTRIBUTING.md)"
+        )
     if num_experts_attr is None:
         notes.append("no module attribute holds the expert count: set dims.num_experts")
     unused_biases = sorted(set(biases) - {e.get("bias") for e in params.values()})
@@ -435,9 +489,12 @@ def infer(cls: type, config_cls: type | None = None, config_kwargs: dict[str, An
     spec: dict[str, Any] = {
         "spec_version": 1,
         "arch": arch or _arch_name(cls),
-        "description": f"{cls.__name__}: drafted by moe-unfuse infer on transformers {transformers.__version__}.",
+        "description": f"{cls.__name__}: drafted by moe-unfuse draft on transformers {transformers.__version__}.",
         "target": {"class": f"{cls.__module__}.{cls.__qualname__}"},
-        "dims": {"num_experts": num_experts_attr or "TODO", **{d: dims[d] for d in ("hidden", "intermediate") if d in dims}},
+        "dims": {
+            "num_experts": num_experts_attr or "TODO",
+            **{d: dims[d] for d in ("hidden", "intermediate") if d in dims},
+        },
         "params": params,
     }
 
@@ -448,7 +505,9 @@ def infer(cls: type, config_cls: type | None = None, config_kwargs: dict[str, An
         if _own_apply_gate(cls):  # the class's own gate, called on the packed [gate, up]: exact by construction
             spec["gate"] = {"kind": "module_method", "method": "_apply_gate"}
             if "_apply_gate" not in facts.calls:
-                notes.append("the class defines _apply_gate but its eager forward does not call it: check that gate.kind module_method computes what the forward does")
+                notes.append(
+                    "the class defines _apply_gate but its eager forward does not call it: check that gate.kind module_method computes what the forward does"
+                )
         else:
             spec["activation"] = _activation(module, notes)
             spec["gate"] = {"kind": "glu"}
@@ -474,7 +533,12 @@ def infer(cls: type, config_cls: type | None = None, config_kwargs: dict[str, An
             spec["forward"]["accumulate"] = facts.accumulate
 
     if cfg_cls is None:  # built from plain integer keyword arguments: no config involved
-        golden: dict[str, Any] = {"config": _import_path(_config_base()), "config_kwargs": {}, "config_arg": False, "module_kwargs": used_kwargs}
+        golden: dict[str, Any] = {
+            "config": _import_path(_config_base()),
+            "config_kwargs": {},
+            "config_arg": False,
+            "module_kwargs": used_kwargs,
+        }
     else:
         golden = {"config": _import_path(cfg_cls), "config_kwargs": used_kwargs}
         if module_kwargs:
@@ -486,7 +550,15 @@ def infer(cls: type, config_cls: type | None = None, config_kwargs: dict[str, An
     return Draft(cls, spec, notes)
 
 
-def _shape(name: str, p: Any, into: list[str], transposed: bool | None, attrs: dict[str, int], dims: dict[str, Any], fused: dict[str, Any]) -> list[Any]:
+def _shape(
+    name: str,
+    p: Any,
+    into: list[str],
+    transposed: bool | None,
+    attrs: dict[str, int],
+    dims: dict[str, Any],
+    fused: dict[str, Any],
+) -> list[Any]:
     """``p``'s shape after the expert axis, in storage order, as dims expressions (None where no
     dim fits); records each dim's source in ``dims``: an attribute holding the size, else the
     parameter axis it was read from."""
@@ -552,7 +624,9 @@ def _structural_roles(fused: dict[str, Any], flags: dict[str, Any]) -> dict[str,
     return roles
 
 
-def _structural_bias(name: str, p: Any, out_size: int, biases: dict[str, Any], fused: dict[str, Any], transposed: bool | None) -> str | None:
+def _structural_bias(
+    name: str, p: Any, out_size: int, biases: dict[str, Any], fused: dict[str, Any], transposed: bool | None
+) -> str | None:
     """The ``[E, out]`` parameter that is ``name``'s bias: the only one of its out size, or, when
     several fit, the one whose name shares the most leading characters with ``name``."""
     fits = [b for b, t in biases.items() if t.dim() == 2 and t.shape == (p.shape[0], out_size) and b not in fused]
@@ -588,7 +662,9 @@ def _own_apply_gate(cls: type) -> bool:
 def _activation(module: Any, notes: list[str]) -> dict[str, Any]:
     if callable(getattr(module, "act_fn", None)):
         return {"attribute": "act_fn"}
-    notes.append("no act_fn attribute: set activation to {name: ...} (a transformers ACT2FN name) or the attribute that holds it")
+    notes.append(
+        "no act_fn attribute: set activation to {name: ...} (a transformers ACT2FN name) or the attribute that holds it"
+    )
     return {"name": "TODO"}
 
 
@@ -596,11 +672,11 @@ def _arch_name(cls: type) -> str:
     """``modeling_mixtral`` -> ``mixtral``; the class name in snake case otherwise."""
     mod = cls.__module__.rsplit(".", 1)[-1]
     if mod.startswith("modeling_"):
-        return mod[len("modeling_"):]
+        return mod[len("modeling_") :]
     return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__.removesuffix("Experts")).lower()
 
 
-def infer_all(path: str, **kwargs: Any) -> Iterable[Draft]:
+def draft_all(path: str, **kwargs: Any) -> Iterable[Draft]:
     """A draft for each class ``path`` names (a class, or a module's experts classes)."""
     for cls in import_target(path):
-        yield infer(cls, **kwargs)
+        yield draft(cls, **kwargs)

@@ -1,0 +1,45 @@
+"""``register``: hook a spec's experts class into a quantizer backend, with the coverage check that
+makes a skipped fused expert loud. Above the catalog, drift and coverage; below quantize and golden."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from . import drift
+from .catalog import spec_of
+from .coverage import check_coverage
+from .errors import MoeUnfuseError
+from .plugins import registry
+from .spec import Spec
+
+#: Specs registered per backend in this process: ``register(..., model=)`` checks coverage against all of them.
+_REGISTERED: dict[str, dict[str, Spec]] = {}
+
+
+def register(
+    arch: str | Spec | Path, backend: str = "modelopt", model: nn.Module | None = None, allow_uncovered: bool = False
+) -> type:
+    """Register ``arch``'s experts class with a quantizer backend (modelopt by default), so that a
+    following ``mtq.quantize`` converts every expert into per-expert quantized linears.
+    ``arch`` may also be a loaded :class:`Spec` or a spec file path. Registering twice is harmless;
+    registering an edited spec for the same class replaces the earlier one.
+
+    With ``model``, raises :class:`UncoveredExpertsError` naming the fused expert parameters of
+    ``model`` that no spec registered with this backend so far (this one included) covers, since
+    the quantizer would skip them silently; ``allow_uncovered=True`` accepts that knowingly.
+    """
+    spec = spec_of(arch)
+    drift.check(spec)  # on a transformers not in verified_on: fail here, in one line, if the class changed
+    backends = registry().backends
+    if backend not in backends:
+        raise MoeUnfuseError(
+            f"unknown backend {backend!r}; known: {', '.join(backends)}; fix: install the plugin that provides it"
+        )
+    cls = backends[backend].register(spec)
+    registered = _REGISTERED.setdefault(backend, {})
+    registered[spec.arch] = spec
+    if model is not None:
+        check_coverage(model, list(registered.values()), allow_uncovered)
+    return cls
