@@ -53,7 +53,7 @@ def bench_unfuse(repeats: int) -> None:
         t0 = time.perf_counter()
         moe_unfuse.unfuse(module, "gemma4")
         times.append(time.perf_counter() - t0)
-        moe_unfuse.refuse(module)
+        moe_unfuse.fuse(module)
     extra_peak = max(rss_peak_bytes() - peak_before, 0)
     ms = statistics.median(times) * 1e3
     print(f"[unfuse] layer {layer_bytes / 2**30:.2f} GiB (H 2816, I 704, 128 experts, bf16), {repeats} runs")

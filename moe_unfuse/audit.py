@@ -17,7 +17,6 @@ when the input quantizer is on. Buffers are not counted (they are bytes, not gig
 
 from __future__ import annotations
 
-import fnmatch
 import importlib.util
 import json
 import math
@@ -33,9 +32,9 @@ import yaml
 from torch import nn
 
 from .coverage import FusedParam, find_fused_params
-from .errors import MoeUnfuseError, SpecError
+from .errors import MoeUnfuseError, SpecError, first_line
 from .plan import build_plan
-from .policy import disable_entries
+from .policy import QuantRules, disable_entries
 from .spec import Spec
 
 #: formats of the size table; any other modelopt preset name works with ``qformat``
@@ -102,7 +101,7 @@ def load_config(path: str | Path) -> Any:
         return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
     except (TypeError, ValueError, KeyError) as exc:
         raise MoeUnfuseError(
-            f"{file}: transformers rejects this config ({_first_line(exc)}); fix: check the fields it names"
+            f"{file}: transformers rejects this config ({first_line(exc)}); fix: check the fields it names"
         ) from None
 
 
@@ -121,19 +120,14 @@ def build_meta_model(config: Any) -> nn.Module:
             with torch.device("meta"):
                 return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
         except ValueError as exc:  # an auto class that does not map this config
-            errors.append(f"{cls.__name__}: {_first_line(exc)}")
+            errors.append(f"{cls.__name__}: {first_line(exc)}")
         except Exception as exc:  # noqa: BLE001 - construction failures become one line
             raise MoeUnfuseError(
-                f"building {cls.__name__} on the meta device failed ({type(exc).__name__}: {_first_line(exc)}); fix: check the config against transformers {transformers.__version__}"
+                f"building {cls.__name__} on the meta device failed ({type(exc).__name__}: {first_line(exc)}); fix: check the config against transformers {transformers.__version__}"
             ) from None
     raise MoeUnfuseError(
         f"no transformers model class accepts {type(config).__name__} ({'; '.join(errors)}); fix: set architectures in config.json"
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,35 +243,6 @@ def _bits(value: Any) -> int:
             f"modelopt preset: num_bits {value!r} is not understood; fix: audit with bf16, fp8 or nvfp4"
         )
     return int(value)
-
-
-class _Rules:
-    """modelopt's ``quant_cfg`` semantics: every quantizer starts enabled (8-bit); entries apply in
-    order, each to the quantizers whose name fnmatches and, if given, whose parent class matches."""
-
-    def __init__(self, entries: Iterable[dict]):
-        self.entries = [(re.compile(fnmatch.translate(e["quantizer_name"])), e) for e in entries]
-        # names that differ only in whole numeric components (layers.3 / layers.17) match alike
-        # unless a pattern has ? or [...], or a digit run that can touch such a component
-        self.digit_blind = not any(
-            re.search(r"[?\[]|(^|[.*])\d|\d($|[.*])", e["quantizer_name"]) for _, e in self.entries
-        )
-
-    def state(self, quantizer: str, classes: set[str]) -> tuple[bool, Any, str]:
-        enabled, cfg, reason = True, {"num_bits": 8}, "modelopt default"
-        for rx, e in self.entries:
-            parent = e.get("parent_class")
-            if parent and parent.rsplit(".", 1)[-1] not in classes:
-                continue
-            if not rx.match(quantizer):
-                continue
-            if "cfg" in e and e["cfg"] is not None:
-                cfg = e["cfg"]
-                enabled = bool(e.get("enable", True)) and not (isinstance(cfg, dict) and cfg.get("enable") is False)
-            elif "enable" in e:
-                enabled = bool(e["enable"])
-            reason = e["quantizer_name"]
-        return enabled, cfg, reason
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,7 +373,9 @@ def audit_model(
     """Audit an already built (typically meta-device) model; see :func:`audit`."""
 
     formats = list(dict.fromkeys([*SIZE_FORMATS, qformat]))
-    rules = {f: _Rules((*preset_rules(f), *disable_entries())) for f in formats if f != "bf16"}  # quantize's own policy
+    rules = {
+        f: QuantRules((*preset_rules(f), *disable_entries())) for f in formats if f != "bf16"
+    }  # quantize's own policy
     fused = find_fused_params(model, specs)
     problems: list[str] = []
     targets: list[_Target] = []
@@ -482,7 +449,7 @@ def audit_model(
     )
 
 
-def _plan(fmt: str, rules: _Rules, targets: list[_Target], bf16: float) -> FormatPlan:
+def _plan(fmt: str, rules: QuantRules, targets: list[_Target], bf16: float) -> FormatPlan:
     total = bf16
     quantized: list[tuple[str, int, str]] = []
     excluded: list[tuple[str, int, str]] = []

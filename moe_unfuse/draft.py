@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from .errors import MoeUnfuseError
+from .errors import MoeUnfuseError, first_line
 
 ROLES = ("hidden_states", "top_k_index", "top_k_weights")
 FLAGS = ("is_concatenated", "is_transposed", "has_bias", "has_gate", "has_post_expert_norm")
@@ -227,9 +227,7 @@ def build_instance(
             with torch.device("meta"):
                 module = cls(config, **(module_kwargs or {}))
         except Exception as exc:  # noqa: BLE001 - a wrong candidate fails in arbitrary ways; try the next
-            errors.append(
-                f"{candidate.__name__}: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            )
+            errors.append(f"{candidate.__name__}: {first_line(exc, with_type=True)}")
             continue
         if any(p.dim() >= 2 for p in module.parameters()):
             return module, candidate, kwargs
@@ -241,7 +239,7 @@ def build_instance(
                 with torch.device("meta"):
                     module = cls(**{**sizes, **(module_kwargs or {})})
             except Exception as exc:  # noqa: BLE001 - reported with the config attempts below
-                problem = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                problem = f"{first_line(exc, with_type=True)}"
             else:
                 if any(p.dim() >= 2 for p in module.parameters()):
                     return module, None, {**sizes, **(module_kwargs or {})}

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from . import versions
-from .errors import SpecError
-from .spec import Spec, golden_config
+from .errors import SpecError, first_line
+from .spec import Spec, golden_experts
 
 if TYPE_CHECKING:
     from torch import nn
@@ -110,15 +110,11 @@ def _meta_module(spec: Spec, cls: type) -> tuple[nn.Module | None, Problem | Non
     """The experts module built on the meta device from the golden config (no memory, no init)."""
     import torch
 
-    golden = spec.golden or {}
     try:
-        config = golden_config(spec)
-        arg = getattr(config, golden["config_attr"]) if golden.get("config_attr") else config
-        args = (arg,) if golden.get("config_arg", True) else ()
         with torch.device("meta"):
-            return cls(*args, **golden.get("module_kwargs", {})), None
+            return golden_experts(spec, cls), None
     except Exception as exc:  # noqa: BLE001 - any failure here is what changed; report it on one line
-        first = str(exc).splitlines()[0] if str(exc) else ""
+        first = first_line(exc)
         return None, Problem(
             "golden.config_kwargs",
             f"{spec.class_name} no longer builds from the golden config ({exc.__class__.__name__}: {first})",
@@ -150,7 +146,7 @@ def problems(spec: Spec, module: nn.Module | None = None) -> list[Problem]:
         except SpecError as exc:
             found.append(Problem(exc.field, exc.problem))
         except Exception as exc:  # noqa: BLE001 - planning crashed on the changed class: that is the drift
-            first = str(exc).splitlines()[0] if str(exc) else ""
+            first = first_line(exc)
             found.append(Problem("params", f"planning {spec.class_name} failed ({exc.__class__.__name__}: {first})"))
     return found
 

@@ -40,7 +40,11 @@ class UncoveredExpertsError(MoeUnfuseError, RuntimeError):
         )
 
 
-def first_line(exc: BaseException, limit: int = 200) -> str:
-    """An exception's message cut to its first line (or its type when it has none), for one-line errors."""
+def first_line(exc: BaseException, limit: int = 200, with_type: bool = False) -> str:
+    """An exception's message cut to its first line (or its type when it has none), for one-line
+    errors; ``with_type`` prefixes the type (``KeyError: 'x'``)."""
     text = str(exc).strip()
-    return text.splitlines()[0][:limit] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0][:limit]
+    return f"{type(exc).__name__}: {line}" if with_type else line

@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from .kinds import attr_path
 from .plan import build_gate
 
 
@@ -103,12 +104,6 @@ class ExpertMLP(nn.Module):
     runs on the same memory layout as in the original module (CPU element-wise kernels round the
     last bits differently on a strided half than on a contiguous tensor).
     """
-
-    def __init__(self, projections: dict[str, nn.Linear], pack: Callable | None, gate_fn: Callable):
-        super().__init__()
-        self._modules.update(projections)
-        self._pack = pack
-        self._gate_fn = gate_fn
 
     @classmethod
     def build(
@@ -289,13 +284,8 @@ def post_expert_norm(module: nn.Module) -> Callable | None:
     Looked up on every call rather than captured at unfuse time, so it stays the module's own child
     (moved, hooked or replaced with the module) and is never duplicated under each expert.
     """
-    attr = module._moe_unfuse.spec.post_expert_norm
-    if attr is None:
-        return None
-    obj: Any = module
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
+    attr = unfuse_state(module).spec.post_expert_norm
+    return None if attr is None else attr_path(module, attr)
 
 
 _UNFUSED_CLASSES: dict[type, type] = {}

@@ -50,7 +50,7 @@ from .checkpoint import (
     shard_files,
 )
 from .default_plugins.modelopt_backend import install_export_handlers
-from .errors import MoeUnfuseError
+from .errors import MoeUnfuseError, first_line
 from .experts import unfuse_state
 from .layout import Narrow
 from .naming import ExpertsNaming, NamingContract, model_contract
@@ -606,11 +606,6 @@ def _no_carried_expert_sources(contract: NamingContract) -> Iterator[None]:
         exporter.unplaced_keys_for = original
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
-
-
 def export_checkpoint(
     model: nn.Module,
     out: Path,
@@ -710,7 +705,7 @@ def _export_locked(
         report = verify_checkpoint(staging, engine=engine)
     except (Exception, KeyboardInterrupt) as exc:
         staging.mkdir(parents=True, exist_ok=True)
-        metadata["error"] = {"step": step, "message": _first_line(exc)}
+        metadata["error"] = {"step": step, "message": first_line(exc, 300, with_type=True)}
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         staging.rename(invalid)
         if isinstance(exc, KeyboardInterrupt):
@@ -720,7 +715,7 @@ def _export_locked(
                 f"export to {out} failed in {step} ({exc}); the partial export is at {invalid}"
             ) from None
         raise MoeUnfuseError(
-            f"export to {out} failed in {step} ({_first_line(exc)}); the partial export is at {invalid}; fix: report this with {invalid / METADATA_FILE}"
+            f"export to {out} failed in {step} ({first_line(exc, 300, with_type=True)}); the partial export is at {invalid}; fix: report this with {invalid / METADATA_FILE}"
         ) from None
     for f in staging.iterdir():
         if f.is_file():

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from .drift import check as check_drift
-from .errors import SpecError
+from .errors import SpecError, first_line
 from .experts import UnfusedExpertsMixin
 from .plan import build_plan, owner_of, resolve_dims
 from .plugins import registry
 from .registration import register
-from .spec import Spec, golden_config, resolve_object, set_experts_implementation
+from .spec import Spec, golden_experts, resolve_object, set_experts_implementation
 from .unfusing import fuse, unfuse
 
 #: grouped_mm / batched_mm reorder the reductions (one grouped GEMM, fp32 accumulation and a
@@ -44,24 +44,15 @@ def build_experts(spec: Spec, dtype: torch.dtype = torch.float32, seed: int = SE
     """The real experts module from the spec's tiny config, with random weights (std 0.1, biases too)."""
 
     check_drift(spec)  # a transformers not in verified_on: what changed, in one line
-    golden = spec.golden or {}
     cls = spec.resolve_class()  # an nn.Module subclass, checked before anything is called
     if cls is None:
         raise LookupError(f"{spec.target_class} is not in the installed transformers")
-    config = golden_config(spec)
-    arg = getattr(config, golden["config_attr"]) if golden.get("config_attr") else config
-    args = (arg,) if golden.get("config_arg", True) else ()
-    module = cls(*args, **golden.get("module_kwargs", {}))
+    module = golden_experts(spec, cls)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     return module.to(dtype).eval()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else ""
 
 
 def input_dim(module: nn.Module, spec: Spec) -> int:
@@ -242,7 +233,7 @@ def check_exact(spec: Spec, dtype: torch.dtype) -> CheckResult:
                 raise SpecError(
                     spec.source,
                     "params",
-                    f"the unfused forward fails ({label}) on inputs the original accepts ({type(exc).__name__}: {_first_line(exc)})",
+                    f"the unfused forward fails ({label}) on inputs the original accepts ({type(exc).__name__}: {first_line(exc)})",
                     "check axes, packing and shape against the class (is the layout transposed?)",
                 ) from None
             diff = _max_diff(got, ref) if got.shape == ref.shape else float("inf")

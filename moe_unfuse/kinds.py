@@ -53,7 +53,8 @@ class GateKind:
         return self.build(module, cfg, act, split)
 
 
-def _attr(obj: Any, dotted: str) -> Any:
+def attr_path(obj: Any, dotted: str) -> Any:
+    """``obj.a.b`` for ``"a.b"``: the one reader of a spec's dotted attribute names."""
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
@@ -67,7 +68,7 @@ def resolve_value(module: Any, value: Any) -> Any:
     if isinstance(value, Mapping):
         if "attribute" in value:
             try:
-                return _attr(module, value["attribute"])
+                return attr_path(module, value["attribute"])
             except AttributeError:
                 raise AttributeError(f"{type(module).__name__} has no attribute {value['attribute']!r}") from None
         if "config" in value:
@@ -75,7 +76,7 @@ def resolve_value(module: Any, value: Any) -> Any:
             if config is None:
                 raise AttributeError(f"{type(module).__name__} has no config to read {value['config']!r} from")
             try:
-                return _attr(config, value["config"])
+                return attr_path(config, value["config"])
             except AttributeError:
                 raise AttributeError(f"{type(config).__name__} has no attribute {value['config']!r}") from None
     return value

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import SpecError
+from .kinds import attr_path
 from .layout import Split
 from .plugins import registry
 from .spec import Spec, eval_shape_expr
@@ -38,13 +39,6 @@ class Plan:
     rests: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _attr(module: nn.Module, dotted: str) -> Any:
-    obj: Any = module
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def resolve_dims(module: nn.Module, spec: Spec, path: str) -> dict[str, int]:
     """Each dim's size: a module attribute, or ``{param: NAME, axis: N}`` read from a parameter's
     shape (for a size that no integer attribute holds)."""
@@ -54,7 +48,7 @@ def resolve_dims(module: nn.Module, spec: Spec, path: str) -> dict[str, int]:
             dims[name] = _param_dim(module, spec, name, attr, path)
             continue
         try:
-            value = _attr(module, attr)
+            value = attr_path(module, attr)
         except AttributeError:
             raise SpecError(
                 spec.source,
@@ -229,7 +223,7 @@ def build_plan(module: nn.Module, spec: Spec, path: str = "") -> Plan:
     forward = reg.forwards[spec.forward_kind]
     if spec.post_expert_norm is not None:
         try:
-            norm = _attr(module, spec.post_expert_norm)
+            norm = attr_path(module, spec.post_expert_norm)
         except AttributeError:
             norm = None
         if not callable(norm):
@@ -288,7 +282,7 @@ def _activation(module: nn.Module, spec: Spec, path: str) -> Any:
         return None
     if "attribute" in act:
         try:
-            return _attr(module, act["attribute"])
+            return attr_path(module, act["attribute"])
         except AttributeError:
             raise SpecError(
                 spec.source,

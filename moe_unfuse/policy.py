@@ -75,15 +75,37 @@ def build_quant_config(qformat: str, exclude: Iterable[str] = ()) -> dict | None
     return cfg
 
 
-def _quantizer_enabled(name: str, quant_cfg: Any) -> bool:
-    """Whether modelopt's list-form ``quant_cfg`` enables quantizer ``name`` (later entries win;
-    ``parent_class`` entries target non-Linear classes and are ignored here)."""
-    enabled = False
-    for entry in quant_cfg:
-        if "parent_class" in entry or not fnmatch.fnmatchcase(name, entry["quantizer_name"]):
-            continue
-        enabled = entry.get("enable", True)
-    return enabled
+class QuantRules:
+    """modelopt's list-form ``quant_cfg`` semantics, written once (audit's plan, export's size estimate): every quantizer starts enabled (8-bit); entries apply in
+    order, each to the quantizers whose name fnmatches and, if given, whose parent class matches."""
+
+    def __init__(self, entries: Iterable[dict]):
+        self.entries = [(re.compile(fnmatch.translate(e["quantizer_name"])), e) for e in entries]
+        # names that differ only in whole numeric components (layers.3 / layers.17) match alike
+        # unless a pattern has ? or [...], or a digit run that can touch such a component
+        self.digit_blind = not any(
+            re.search(r"[?\[]|(^|[.*])\d|\d($|[.*])", e["quantizer_name"]) for _, e in self.entries
+        )
+
+    def state(self, quantizer: str, classes: set[str]) -> tuple[bool, Any, str]:
+        enabled, cfg, reason = True, {"num_bits": 8}, "modelopt default"
+        for rx, e in self.entries:
+            parent = e.get("parent_class")
+            if parent and parent.rsplit(".", 1)[-1] not in classes:
+                continue
+            if not rx.match(quantizer):
+                continue
+            if "cfg" in e and e["cfg"] is not None:
+                cfg = e["cfg"]
+                enabled = bool(e.get("enable", True)) and not (isinstance(cfg, dict) and cfg.get("enable") is False)
+            elif "enable" in e:
+                enabled = bool(e["enable"])
+            reason = e["quantizer_name"]
+        return enabled, cfg, reason
+
+
+#: The classes a per-expert linear (and a plain one) match in ``parent_class`` entries.
+LINEAR_CLASSES = frozenset({"Linear", "Module"})
 
 
 def estimate_tensor_bytes(model: nn.Module, qformat: str, exclude: Iterable[str] = ()) -> int:
@@ -93,12 +115,12 @@ def estimate_tensor_bytes(model: nn.Module, qformat: str, exclude: Iterable[str]
     (1 B/weight + weight/input scale) or NVFP4 (0.5 B/weight + one FP8 scale per 16 + two fp32
     scalars); everything else keeps its dtype; tied weights count once."""
     cfg = build_quant_config(qformat, exclude)
-    quant_cfg = cfg["quant_cfg"] if cfg else []
+    rules = QuantRules(cfg["quant_cfg"] if cfg else [{"quantizer_name": "*", "enable": False}])
     fp4 = "fp4" in qformat
     weight_only = qformat.startswith("w4a16")
 
     def linear_bytes(qname: str, out_f: int, in_f: int, dtype_size: int) -> int:
-        if not _quantizer_enabled(f"{qname}.weight_quantizer", quant_cfg):
+        if not rules.state(f"{qname}.weight_quantizer", LINEAR_CLASSES)[0]:
             return out_f * in_f * dtype_size
         scalars = (0 if weight_only else 1) + (
             1 if fp4 else 1

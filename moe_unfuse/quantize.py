@@ -31,7 +31,7 @@ from .calibration import (
 )
 from .catalog import select_specs
 from .coverage import Coverage, check_coverage, fused_expert_params
-from .errors import MoeUnfuseError, UncoveredExpertsError
+from .errors import MoeUnfuseError, UncoveredExpertsError, first_line
 from .experts import unfuse_state
 from .export import export_checkpoint, prepare_out_dir, quiet
 from .naming import model_contract
@@ -157,7 +157,7 @@ def _calibrate(
         return calibrate(model, batches, force_routing=force_routing, chunk_tokens=chunk_tokens, progress=progress)
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
         raise MoeUnfuseError(
-            f"the model's forward failed on the calibration batches ({type(exc).__name__}: {_first_line(exc)}); fix: check that the model runs on its own (e.g. vocabulary and --seq-len within its limits)"
+            f"the model's forward failed on the calibration batches ({type(exc).__name__}: {first_line(exc, 160)}); fix: check that the model runs on its own (e.g. vocabulary and --seq-len within its limits)"
         ) from None
 
 
@@ -178,7 +178,7 @@ def load_model(path: Path | str, device_map: str | None = "auto", dtype: str = "
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - invalid JSON, a list, an unknown model_type: all one line
         raise MoeUnfuseError(
-            f"{path}/config.json: cannot be read by transformers ({_first_line(exc)}); fix: restore the model's config.json"
+            f"{path}/config.json: cannot be read by transformers ({first_line(exc, 160)}); fix: restore the model's config.json"
         ) from None
     archs = getattr(config, "architectures", None) or []
     cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
@@ -192,7 +192,7 @@ def load_model(path: Path | str, device_map: str | None = "auto", dtype: str = "
     try:
         model = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise MoeUnfuseError(
             f"{path}: cannot load with device_map={device_map!r} ({first}); fix: check the folder's weights, or pass --device-map cpu"
         ) from None
@@ -211,17 +211,12 @@ def load_tokenizer(path: Path | str) -> Any:
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a missing or broken tokenizer
-        raise MoeUnfuseError(f"{path}: no usable tokenizer ({_first_line(exc)}); {fix}") from None
+        raise MoeUnfuseError(f"{path}: no usable tokenizer ({first_line(exc, 160)}); {fix}") from None
     if not tokenizer("calibration text", add_special_tokens=False)["input_ids"]:
         raise MoeUnfuseError(
             f"{path}: the tokenizer found there turns text into no tokens (no tokenizer files?); {fix}"
         )
     return tokenizer
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 def param_bytes(model: nn.Module) -> int:

@@ -984,3 +984,13 @@ def set_experts_implementation(config: Any, implementation: str) -> None:
     for cfg in (config, *(getattr(config, a, None) for a in ("text_config", "ffn_config"))):
         if cfg is not None:
             cfg._experts_implementation = implementation
+
+
+def golden_experts(spec: Spec, cls: type, implementation: str = "eager") -> Any:
+    """An instance of the experts class ``cls`` built as ``golden`` says (config or one of its
+    attributes as the first argument, then ``module_kwargs``), on the current default device."""
+    golden = spec.golden or {}
+    config = golden_config(spec, implementation)
+    arg = getattr(config, golden["config_attr"]) if golden.get("config_attr") else config
+    args = (arg,) if golden.get("config_arg", True) else ()
+    return cls(*args, **golden.get("module_kwargs", {}))

@@ -187,9 +187,6 @@ class Report:
     def num_linears(self) -> int:
         return sum(m.num_experts * len(m.projections) for m in self.changed)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"modules": [vars(m) for m in self.modules], "changed": len(self.changed), "linears": self.num_linears}
-
     def __str__(self) -> str:
         if not self.modules:
             return "no fused expert modules found"

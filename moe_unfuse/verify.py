@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable
 from .catalog import get_spec, select_specs, specs_for
 from .catalog import specs as catalog_specs
 from .checkpoint import METADATA_FILE, SCALE_SUFFIXES, excluded, must_exclude
-from .errors import MoeUnfuseError
+from .errors import MoeUnfuseError, first_line
 from .naming import QUANT_SUFFIXES, NamingContract, build_contract, meta_model_from_config
 from .options import ENGINES
 from .policy import KEEP_UNQUANTIZED_RE
@@ -131,9 +131,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise MoeUnfuseError(
-            f"{path}: not valid JSON ({str(exc).splitlines()[0][:80]}); fix: re-export the checkpoint"
-        ) from None
+        raise MoeUnfuseError(f"{path}: not valid JSON ({first_line(exc, 80)}); fix: re-export the checkpoint") from None
 
 
 class Checkpoint:
@@ -180,7 +178,7 @@ class Checkpoint:
                 raise
             except Exception as exc:  # noqa: BLE001 - safetensors raises several types on a corrupt file
                 raise MoeUnfuseError(
-                    f"{f}: not a readable safetensors file ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__}); fix: re-export the checkpoint"
+                    f"{f}: not a readable safetensors file ({first_line(exc, 80)}); fix: re-export the checkpoint"
                 ) from None
         if weight_map is not None:
             for k, fname in weight_map.items():

@@ -179,3 +179,20 @@ def test_refuse_and_infer_are_deprecated_aliases(capsys) -> None:
     with pytest.raises(SystemExit) as done:
         main(["infer", "--help"])
     assert done.value.code == 0 and "Draft a spec" in capsys.readouterr().out
+
+
+def test_builtin_specs_prefer_the_installed_package_data(tmp_path, monkeypatch) -> None:
+    """An installed wheel reads its own ``moe_unfuse/_specs``, not a ``specs`` folder that happens to
+    sit at ``site-packages/../specs``; a checkout without package data reads its ``specs/``."""
+    from moe_unfuse.default_plugins import builtin_specs
+
+    package = tmp_path / "site-packages" / "moe_unfuse"
+    (package / "_specs").mkdir(parents=True)
+    (tmp_path / "specs").mkdir()  # the stray folder next to site-packages
+    monkeypatch.setattr(builtin_specs.resources, "files", lambda name: package)
+    assert builtin_specs.builtin_spec_dir() == package / "_specs"
+    (package / "_specs").rmdir()
+    assert (
+        builtin_specs.builtin_spec_dir().name == "specs"
+        and (builtin_specs.builtin_spec_dir() / "gemma4.yaml").is_file()
+    )

@@ -49,7 +49,7 @@ def _tensors(path: Path, edit: Callable[[dict, random.Random], None], rng: rando
     save_file(data, str(f), metadata={"format": "pt"})
 
 
-def _pick(data: dict, rng: random.Random, suffix: str = "") -> str:
+def _pick(data: dict, rng: random.Random, suffix: str | tuple[str, ...] = "") -> str:
     return rng.choice(sorted(k for k in data if k.endswith(suffix)))
 
 
@@ -82,7 +82,11 @@ CORRUPTIONS: dict[str, Callable[[Path, random.Random], None]] = {
     "drop-tensor": lambda p, r: _tensors(p, lambda d, r: d.pop(_pick(d, r)), r),
     "rename-tensor": lambda p, r: _tensors(p, lambda d, r: d.__setitem__(_pick(d, r) + "_x", d.pop(_pick(d, r))), r),
     "nan-scale": lambda p, r: _tensors(
-        p, lambda d, r: d.__setitem__(k := _pick(d, r, "scale"), torch.full_like(d[k], float("nan"))), r
+        p,
+        lambda d, r: d.__setitem__(
+            k := _pick(d, r, ("weight_scale", "weight_scale_2", "input_scale")), torch.full_like(d[k], float("nan"))
+        ),
+        r,
     ),
     "zero-scale": lambda p, r: _tensors(
         p, lambda d, r: d.__setitem__(k := _pick(d, r, "input_scale"), torch.zeros_like(d[k])), r

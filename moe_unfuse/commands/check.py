@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import first_line
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -53,9 +55,7 @@ def run(args: argparse.Namespace) -> int:
     except MoeUnfuseError:
         raise
     except Exception as exc:  # noqa: BLE001 - a crashing check is a failed check, reported in one line
-        print(
-            f"FAIL golden checks crashed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        )
+        print(f"FAIL golden checks crashed: {first_line(exc, with_type=True)}")
         return 1
     for r in results:
         print(f"{'PASS' if r.ok else 'FAIL'}  {r.name:24} {r.detail}")

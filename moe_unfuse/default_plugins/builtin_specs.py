@@ -9,11 +9,13 @@ from ..hookspecs import hookimpl
 
 
 def builtin_spec_dir() -> Path:
-    """``specs/`` in a source checkout; ``moe_unfuse/_specs`` (the same files) in an installed wheel."""
-    source = Path(__file__).resolve().parents[2] / "specs"
-    if source.is_dir():
-        return source
-    return Path(str(resources.files("moe_unfuse") / "_specs"))
+    """The installed package's ``moe_unfuse/_specs``; the checkout's ``specs/`` only where the package
+    has none (an editable install or a source tree). Never a ``specs`` folder that merely happens
+    to sit next to site-packages."""
+    installed = Path(str(resources.files("moe_unfuse") / "_specs"))
+    if installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parents[2] / "specs"
 
 
 @hookimpl
