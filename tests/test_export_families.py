@@ -126,3 +126,20 @@ def test_unquantized_export_fused_back_reloads_identical(arch: str, saved, tmp_p
     )
     with torch.no_grad():
         assert torch.equal(original(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+@pytest.mark.arch("gemma4")
+@pytest.mark.parametrize("qformat", ["nvfp4", "fp8"])
+@pytest.mark.parametrize("multimodal", [False, True], ids=["text", "multimodal"])
+def test_builtin_gemma4_exports_for_every_engine(qformat: str, multimodal: bool, tmp_path: Path) -> None:
+    """The built-in model (the README's first command), text and multimodal: hub names
+    (``model[.language_model].layers.N.experts.E.*``, never ``.moe.``), every engine's rules."""
+    out = tmp_path / "out"
+    argv = ["quantize", "--qformat", qformat, "--out", str(out), "--calib-size", "4", "--seq-len", "32", "--no-progress"]
+    assert main([*argv, *(["--multimodal"] if multimodal else [])]) == 0
+    for engine in ENGINES:
+        report = moe_unfuse.verify_checkpoint(out, engine=engine)
+        assert report.ok, str(report)
+    keys = _keys(out)
+    prefix = "model.language_model.layers" if multimodal else "model.layers"
+    assert f"{prefix}.0.experts.7.gate_proj.weight_scale" in keys and not any(".moe." in k for k in keys)
