@@ -262,18 +262,29 @@ def calibrate(
     force_routing: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: bool = True,
+    sum_counts: Callable[[dict[str, list[int]]], None] | None = None,
+    forced_here: bool = True,
 ) -> RoutingStats:
     """Run the calibration batches with token counting, then (``force_routing``) the forced pass.
 
     Meant as modelopt's ``forward_loop`` body, but it only forwards the model, so any calibrator works.
+    Data-parallel (``moe_unfuse.distributed``): ``sum_counts`` adds a count table up over the
+    processes, so the forced targets are those of all batches; ``forced_here`` says whether this
+    process runs the forced pass (the one holding the run's first batch).
     """
     stats = RoutingStats()
     with TokenCounter(model, stats):
         run_batches(model, batches, "calibrating", progress)
+    if sum_counts is not None:
+        sum_counts(stats.counts)
     targets = stats.uncovered(forced_too=False)
-    if force_routing and targets and batches:
+    if force_routing and targets and batches and forced_here:
         with forced_routing(model, targets, stats, chunk_tokens):
             run_batches(model, batches[:1], "forced routing", progress)
+    if sum_counts is not None and force_routing and targets:
+        for path in targets:
+            stats.forced.setdefault(path, [0] * len(stats.counts[path]))
+        sum_counts(stats.forced)
     return stats
 
 

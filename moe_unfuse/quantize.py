@@ -19,6 +19,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from . import distributed
 from .calibration import (
     RoutingStats,
     ScaleFallback,
@@ -31,6 +32,7 @@ from .calibration import (
 )
 from .catalog import select_specs
 from .coverage import Coverage, check_coverage, fused_expert_params
+from .distributed import Group
 from .errors import MoeUnfuseError, UncoveredExpertsError, first_line
 from .experts import unfuse_state
 from .export import export_checkpoint, prepare_out_dir, quiet
@@ -75,6 +77,7 @@ def quantize_model(
     exclude: Iterable[str] = (),
     allow_uncovered: bool = False,
     progress: bool = True,
+    group: Group | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` in place with modelopt: every expert becomes per-expert QuantLinears.
 
@@ -82,6 +85,8 @@ def quantize_model(
     remain that no spec covers (``allow_uncovered`` skips them knowingly), and again after
     quantizing if any fused expert parameter survived the conversion.
     ``qformat="none"`` only unfuses (plain :func:`moe_unfuse.unfuse`) and counts routing.
+    ``group``: data-parallel calibration (:mod:`moe_unfuse.distributed`); ``batches`` are this
+    process's share, and amax and token counts come out as one process on all batches would get.
     """
 
     start = time.perf_counter()
@@ -92,7 +97,7 @@ def quantize_model(
     stats = RoutingStats()
     if cfg is None:
         unfuse(model, specs or None, allow_uncovered=allow_uncovered)
-        stats = _calibrate(model, batches, False, chunk_tokens, progress)
+        stats = _calibrate(model, batches, False, chunk_tokens, progress, group)
     else:
         import modelopt.torch.quantization as mtq
 
@@ -101,7 +106,10 @@ def quantize_model(
 
         def forward_loop(m: nn.Module) -> None:
             nonlocal stats
-            stats = _calibrate(m, batches, force_routing, chunk_tokens, progress)
+            stats = _calibrate(m, batches, force_routing, chunk_tokens, progress, group)
+
+        if group is not None:
+            cfg = distributed.without_modelopt_sync(cfg)
 
         with contextlib.redirect_stdout(
             io.StringIO()
@@ -113,6 +121,8 @@ def quantize_model(
     fallbacks: list[ScaleFallback] = []
     synced = 0
     if cfg is not None:
+        if group is not None:
+            distributed.reduce_amax(model)
         fallbacks = finalize_input_scales(model, input_scale)
         synced = share_gate_up_weight_amax(model)
     num_linears = sum(len(m) * len(unfuse_state(m).spec.projection_names()) for _, m in unfused_experts(model))
@@ -150,11 +160,19 @@ def _hub_sliced_linears(model: nn.Module, specs: Sequence[Spec]) -> list[str]:
 
 
 def _calibrate(
-    model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], force_routing: bool, chunk_tokens: int, progress: bool
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    force_routing: bool,
+    chunk_tokens: int,
+    progress: bool,
+    group: Group | None = None,
 ) -> RoutingStats:
     """:func:`calibrate`, with a model whose forward fails named in one line instead of a traceback."""
+    parallel = {} if group is None else {"sum_counts": distributed.sum_counts, "forced_here": group.writer}
     try:
-        return calibrate(model, batches, force_routing=force_routing, chunk_tokens=chunk_tokens, progress=progress)
+        return calibrate(
+            model, batches, force_routing=force_routing, chunk_tokens=chunk_tokens, progress=progress, **parallel
+        )
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
         raise MoeUnfuseError(
             f"the model's forward failed on the calibration batches ({type(exc).__name__}: {first_line(exc, 160)}); fix: check that the model runs on its own (e.g. vocabulary and --seq-len within its limits)"
@@ -387,8 +405,9 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 
-def run_quantize(opts: QuantizeOptions) -> QuantizeReport:
-    """Load or build the model, quantize, export to ``opts.out``, verify; see :class:`QuantizeReport`."""
+def run_quantize(opts: QuantizeOptions) -> QuantizeReport | None:
+    """Load or build the model, quantize, export to ``opts.out``, verify; see :class:`QuantizeReport`.
+    Under torchrun every process calibrates on its share; rank 0 exports and reports, the others return None."""
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach the hub
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -401,7 +420,7 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeReport:
         return _run_quantize(opts)
 
 
-def _run_quantize(opts: QuantizeOptions) -> QuantizeReport:
+def _run_quantize(opts: QuantizeOptions) -> QuantizeReport | None:
 
     if opts.model is None:
         model = tiny_gemma4(multimodal=opts.multimodal)
@@ -413,19 +432,23 @@ def _run_quantize(opts: QuantizeOptions) -> QuantizeReport:
         source = f"{opts.model} ({_describe(model)})"
     texts = read_calibration_texts(opts.calib_file)
     batches = calibration_batches(tokenizer, texts, opts.calib_size, opts.seq_len, opts.batch_size)
+    group = distributed.from_env()  # torchrun: this process calibrates on its share of the batches
     on_disk = checkpoint_bytes(opts.model) if opts.model is not None else 0
     bytes_before, before_what = (on_disk, "source checkpoint") if on_disk else (param_bytes(model), "in memory")
     result = quantize_model(
         model,
         opts.qformat,
-        batches,
+        group.shard(batches) if group is not None else batches,
         force_routing=opts.force_routing,
         input_scale=opts.input_scale,
         chunk_tokens=opts.chunk_tokens,
         exclude=opts.exclude,
         allow_uncovered=opts.allow_uncovered,
-        progress=opts.progress,
+        progress=opts.progress and (group is None or group.writer),
+        group=group,
     )
+    if group is not None and not group.writer:
+        return None  # rank 0 writes and reports
     exported, verified = export_checkpoint(
         model,
         Path(opts.out),

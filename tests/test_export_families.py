@@ -135,7 +135,18 @@ def test_builtin_gemma4_exports_for_every_engine(qformat: str, multimodal: bool,
     """The built-in model (the README's first command), text and multimodal: hub names
     (``model[.language_model].layers.N.experts.E.*``, never ``.moe.``), every engine's rules."""
     out = tmp_path / "out"
-    argv = ["quantize", "--qformat", qformat, "--out", str(out), "--calib-size", "4", "--seq-len", "32", "--no-progress"]
+    argv = [
+        "quantize",
+        "--qformat",
+        qformat,
+        "--out",
+        str(out),
+        "--calib-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--no-progress",
+    ]
     assert main([*argv, *(["--multimodal"] if multimodal else [])]) == 0
     for engine in ENGINES:
         report = moe_unfuse.verify_checkpoint(out, engine=engine)

@@ -1,5 +1,8 @@
 """Quantize a fused-MoE model with modelopt, export it for a serving engine, and verify the export.
 
+Data-parallel calibration: torchrun --nproc-per-node N -m moe_unfuse quantize ... (each rank
+calibrates on every N-th batch; amax and token counts are reduced; rank 0 writes the checkpoint).
+
 With no MODEL, a built-in tiny Gemma 4 (random seeded weights, byte-level tokenizer, built-in
 calibration text) runs offline in about a minute on a CPU. MODEL is a local folder (config.json,
 safetensors, tokenizer); nothing is downloaded.
@@ -158,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     report = run_quantize(opts)
+    if report is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     as_json = json.dumps(report.to_dict(), indent=2, default=str) + "\n"
     print(as_json, end="") if args.json else print(report)
     if args.report:
