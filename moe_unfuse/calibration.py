@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .errors import MoeUnfuseError
+from .errors import MoeUnfuseError, first_line
 from .experts import UnfusedExpertsMixin, unfuse_state
 from .options import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SIZE, DEFAULT_CHUNK_TOKENS, DEFAULT_SEQ_LEN, INPUT_SCALE_POLICIES
 from .tiny import CALIBRATION_TEXT
@@ -40,40 +40,117 @@ from .tiny import CALIBRATION_TEXT
 # data
 
 
-def read_calibration_texts(path: Path | str | None) -> list[str]:
-    """Texts to calibrate on: the built-in text, or ``path`` (``.jsonl`` with a ``text`` field per
-    line, ``.json`` list of strings or of objects with ``text``, else plain text split at blank lines)."""
-    if path is None:
-        return [p for p in CALIBRATION_TEXT.split("\n\n") if p.strip()]
-    path = Path(path)
-    if not path.is_file():
+def read_calibration_texts(source: Path | str | None, tokenizer: Any = None) -> Iterator[str]:
+    """Texts to calibrate on, streamed one record at a time (a dataset is never read whole):
+
+    - None: the built-in text;
+    - a ``.jsonl`` file (one record per line), a ``.json`` list, or plain text (split at blank lines);
+    - a folder written by ``datasets``' ``save_to_disk``, or a Hugging Face dataset name (both read
+      through ``datasets``, which is then needed; a name streams its ``train`` split).
+
+    A record is a string, or an object with a ``text`` field, or with ``messages`` (chat turns),
+    rendered with the tokenizer's chat template when it has one.
+    """
+    if source is None:
+        yield from (p for p in CALIBRATION_TEXT.split("\n\n") if p.strip())
+        return
+    found = False
+    for record in _records(str(source)):
+        text = _render(record, tokenizer)
+        if text.strip():
+            found = True
+            yield text
+    if not found:
         raise MoeUnfuseError(
-            f"--calib-file {path}: no such file; fix: pass a .txt, .json or .jsonl file of calibration text"
+            f"--calib-dataset {source}: contains no text; fix: give it records with a text or messages field"
         )
-    raw = path.read_text(encoding="utf-8", errors="replace")
+
+
+def _records(source: str) -> Iterator[Any]:
+    path = Path(source)
+    if path.is_file():
+        yield from _file_records(path)
+    elif path.is_dir() or not (path.suffix in (".jsonl", ".json", ".txt") or source.startswith((".", "/", "~"))):
+        yield from _dataset_records(source, path)
+    else:
+        raise MoeUnfuseError(
+            f"--calib-dataset {source}: no such file or folder; fix: pass a .txt, .json or .jsonl file, a save_to_disk folder or a dataset name"
+        )
+
+
+def _file_records(path: Path) -> Iterator[Any]:
+    where = f"--calib-dataset {path}"
     try:
         if path.suffix == ".jsonl":
-            items: list[Any] = [json.loads(line) for line in raw.splitlines() if line.strip()]
+            with path.open(encoding="utf-8", errors="replace") as fh:
+                for n, line in enumerate(fh, 1):
+                    if line.strip():
+                        try:
+                            yield json.loads(line)
+                        except ValueError as exc:
+                            raise MoeUnfuseError(
+                                f"{where}: line {n} is not JSON ({first_line(exc, 80)}); fix: one JSON object per line"
+                            ) from None
         elif path.suffix == ".json":
-            items = json.loads(raw)
+            items = json.loads(path.read_text(encoding="utf-8", errors="replace"))
             if not isinstance(items, list):
-                raise ValueError("top level is not a list")
+                raise MoeUnfuseError(f"{where}: top level is not a list; fix: a JSON list of strings or records")
+            yield from items
         else:
-            items = raw.split("\n\n")
-    except ValueError as exc:
+            paragraph: list[str] = []
+            with path.open(encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    if line.strip():
+                        paragraph.append(line)
+                    elif paragraph:
+                        yield "".join(paragraph)
+                        paragraph = []
+            if paragraph:
+                yield "".join(paragraph)
+    except ValueError as exc:  # an invalid .json
         raise MoeUnfuseError(
-            f'--calib-file {path}: not valid {path.suffix[1:]} ({exc}); fix: one JSON object with a "text" field per line'
+            f"{where}: not valid JSON ({first_line(exc, 80)}); fix: a JSON list of strings or records"
         ) from None
-    texts = [(it.get("text", "") if isinstance(it, dict) else str(it)) for it in items]
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise MoeUnfuseError(f"--calib-file {path}: contains no text; fix: give it some text to calibrate on")
-    return texts
+
+
+def _dataset_records(source: str, path: Path) -> Iterator[Any]:
+    try:
+        import datasets
+    except ImportError:
+        raise MoeUnfuseError(
+            f"--calib-dataset {source}: reading a dataset folder or name needs the datasets package; fix: pip install datasets, or pass a .jsonl file"
+        ) from None
+    try:
+        data = (
+            datasets.load_from_disk(str(path))
+            if path.is_dir()
+            else datasets.load_dataset(source, split="train", streaming=True)
+        )
+        if isinstance(data, dict):  # a DatasetDict: its train split, else its first
+            data = data["train"] if "train" in data else next(iter(data.values()))
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types for an unreadable source
+        raise MoeUnfuseError(
+            f"--calib-dataset {source}: cannot be read ({first_line(exc, 120)}); fix: check the name or folder (offline: only local folders and files)"
+        ) from None
+    yield from data
+
+
+def _render(record: Any, tokenizer: Any) -> str:
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        return str(record)
+    messages = record.get("messages") or record.get("conversations")
+    if isinstance(messages, list) and messages:
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(messages, tokenize=False)
+        return "\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in messages)
+    return str(record.get("text", ""))
 
 
 def calibration_batches(
     tokenizer: Any,
-    texts: Sequence[str],
+    texts: Iterable[str],
     calib_size: int = DEFAULT_CALIB_SIZE,
     seq_len: int = DEFAULT_SEQ_LEN,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -87,20 +164,22 @@ def calibration_batches(
         )
     eos = getattr(tokenizer, "eos_token_id", None)
     bos = getattr(tokenizer, "bos_token_id", None)
+    body = seq_len - (1 if bos is not None else 0)
+    if body < 1:
+        raise MoeUnfuseError(f"--seq-len {seq_len} leaves no room after BOS; fix: pass --seq-len 2 or more")
     stream: list[int] = []
-    for text in texts:
+    for text in texts:  # read only as much text as the samples need
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         stream.extend(ids)
         if eos is not None:
             stream.append(eos)
-    body = seq_len - (1 if bos is not None else 0)
-    if body < 1:
-        raise MoeUnfuseError(f"--seq-len {seq_len} leaves no room after BOS; fix: pass --seq-len 2 or more")
+        if len(stream) >= calib_size * body:
+            break
     samples = [stream[i : i + body] for i in range(0, len(stream), body)][:calib_size]
     if len(samples) > 1 and len(samples[-1]) < body:
         samples.pop()
     if not samples or not samples[0]:
-        raise MoeUnfuseError("the calibration text produced no tokens; fix: pass a --calib-file with text")
+        raise MoeUnfuseError("the calibration text produced no tokens; fix: pass a --calib-dataset with text")
     if bos is not None:
         samples = [[bos, *s] for s in samples]
     batches = []

@@ -268,7 +268,7 @@ class QuantizeOptions:
     qformat: str
     out: Path
     calib_size: int = DEFAULT_CALIB_SIZE
-    calib_file: Path | None = None
+    calib_dataset: str | None = None
     seq_len: int = DEFAULT_SEQ_LEN
     batch_size: int = DEFAULT_BATCH_SIZE
     device_map: str | None = "auto"
@@ -430,7 +430,7 @@ def _run_quantize(opts: QuantizeOptions) -> QuantizeReport | None:
         model = load_model(opts.model, opts.device_map, opts.dtype)
         tokenizer = load_tokenizer(opts.model)
         source = f"{opts.model} ({_describe(model)})"
-    texts = read_calibration_texts(opts.calib_file)
+    texts = read_calibration_texts(opts.calib_dataset, tokenizer)
     batches = calibration_batches(tokenizer, texts, opts.calib_size, opts.seq_len, opts.batch_size)
     group = distributed.from_env()  # torchrun: this process calibrates on its share of the batches
     on_disk = checkpoint_bytes(opts.model) if opts.model is not None else 0

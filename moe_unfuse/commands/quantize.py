@@ -55,10 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"calibration samples (default {DEFAULT_CALIB_SIZE}; fewer if the text runs out)",
     )
     parser.add_argument(
+        "--calib-dataset",
         "--calib-file",
-        type=Path,
-        metavar="FILE",
-        help='calibration text: .txt (paragraphs), .json list, or .jsonl with a "text" field (default: built-in text)',
+        metavar="NAME_OR_PATH",
+        help="calibration data, streamed: a .jsonl/.json/.txt file, a save_to_disk folder or a Hugging Face dataset "
+        "name (those two need the datasets package); records with text or chat messages (default: built-in text)",
     )
     parser.add_argument(
         "--seq-len",
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         qformat=args.qformat,
         out=args.out,
         calib_size=args.calib_size,
-        calib_file=args.calib_file,
+        calib_dataset=args.calib_dataset,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         device_map=args.device_map,
