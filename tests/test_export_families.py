@@ -50,27 +50,11 @@ def saved(tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
-def _quantize(model: Path, out: Path, qformat: str, *extra: str) -> None:
-    argv = [
-        "quantize",
-        str(model),
-        "--qformat",
-        qformat,
-        "--out",
-        str(out),
-        "--calib-size",
-        "4",
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "2",
-        "--device-map",
-        "cpu",
-        "--no-progress",
-        "--force-routing",
-        *extra,
-    ]
-    assert main(argv) == 0
+def _quantize(model: Path | None, out: Path, qformat: str, *extra: str) -> None:
+    """``moe-unfuse quantize`` as a user runs it (``model`` None: the built-in tiny Gemma 4)."""
+    source = [str(model), "--device-map", "cpu"] if model is not None else []
+    quick = ["--calib-size", "4", "--seq-len", "32", "--batch-size", "2", "--no-progress", "--force-routing"]
+    assert main(["quantize", *source, "--qformat", qformat, "--out", str(out), *quick, *extra]) == 0
 
 
 def _params(arch: str) -> list:
@@ -135,19 +119,7 @@ def test_builtin_gemma4_exports_for_every_engine(qformat: str, multimodal: bool,
     """The built-in model (the README's first command), text and multimodal: hub names
     (``model[.language_model].layers.N.experts.E.*``, never ``.moe.``), every engine's rules."""
     out = tmp_path / "out"
-    argv = [
-        "quantize",
-        "--qformat",
-        qformat,
-        "--out",
-        str(out),
-        "--calib-size",
-        "4",
-        "--seq-len",
-        "32",
-        "--no-progress",
-    ]
-    assert main([*argv, *(["--multimodal"] if multimodal else [])]) == 0
+    _quantize(None, out, qformat, *(["--multimodal"] if multimodal else []))
     for engine in ENGINES:
         report = moe_unfuse.verify_checkpoint(out, engine=engine)
         assert report.ok, str(report)

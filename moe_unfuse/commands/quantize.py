@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     if report is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     as_json = json.dumps(report.to_dict(), indent=2, default=str) + "\n"
-    print(as_json, end="") if args.json else print(report)
+    print(as_json if args.json else report, end="" if args.json else "\n")
     if args.report:
         args.report.write_text(as_json)
     return 0 if report.ok else 1
