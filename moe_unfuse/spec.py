@@ -691,6 +691,8 @@ def resolve_object(path: str, kind: str | None, source: str, where: str, missing
     name does not exist (a class of another transformers version) instead of a SpecError.
     """
     module, _, name = path.rpartition(".")
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module) or not re.fullmatch(r"[A-Za-z_]\w*", name):
+        raise SpecError(source, where, f"{_clip(path, 60)!r} is not an import path", "write package.module.ClassName")
     _check_importable(source, where, module)
     try:
         mod = importlib.import_module(module)
