@@ -187,6 +187,8 @@ class NamingContract:
             if len(reverted) != 1 or reverted[0] == weight or reverted[0] not in self.names:
                 continue
             new = reverted[0]
+            if suffix.startswith(".") and not new.endswith(".weight"):
+                return None  # the hub names this weight as a bare parameter: no module to hang scales on
             new = (new[: -len(".weight")] + suffix) if suffix.startswith(".") else new + suffix
             if _DIGITS.findall(new) != numbers:
                 return None  # a rename that moves numbers around: not a shape we can reuse
