@@ -397,7 +397,7 @@ def postprocess_checkpoint(
 
     renamed = 0
     new_map: dict[str, str] = {}
-    unquantized_fused: set[str] = set()
+    fused_candidates: set[str] = set()  # 3-D+ tensors under an experts module, seen as the shards are rewritten
     mode = 0o666 & ~_umask()
     for f in tqdm(files, desc="post-processing shards", unit="file", disable=not progress, leave=False):
         tensors: dict[str, torch.Tensor] = {}
@@ -414,12 +414,9 @@ def postprocess_checkpoint(
         os.chmod(tmp, mode)
         os.replace(tmp, f)
         new_map.update({k: f.name for k in tensors})
+        fused_candidates.update(k for k, v in tensors.items() if v.dim() >= 3 and FUSED_EXPERT_KEY_RE.search(k))
     unquantized_fused = {
-        k.rsplit(".", 1)[0]
-        for k in new_map
-        if FUSED_EXPERT_KEY_RE.search(k)
-        and not any(f"{k}_{s}" in new_map for s in STACKED_SCALES)
-        and _ndim(path / new_map[k], k) >= 3
+        k.rsplit(".", 1)[0] for k in fused_candidates if not any(f"{k}_{s}" in new_map for s in STACKED_SCALES)
     }
     if weight_map is not None:
         index_path = path / "model.safetensors.index.json"
@@ -485,13 +482,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _ndim(file: Path, key: str) -> int:
-    from safetensors import safe_open
-
-    with safe_open(file, "pt") as fh:
-        return len(fh.get_slice(key).get_shape())
 
 
 def _fix_exclusions(
