@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .calibration import unfused_experts
+from .calibration import input_device, unfused_experts
 from .checkpoint import (
     FUSED_EXPERT_KEY_RE,
     METADATA_FILE,
@@ -596,6 +596,27 @@ def _no_carried_expert_sources(contract: NamingContract) -> Iterator[None]:
         exporter.unplaced_keys_for = original
 
 
+@contextmanager
+def _device_when_offloaded(model: nn.Module) -> Iterator[None]:
+    """modelopt's export runs a dummy forward on ``model.device``: the first parameter's device, which
+    is ``meta`` when every module is offloaded to disk (layer by layer). For the export's duration the
+    model reports the device its offloaded modules run on instead (a same-named subclass, so the
+    class name modelopt and ``save_pretrained`` write is unchanged)."""
+    first = next(model.parameters(), None)
+    if first is None or not first.is_meta:
+        yield
+        return
+    cls = type(model)
+    device = input_device(model)
+    model.__class__ = type(
+        cls.__name__, (cls,), {"device": property(lambda self: device), "__module__": cls.__module__}
+    )
+    try:
+        yield
+    finally:
+        model.__class__ = cls
+
+
 def export_checkpoint(
     model: nn.Module,
     out: Path,
@@ -606,12 +627,17 @@ def export_checkpoint(
     tokenizer: Any = None,
     qformat: str = "",
     routing: Any = None,
+    fallbacks: Sequence[Any] = (),
     progress: bool = True,
     overwrite: bool = False,
+    max_shard_size: int | str | None = None,
 ) -> tuple[ExportResult, Any]:
     """Export ``model`` (quantized by :func:`moe_unfuse.quantize.quantize_model`) to ``out`` and verify it.
 
     A non-empty ``out`` is an error unless ``overwrite`` (then it is replaced once the new export passes).
+    ``fallbacks``: input amax substitutes (:class:`moe_unfuse.calibration.ScaleFallback`), each recorded in
+    ``moe_unfuse.json``. ``max_shard_size``: modelopt's shard size (its default, 10GB, when None); an
+    offloaded model is streamed one layer at a time, holding one shard in memory.
 
     Returns (ExportResult, VerifyReport). On a failed verification the checkpoint is moved to
     ``<out>.invalid`` instead of ``out`` (``ExportResult.path`` says where). An error on the way
@@ -621,7 +647,19 @@ def export_checkpoint(
     out = Path(out)
     prepare_out_dir(out, overwrite)
     with out_lock(out):
-        return _export_locked(model, out, engine, list(specs), fuse_unquantized, tokenizer, qformat, routing, progress)
+        return _export_locked(
+            model,
+            out,
+            engine,
+            list(specs),
+            fuse_unquantized,
+            tokenizer,
+            qformat,
+            routing,
+            list(fallbacks),
+            progress,
+            max_shard_size,
+        )
 
 
 def _export_locked(
@@ -633,7 +671,9 @@ def _export_locked(
     tokenizer: Any,
     qformat: str,
     routing: Any,
+    fallbacks: list[Any],
     progress: bool,
+    max_shard_size: int | str | None,
 ) -> tuple[ExportResult, Any]:
     from modelopt.torch.export import export_hf_checkpoint
 
@@ -669,8 +709,10 @@ def _export_locked(
             quiet(),
             redirect_stdout(io.StringIO()),
             _no_carried_expert_sources(contract),
+            _device_when_offloaded(model),
         ):  # modelopt's prints say nothing the report does not
-            export_hf_checkpoint(model, export_dir=staging)
+            shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+            export_hf_checkpoint(model, export_dir=staging, **shards)
         step = "post-processing"
         renamed, fused_back, exclusions = postprocess_checkpoint(staging, renames, targets, progress, contract)
         if tokenizer is not None:
@@ -688,6 +730,7 @@ def _export_locked(
                 },
                 "fused_back": fused_back,
                 "routing": routing.to_dict() if routing is not None else None,
+                "input_scale_fallbacks": [vars(f) for f in fallbacks],
             }
         )
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")

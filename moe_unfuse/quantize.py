@@ -36,6 +36,8 @@ from .distributed import Group
 from .errors import MoeUnfuseError, UncoveredExpertsError, first_line
 from .experts import unfuse_state
 from .export import export_checkpoint, prepare_out_dir, quiet
+from .layerwise import LAYERWISE_SHARD_SIZE, calibrate_layerwise, decoder_layers, needs_layerwise
+from .loading import checkpoint_bytes, load_model, load_offloaded, load_tokenizer
 from .naming import model_contract
 from .options import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SIZE, DEFAULT_CHUNK_TOKENS, DEFAULT_SEQ_LEN
 from .policy import build_quant_config
@@ -78,6 +80,7 @@ def quantize_model(
     allow_uncovered: bool = False,
     progress: bool = True,
     group: Group | None = None,
+    layerwise: bool = False,
 ) -> QuantizeResult:
     """Quantize ``model`` in place with modelopt: every expert becomes per-expert QuantLinears.
 
@@ -87,6 +90,8 @@ def quantize_model(
     ``qformat="none"`` only unfuses (plain :func:`moe_unfuse.unfuse`) and counts routing.
     ``group``: data-parallel calibration (:mod:`moe_unfuse.distributed`); ``batches`` are this
     process's share, and amax and token counts come out as one process on all batches would get.
+    ``layerwise``: calibrate one decoder layer at a time (:mod:`moe_unfuse.layerwise`; for a model
+    offloaded to disk, whose memory then stays about one layer): the same amax and counts.
     """
 
     start = time.perf_counter()
@@ -97,7 +102,7 @@ def quantize_model(
     stats = RoutingStats()
     if cfg is None:
         unfuse(model, specs or None, allow_uncovered=allow_uncovered)
-        stats = _calibrate(model, batches, False, chunk_tokens, progress, group)
+        stats = _calibrate(model, batches, False, chunk_tokens, progress, group, layerwise)
     else:
         import modelopt.torch.quantization as mtq
 
@@ -106,7 +111,7 @@ def quantize_model(
 
         def forward_loop(m: nn.Module) -> None:
             nonlocal stats
-            stats = _calibrate(m, batches, force_routing, chunk_tokens, progress, group)
+            stats = _calibrate(m, batches, force_routing, chunk_tokens, progress, group, layerwise)
 
         if group is not None:
             cfg = distributed.without_modelopt_sync(cfg)
@@ -166,10 +171,16 @@ def _calibrate(
     chunk_tokens: int,
     progress: bool,
     group: Group | None = None,
+    layerwise: bool = False,
 ) -> RoutingStats:
-    """:func:`calibrate`, with a model whose forward fails named in one line instead of a traceback."""
+    """:func:`calibrate` (or :func:`calibrate_layerwise`), with a model whose forward fails named in one
+    line instead of a traceback."""
     parallel = {} if group is None else {"sum_counts": distributed.sum_counts, "forced_here": group.writer}
     try:
+        if layerwise:
+            return calibrate_layerwise(
+                model, batches, force_routing=force_routing, chunk_tokens=chunk_tokens, progress=progress, **parallel
+            ).stats
         return calibrate(
             model, batches, force_routing=force_routing, chunk_tokens=chunk_tokens, progress=progress, **parallel
         )
@@ -177,64 +188,6 @@ def _calibrate(
         raise MoeUnfuseError(
             f"the model's forward failed on the calibration batches ({type(exc).__name__}: {first_line(exc, 160)}); fix: check that the model runs on its own (e.g. vocabulary and --seq-len within its limits)"
         ) from None
-
-
-# ----------------------------------------------------------------------------------------------
-# loading
-
-
-def load_model(path: Path | str, device_map: str | None = "auto", dtype: str = "auto") -> nn.Module:
-    """A transformers model from a local folder (never the network), placed by accelerate's ``device_map``."""
-    import transformers
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise MoeUnfuseError(
-            f"{path}: no config.json; fix: pass a local model folder (hub names are not downloaded; use `hf download` first)"
-        )
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - invalid JSON, a list, an unknown model_type: all one line
-        raise MoeUnfuseError(
-            f"{path}/config.json: cannot be read by transformers ({first_line(exc, 160)}); fix: restore the model's config.json"
-        ) from None
-    archs = getattr(config, "architectures", None) or []
-    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
-    if cls is None:
-        raise MoeUnfuseError(
-            f'{path}/config.json: architectures {archs or "(none)"} not in transformers {transformers.__version__}; fix: set "architectures" to the model class'
-        )
-    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
-    if device_map and device_map != "none":
-        kwargs["device_map"] = device_map
-    try:
-        model = cls.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
-        first = first_line(exc)
-        raise MoeUnfuseError(
-            f"{path}: cannot load with device_map={device_map!r} ({first}); fix: check the folder's weights, or pass --device-map cpu"
-        ) from None
-    return model.eval()
-
-
-def checkpoint_bytes(path: Path | str) -> int:
-    """Bytes of a folder's ``*.safetensors`` (0 when it has none)."""
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-
-
-def load_tokenizer(path: Path | str) -> Any:
-    import transformers
-
-    fix = "fix: save the model's tokenizer in that folder (tokenizer.json or tokenizer.model and tokenizer_config.json)"
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a missing or broken tokenizer
-        raise MoeUnfuseError(f"{path}: no usable tokenizer ({first_line(exc, 160)}); {fix}") from None
-    if not tokenizer("calibration text", add_special_tokens=False)["input_ids"]:
-        raise MoeUnfuseError(
-            f"{path}: the tokenizer found there turns text into no tokens (no tokenizer files?); {fix}"
-        )
-    return tokenizer
 
 
 def param_bytes(model: nn.Module) -> int:
@@ -283,6 +236,7 @@ class QuantizeOptions:
     overwrite: bool = False
     multimodal: bool = False
     progress: bool = True
+    layerwise: bool | None = None  # None: layer by layer when the whole model would not fit in memory
 
 
 @dataclass
@@ -298,6 +252,7 @@ class QuantizeReport:
     export: Any  # export.ExportResult
     verify: Any  # verify.VerifyReport
     before_what: str = "in memory"
+    layers: int = 0  # decoder layers quantized one at a time (0: the whole model at once)
 
     @property
     def ok(self) -> bool:
@@ -318,6 +273,7 @@ class QuantizeReport:
             "input_scale": r.input_scale,
             "fallbacks": [vars(f) for f in r.fallbacks],
             "gate_up_synced": r.gate_up_synced,
+            "layerwise": {"layers": self.layers} if self.layers else None,
             "bytes_before": self.bytes_before,
             "bytes_before_of": self.before_what,
             "export": self.export.to_dict(),
@@ -327,6 +283,10 @@ class QuantizeReport:
     def __str__(self) -> str:
         r, ex = self.result, self.export
         lines = [f"model      {self.source}"]
+        if self.layers:
+            lines.append(
+                f"mode       layer by layer: {self.layers} decoder layers, each loaded from disk, calibrated and exported in turn"
+            )
         if r.coverage.covered:
             archs = sorted({a for _, a, _ in r.coverage.covered})
             n_exp = {n for _, _, n in r.coverage.covered}
@@ -387,8 +347,7 @@ class QuantizeReport:
                 else "input: none (weight-only format)"
             )
             lines.append(f"scales     {inputs}; gate/up weight amax shared ({r.gate_up_synced} pair(s) adjusted)")
-            for fb in r.fallbacks:
-                lines.append(f"           fallback {fb}")
+            lines.extend(f"           {line}" for line in _fallback_lines(r.fallbacks))
         lines.append(f"export     {ex.summary()}")
         ratio = ex.bytes_after / self.bytes_before if self.bytes_before else float("nan")
         lines.append(
@@ -399,6 +358,26 @@ class QuantizeReport:
             lines.append(f"           {line}")
         lines.append(f"checkpoint {ex.path}" if self.ok else f"FAILED     checkpoint kept for inspection at {ex.path}")
         return "\n".join(lines)
+
+
+def _fallback_lines(fallbacks: Sequence[ScaleFallback]) -> list[str]:
+    """One line per experts module (every expert's value is in ``moe_unfuse.json``): at 128 experts a
+    line per expert would bury the report."""
+    by_path: dict[str, list[ScaleFallback]] = {}
+    for fb in fallbacks:
+        by_path.setdefault(fb.path, []).append(fb)
+    lines = []
+    for path, fbs in by_path.items():
+        if len(fbs) == 1:
+            lines.append(f"fallback {fbs[0]}")
+            continue
+        experts = sorted({fb.expert for fb in fbs})
+        sources = " / ".join(sorted({fb.source for fb in fbs}))
+        shown = ",".join(map(str, experts[:12])) + (f",... ({len(experts)} experts)" if len(experts) > 12 else "")
+        lines.append(f"fallback {path} #{shown}: {len(fbs)} input amax without data took the {sources}")
+    if len(fallbacks) > 1:
+        lines.append("(each fallback's value: input_scale_fallbacks in the checkpoint's moe_unfuse.json)")
+    return lines
 
 
 def _mb(n: int) -> str:
@@ -421,19 +400,44 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeReport | None:
 
 
 def _run_quantize(opts: QuantizeOptions) -> QuantizeReport | None:
+    on_disk = checkpoint_bytes(opts.model) if opts.model is not None else 0
+    layerwise = opts.layerwise
+    if layerwise is None:
+        layerwise = opts.model is not None and needs_layerwise(on_disk, opts.device_map)
+    if layerwise and opts.model is None:
+        raise MoeUnfuseError("--layerwise reads a model folder; fix: pass MODEL, or drop --layerwise")
+    if not layerwise:
+        return _quantize_and_export(opts, on_disk, None)
+    import shutil
+    import tempfile
 
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    offload = Path(tempfile.mkdtemp(prefix=f".{out.name}.offload-", dir=out.parent))
+    try:
+        return _quantize_and_export(opts, on_disk, offload)
+    finally:
+        shutil.rmtree(offload, ignore_errors=True)
+
+
+def _quantize_and_export(opts: QuantizeOptions, on_disk: int, offload: Path | None) -> QuantizeReport | None:
+    """The job; ``offload``: layer by layer, every module offloaded to disk (tensors a load-time
+    conversion rewrote go to that folder)."""
     if opts.model is None:
         model = tiny_gemma4(multimodal=opts.multimodal)
         tokenizer = byte_tokenizer()
         source = f"built-in tiny Gemma 4 ({_describe(model)}, seeded random weights)"
     else:
-        model = load_model(opts.model, opts.device_map, opts.dtype)
+        model = (
+            load_offloaded(opts.model, offload, opts.dtype)
+            if offload is not None
+            else load_model(opts.model, opts.device_map, opts.dtype)
+        )
         tokenizer = load_tokenizer(opts.model)
         source = f"{opts.model} ({_describe(model)})"
     texts = read_calibration_texts(opts.calib_dataset, tokenizer)
     batches = calibration_batches(tokenizer, texts, opts.calib_size, opts.seq_len, opts.batch_size)
     group = distributed.from_env()  # torchrun: this process calibrates on its share of the batches
-    on_disk = checkpoint_bytes(opts.model) if opts.model is not None else 0
     bytes_before, before_what = (on_disk, "source checkpoint") if on_disk else (param_bytes(model), "in memory")
     result = quantize_model(
         model,
@@ -446,6 +450,7 @@ def _run_quantize(opts: QuantizeOptions) -> QuantizeReport | None:
         allow_uncovered=opts.allow_uncovered,
         progress=opts.progress and (group is None or group.writer),
         group=group,
+        layerwise=offload is not None,
     )
     if group is not None and not group.writer:
         return None  # rank 0 writes and reports
@@ -458,9 +463,12 @@ def _run_quantize(opts: QuantizeOptions) -> QuantizeReport | None:
         tokenizer=tokenizer,
         qformat=opts.qformat,
         routing=result.routing,
+        fallbacks=result.fallbacks,
         progress=opts.progress,
         overwrite=opts.overwrite,
+        max_shard_size=LAYERWISE_SHARD_SIZE if offload is not None else None,
     )
     samples = sum(b["input_ids"].shape[0] for b in batches)
     tokens = sum(b["input_ids"].numel() for b in batches)
-    return QuantizeReport(source, opts, result, samples, tokens, bytes_before, exported, verified, before_what)
+    layers = len(decoder_layers(model)) if offload is not None else 0
+    return QuantizeReport(source, opts, result, samples, tokens, bytes_before, exported, verified, before_what, layers)

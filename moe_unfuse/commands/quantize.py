@@ -12,6 +12,8 @@ else it fails naming them), register them with modelopt, calibrate (tokens count
 --force-routing calibrates experts the text never reached), set input scales, export with
 modelopt's HF export under the hub checkpoint's names (fused where the spec's export layout says),
 verify the export contract and --engine's loader rules, swap the checkpoint into OUT atomically, report.
+--layerwise (the default when the whole model would not fit in memory) does the same one decoder
+layer at a time, reading each layer's weights from disk when it runs.
 Exit status: 0 ok, 1 the export failed verification (kept at OUT.invalid), 2 bad input or an export
 error (one line; OUT.invalid/moe_unfuse.json says why), 130 interrupted.
 """
@@ -80,6 +82,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         metavar="MAP",
         help="accelerate device_map for MODEL: auto, cpu, cuda, balanced, sequential, none (default auto)",
+    )
+    parser.add_argument(
+        "--layerwise",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="quantize MODEL one decoder layer at a time, every weight read from disk when its layer runs: "
+        "peak memory about one layer, the same checkpoint (default: only when the whole model would not "
+        "fit in the memory left to this process)",
     )
     parser.add_argument(
         "--dtype",
@@ -160,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         multimodal=args.multimodal,
         progress=not args.no_progress,
+        layerwise=args.layerwise,
     )
     report = run_quantize(opts)
     if report is None:  # a torchrun rank other than 0: rank 0 reports

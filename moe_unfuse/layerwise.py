@@ -1,0 +1,265 @@
+"""Layer-by-layer quantization: peak memory of about one decoder layer, the whole-model path's checkpoint.
+
+The model comes from transformers with every module offloaded to disk (:func:`load_offloaded`):
+accelerate's hooks read a module's weights from the checkpoint's safetensors files (or from an
+offload folder, where a load-time conversion rewrote them) only for that module's forward, and our
+expert offload hooks read one expert's rows at a time (:mod:`moe_unfuse.offload`). modelopt's max
+calibration runs over every quantizer exactly as in the whole-model path; only its forward loop
+differs (:func:`calibrate_layerwise`): for each decoder layer in turn, the model's own forward runs
+on each batch up to that layer, with the layers before it standing in by returning the previous
+layer's cached outputs, so the parent computes everything it passes to a layer (masks, rotary
+embeddings, per-layer inputs) as it always does; the layer's inputs are captured, the layer is
+calibrated on them (token counts and forced routing as in the whole-model path), and its outputs are
+kept for the next layer. Max calibration depends only on each quantizer's inputs, which are the same
+tensors as in a whole-model pass, so every amax is identical. modelopt's ``export_hf_checkpoint``
+then streams the offloaded model to disk one decoder layer at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .calibration import RoutingStats, calibrate
+from .errors import MoeUnfuseError
+
+#: Shard size of a layer-by-layer export: modelopt's streaming writer holds one shard in memory.
+LAYERWISE_SHARD_SIZE = "1GB"
+
+
+class _Stop(Exception):
+    """Ends a capture forward once the layer being captured has its inputs."""
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder layers, found as modelopt's streaming export finds them (so calibration
+    and export walk the same layers)."""
+    from modelopt.torch.quantization.utils.layerwise_calib import LayerActivationCollector
+
+    layers = LayerActivationCollector.get_decoder_layers(model)
+    if not layers:
+        raise MoeUnfuseError(
+            f"{type(model).__name__}: no decoder layer list that modelopt can walk layer by layer; fix: pass --no-layerwise"
+        )
+    return layers
+
+
+class _Stand(nn.Module):
+    """Takes a decoder layer's place in its list during a capture forward: returns ``output`` (the
+    previous layer's real output for this batch), or, for the layer being captured, records its
+    arguments and stops the forward. Attributes the parent reads (``attention_type`` ...) come from
+    the layer it stands for, which is not a child, so no hook loads its weights."""
+
+    def __init__(self, layer: nn.Module, output: Any = None, capture: list | None = None):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)
+        object.__setattr__(self, "_output", output)
+        object.__setattr__(self, "_capture", capture)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._capture is not None:
+            self._capture.append((args, kwargs))
+            raise _Stop
+        return self._output
+
+
+class _Replay(nn.Module):
+    """One decoder layer under its path in the model (``model.layers.3``), run on its captured inputs:
+    ``forward(index=b)`` is batch ``b``. Its output is kept for the next layer's capture."""
+
+    def __init__(self, path: str, layer: nn.Module, inputs: list[tuple[tuple, dict]]):
+        super().__init__()
+        node: nn.Module = self
+        parts = path.split(".")
+        for part in parts[:-1]:
+            child = nn.Module()
+            node._modules[part] = child
+            node = child
+        node._modules[parts[-1]] = layer
+        object.__setattr__(self, "_layer", layer)
+        object.__setattr__(self, "inputs", inputs)
+        object.__setattr__(self, "outputs", [None] * len(inputs))
+
+    def forward(self, index: torch.Tensor, use_cache: bool = False) -> Any:
+        b = int(index)
+        args, kwargs = self.inputs[b]
+        out = self._layer(*args, **kwargs)
+        self.outputs[b] = out
+        return out
+
+
+@dataclass
+class LayerwiseRun:
+    """What :func:`calibrate_layerwise` saw, per layer (for the report) and summed (``stats``)."""
+
+    stats: RoutingStats = field(default_factory=RoutingStats)
+    layers: list[str] = field(default_factory=list)
+
+
+def _capture_inputs(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    i: int,
+    batches: Sequence[dict[str, torch.Tensor]],
+    previous: list[Any] | None,
+) -> list[tuple[tuple, dict]]:
+    """Layer ``i``'s (args, kwargs) for every batch, from the model's own forward."""
+    from .calibration import input_device
+
+    originals = [layers[j] for j in range(i + 1)]
+    device = input_device(model)
+    captured: list[tuple[tuple, dict]] = []
+    try:
+        for b, batch in enumerate(batches):
+            for j in range(i):
+                layers[j] = _Stand(originals[j], output=previous[b] if previous is not None else None)
+            layers[i] = _Stand(originals[i], capture=captured)
+            with torch.no_grad():
+                try:
+                    model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+                except _Stop:
+                    pass
+            if len(captured) != b + 1:
+                raise MoeUnfuseError(
+                    f"{type(model).__name__}: the forward did not reach decoder layer {i}; fix: pass --no-layerwise"
+                )
+    finally:
+        for j, layer in enumerate(originals):
+            layers[j] = layer
+    return captured
+
+
+def calibrate_layerwise(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    *,
+    force_routing: bool = False,
+    chunk_tokens: int,
+    progress: bool = True,
+    sum_counts: Callable[[dict[str, list[int]]], None] | None = None,
+    forced_here: bool = True,
+    on_layer: Callable[[int, str, RoutingStats], None] | None = None,
+) -> LayerwiseRun:
+    """:func:`moe_unfuse.calibration.calibrate`, one decoder layer at a time (see the module docstring).
+
+    Modules outside the decoder layers see the model's forward up to each layer (the embeddings:
+    once per layer, the same tensors each time, so max calibration gives the same amax); modules
+    after the last layer (lm_head, excluded by default) get one more forward per batch only when
+    one of them has an enabled quantizer that is still uncalibrated.
+    """
+    from tqdm.auto import tqdm
+
+    layers = decoder_layers(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    run = LayerwiseRun()
+    previous: list[Any] | None = None
+    bar = tqdm(range(len(layers)), desc="layer by layer", unit="layer", disable=not progress, leave=False)
+    for i in bar:
+        path = names[id(layers[i])]
+        inputs = _capture_inputs(model, layers, i, batches, previous)
+        previous = None
+        replay = _Replay(path, layers[i], inputs)
+        stats = calibrate(
+            replay,
+            [{"index": torch.tensor(b)} for b in range(len(inputs))],
+            force_routing=force_routing,
+            chunk_tokens=chunk_tokens,
+            progress=False,
+            sum_counts=sum_counts,
+            forced_here=forced_here,
+        )
+        previous = replay.outputs
+        del replay, inputs
+        run.stats.counts.update(stats.counts)
+        run.stats.forced.update(stats.forced)
+        run.layers.append(path)
+        if on_layer is not None:
+            on_layer(i, path, stats)
+    if previous is not None and _uncalibrated_after_layers(model, layers):
+        _run_after_layers(model, layers, batches, previous)
+    return run
+
+
+def _quantizers_outside(model: nn.Module, layers: nn.ModuleList) -> list[tuple[str, nn.Module]]:
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if id(m) not in inside and type(m).__name__ == "TensorQuantizer" and getattr(m, "is_enabled", False)
+    ]
+
+
+def _uncalibrated_after_layers(model: nn.Module, layers: nn.ModuleList) -> bool:
+    return any(getattr(q, "amax", None) is None for _, q in _quantizers_outside(model, layers))
+
+
+def _run_after_layers(
+    model: nn.Module, layers: nn.ModuleList, batches: Sequence[dict[str, torch.Tensor]], last: list[Any]
+) -> None:
+    """One forward per batch with every layer standing in by the last layer's output: the modules after
+    the layers (a final projection, an MTP head) calibrate on what they see in a whole-model pass."""
+    from .calibration import input_device
+
+    originals = list(layers)
+    device = input_device(model)
+    try:
+        for b, batch in enumerate(batches):
+            for j, layer in enumerate(originals):
+                layers[j] = _Stand(layer, output=last[b])
+            with torch.no_grad():
+                model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+    finally:
+        for j, layer in enumerate(originals):
+            layers[j] = layer
+
+
+# ----------------------------------------------------------------------------------------------
+# when to go layer by layer
+
+
+def available_memory() -> int:
+    """Bytes this process may still use on the host: MemAvailable, capped by a cgroup limit (v2 or v1)."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            raw = Path(limit_file).read_text().strip()
+            if raw == "max" or int(raw) >= 1 << 60:
+                continue
+            room = int(raw) - int(Path(usage_file).read_text().strip())
+            avail = room if avail is None else min(avail, room)
+        except (OSError, ValueError):
+            continue
+    return avail if avail is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+#: Peak host memory of the whole-model path over the checkpoint's bytes (measured: 2.13 on a
+#: Gemma-4-26B-A4B-sized NVFP4 run), rounded up.
+WHOLE_MODEL_PEAK_RATIO = 2.5
+
+
+def needs_layerwise(checkpoint_bytes: int, device_map: str | None) -> bool:
+    """Whether the whole-model path would not fit: on the host (CPU, or a device_map that spills to it),
+    its measured peak against the memory left to this process."""
+    if device_map not in (None, "auto", "cpu", "none") or torch.cuda.is_available():
+        return False  # the user placed the model (or a GPU takes it): their device_map decides
+    return checkpoint_bytes * WHOLE_MODEL_PEAK_RATIO > available_memory()

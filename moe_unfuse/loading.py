@@ -1,0 +1,98 @@
+"""Loading a local model folder: its transformers class, its weights (placed by accelerate, or all
+offloaded to disk for the layer-by-layer path), its tokenizer. Never the network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import MoeUnfuseError, first_line
+
+
+def model_class(path: Path | str) -> type:
+    """The transformers class ``path/config.json`` names in ``architectures``."""
+    import transformers
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise MoeUnfuseError(
+            f"{path}: no config.json; fix: pass a local model folder (hub names are not downloaded; use `hf download` first)"
+        )
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - invalid JSON, a list, an unknown model_type: all one line
+        raise MoeUnfuseError(
+            f"{path}/config.json: cannot be read by transformers ({first_line(exc, 160)}); fix: restore the model's config.json"
+        ) from None
+    archs = getattr(config, "architectures", None) or []
+    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
+    if cls is None:
+        raise MoeUnfuseError(
+            f'{path}/config.json: architectures {archs or "(none)"} not in transformers {transformers.__version__}; fix: set "architectures" to the model class'
+        )
+    return cls
+
+
+def _dtype(dtype: str) -> Any:
+    return dtype if dtype == "auto" else getattr(torch, dtype)
+
+
+def load_model(path: Path | str, device_map: str | None = "auto", dtype: str = "auto") -> nn.Module:
+    """A transformers model from a local folder (never the network), placed by accelerate's ``device_map``."""
+    path = Path(path)
+    cls = model_class(path)
+    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": _dtype(dtype)}
+    if device_map and device_map != "none":
+        kwargs["device_map"] = device_map
+    try:
+        model = cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = first_line(exc)
+        raise MoeUnfuseError(
+            f"{path}: cannot load with device_map={device_map!r} ({first}); fix: check the folder's weights, or pass --device-map cpu"
+        ) from None
+    return model.eval()
+
+
+def load_offloaded(path: Path | str, offload_dir: Path | str, dtype: str = "auto") -> nn.Module:
+    """A transformers model from a local folder with every module offloaded to disk: accelerate reads
+    a module's weights from the checkpoint's safetensors files only for its forward. ``offload_dir``
+    receives only the tensors a load-time conversion rewrote (e.g. per-expert hub tensors fused)."""
+    path = Path(path)
+    cls = model_class(path)
+    kwargs: dict[str, Any] = {
+        "local_files_only": True,
+        "dtype": _dtype(dtype),
+        "device_map": {"": "disk"},
+        "offload_folder": str(offload_dir),
+    }
+    try:
+        model = cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise MoeUnfuseError(
+            f"{path}: cannot load offloaded to disk ({first_line(exc)}); fix: check the folder's weights, or pass --no-layerwise"
+        ) from None
+    return model.eval()
+
+
+def checkpoint_bytes(path: Path | str) -> int:
+    """Bytes of a folder's ``*.safetensors`` (0 when it has none)."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def load_tokenizer(path: Path | str) -> Any:
+    import transformers
+
+    fix = "fix: save the model's tokenizer in that folder (tokenizer.json or tokenizer.model and tokenizer_config.json)"
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a missing or broken tokenizer
+        raise MoeUnfuseError(f"{path}: no usable tokenizer ({first_line(exc, 160)}); {fix}") from None
+    if not tokenizer("calibration text", add_special_tokens=False)["input_ids"]:
+        raise MoeUnfuseError(
+            f"{path}: the tokenizer found there turns text into no tokens (no tokenizer files?); {fix}"
+        )
+    return tokenizer
