@@ -8,28 +8,30 @@ calibration runs over every quantizer exactly as in the whole-model path; only i
 differs (:func:`calibrate_layerwise`): for each decoder layer in turn, the model's own forward runs
 on each batch up to that layer, with the layers before it standing in by returning the previous
 layer's cached outputs, so the parent computes everything it passes to a layer (masks, rotary
-embeddings, per-layer inputs) as it always does; the layer's inputs are captured, the layer is
-calibrated on them (token counts and forced routing as in the whole-model path), and its outputs are
-kept for the next layer. Max calibration depends only on each quantizer's inputs, which are the same
+embeddings, per-layer inputs) as it always does; the layer's inputs are captured, the layer's
+weights are loaded once (modelopt's ``persistent_materialization``: a module that reads a child's
+weight directly, as LongCat's router does, sees it too), the layer is calibrated on its inputs
+(token counts and forced routing as in the whole-model path), and its outputs are kept for the next
+layer. Max calibration depends only on each quantizer's inputs, which are the same
 tensors as in a whole-model pass, so every amax is identical. modelopt's ``export_hf_checkpoint``
 then streams the offloaded model to disk one decoder layer at a time.
 """
 
 from __future__ import annotations
 
-import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .calibration import RoutingStats, calibrate
 from .errors import MoeUnfuseError
+from .memory import available_memory, release_free_memory
 
 #: Shard size of a layer-by-layer export: modelopt's streaming writer holds one shard in memory.
-LAYERWISE_SHARD_SIZE = "1GB"
+LAYERWISE_SHARD_SIZE = "256MB"
 
 
 class _Stop(Exception):
@@ -158,6 +160,7 @@ def calibrate_layerwise(
     after the last layer (lm_head, excluded by default) get one more forward per batch only when
     one of them has an enabled quantizer that is still uncalibrated.
     """
+    from modelopt.torch.quantization.utils.core_utils import persistent_materialization
     from tqdm.auto import tqdm
 
     layers = decoder_layers(model)
@@ -170,17 +173,19 @@ def calibrate_layerwise(
         inputs = _capture_inputs(model, layers, i, batches, previous)
         previous = None
         replay = _Replay(path, layers[i], inputs)
-        stats = calibrate(
-            replay,
-            [{"index": torch.tensor(b)} for b in range(len(inputs))],
-            force_routing=force_routing,
-            chunk_tokens=chunk_tokens,
-            progress=False,
-            sum_counts=sum_counts,
-            forced_here=forced_here,
-        )
+        with persistent_materialization(layers[i], writeback=False):
+            stats = calibrate(
+                replay,
+                [{"index": torch.tensor(b)} for b in range(len(inputs))],
+                force_routing=force_routing,
+                chunk_tokens=chunk_tokens,
+                progress=False,
+                sum_counts=sum_counts,
+                forced_here=forced_here,
+            )
         previous = replay.outputs
         del replay, inputs
+        release_free_memory()
         run.stats.counts.update(stats.counts)
         run.stats.forced.update(stats.forced)
         run.layers.append(path)
@@ -224,32 +229,29 @@ def _run_after_layers(
             layers[j] = layer
 
 
+@contextmanager
+def no_offload_writeback() -> Iterator[None]:
+    """modelopt's max calibration first runs every weight quantizer on its weight, through
+    ``enable_weight_access_and_writeback`` with a write-back that, for a disk-offloaded weight, keeps
+    a copy in accelerate's CPU state dict (modelopt 0.47-0.48: "writing updates back to disk offload
+    files is TODO"): the whole model would end up in memory. Max calibration never changes a weight,
+    so while it runs that step reads without writing back."""
+    from modelopt.torch.quantization import model_calib
+
+    original = model_calib.enable_weight_access_and_writeback
+
+    def read_only(module: nn.Module, root: nn.Module, names: Any = None, writeback: bool = True) -> Any:
+        return original(module, root, names, writeback=False)
+
+    model_calib.enable_weight_access_and_writeback = read_only
+    try:
+        yield
+    finally:
+        model_calib.enable_weight_access_and_writeback = original
+
+
 # ----------------------------------------------------------------------------------------------
 # when to go layer by layer
-
-
-def available_memory() -> int:
-    """Bytes this process may still use on the host: MemAvailable, capped by a cgroup limit (v2 or v1)."""
-    avail = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ):
-        try:
-            raw = Path(limit_file).read_text().strip()
-            if raw == "max" or int(raw) >= 1 << 60:
-                continue
-            room = int(raw) - int(Path(usage_file).read_text().strip())
-            avail = room if avail is None else min(avail, room)
-        except (OSError, ValueError):
-            continue
-    return avail if avail is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 #: Peak host memory of the whole-model path over the checkpoint's bytes (measured: 2.13 on a

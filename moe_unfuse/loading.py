@@ -75,7 +75,32 @@ def load_offloaded(path: Path | str, offload_dir: Path | str, dtype: str = "auto
         raise MoeUnfuseError(
             f"{path}: cannot load offloaded to disk ({first_line(exc)}); fix: check the folder's weights, or pass --no-layerwise"
         ) from None
+    _keep_in_fp32_as_loaded(model)
     return model.eval()
+
+
+def _keep_in_fp32_as_loaded(model: nn.Module) -> None:
+    """Give offloaded parameters the dtype a resident load gives them. transformers upcasts the
+    modules a model keeps in fp32 (``_keep_in_fp32_modules_strict``: routers, attention sinks) while
+    loading resident weights only; accelerate casts an offloaded weight to its meta parameter's dtype
+    whenever it loads it, so setting that dtype makes every forward and the export see fp32 too."""
+    from transformers.core_model_loading import build_glob_alternation
+
+    plan = model._get_dtype_plan(model.dtype)
+    if not plan:
+        return
+    pattern, group_glob, _ = build_glob_alternation(list(plan))
+    for name, param in list(model.named_parameters()):
+        match = pattern.search(name)
+        if not param.is_meta or match is None:
+            continue
+        dtype = plan[group_glob[match.lastgroup]]
+        if param.dtype != dtype and param.is_floating_point():
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            module._parameters[leaf] = nn.Parameter(
+                torch.empty(param.shape, dtype=dtype, device="meta"), requires_grad=param.requires_grad
+            )
 
 
 def checkpoint_bytes(path: Path | str) -> int:

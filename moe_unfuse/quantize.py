@@ -36,7 +36,7 @@ from .distributed import Group
 from .errors import MoeUnfuseError, UncoveredExpertsError, first_line
 from .experts import unfuse_state
 from .export import export_checkpoint, prepare_out_dir, quiet
-from .layerwise import LAYERWISE_SHARD_SIZE, calibrate_layerwise, decoder_layers, needs_layerwise
+from .layerwise import LAYERWISE_SHARD_SIZE, calibrate_layerwise, decoder_layers, needs_layerwise, no_offload_writeback
 from .loading import checkpoint_bytes, load_model, load_offloaded, load_tokenizer
 from .naming import model_contract
 from .options import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SIZE, DEFAULT_CHUNK_TOKENS, DEFAULT_SEQ_LEN
@@ -116,9 +116,12 @@ def quantize_model(
         if group is not None:
             cfg = distributed.without_modelopt_sync(cfg)
 
-        with contextlib.redirect_stdout(
-            io.StringIO()
-        ):  # modelopt's prints ("Inserted N quantizers"): stdout is the report's
+        with (
+            contextlib.redirect_stdout(
+                io.StringIO()
+            ),  # modelopt's prints ("Inserted N quantizers"): stdout is the report's
+            no_offload_writeback() if layerwise else contextlib.nullcontext(),
+        ):
             mtq.quantize(model, cfg, forward_loop=forward_loop)
     left = [name for name, _ in fused_expert_params(model, specs)]
     if left and not allow_uncovered:  # a spec matched, yet the quantizer did not convert the module

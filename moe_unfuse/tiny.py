@@ -259,3 +259,64 @@ def tiny_model_for(spec: Any, dtype: torch.dtype = torch.bfloat16, seed: int = S
     config.architectures = [cls.__name__]
     torch.manual_seed(seed)
     return cls._from_config(config, dtype=dtype).eval()
+
+
+def write_gemma4_checkpoint(
+    path: Any, layers: int, seed: int = SEED, dtype: torch.dtype = torch.bfloat16, **text_overrides: Any
+) -> int:
+    """Write a Gemma 4 text checkpoint (``Gemma4ForCausalLM``: config, one safetensors shard per
+    decoder layer plus one for the rest, index, byte tokenizer) with seeded random weights, one layer
+    in memory at a time, so checkpoints larger than memory can be made (the layer-by-layer path's
+    benchmark and memory test). ``GEMMA4_26B_A4B_TEXT`` as overrides gives the real layer sizes.
+    Names and layout are what ``save_pretrained`` writes. Returns the bytes written."""
+    import json
+    import re
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    text = {**TEXT_CONFIG, **text_overrides, "num_hidden_layers": layers}
+    if "layer_types" in text and len(text["layer_types"]) != layers:
+        pattern = text["layer_types"]
+        text["layer_types"] = [pattern[i % len(pattern)] for i in range(layers - 1)] + ["full_attention"]
+    config = Gemma4TextConfig(**text)
+    config.architectures = [Gemma4ForCausalLM.__name__]
+    config.dtype = dtype
+    with torch.device("meta"):
+        model = Gemma4ForCausalLM._from_config(config, dtype=dtype)
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    groups: dict[str, list[str]] = {}
+    for key in state:
+        m = re.search(r"\.layers\.(\d+)\.", key)
+        groups.setdefault(f"layer{int(m.group(1)):05d}" if m else "rest", []).append(key)
+    gen = torch.Generator().manual_seed(seed)
+    weight_map: dict[str, str] = {}
+    total = 0
+    names = sorted(groups)
+    for i, group in enumerate(names):
+        tensors = {}
+        for key in groups[group]:
+            meta = state[key]
+            if key.endswith(("gate_up_proj", "experts.down_proj", "router.proj.weight")):
+                value = torch.randn(meta.shape, generator=gen) * 0.08
+            elif "norm" in key or key.endswith("layer_scalar"):
+                value = torch.ones(meta.shape)
+            else:
+                value = torch.randn(meta.shape, generator=gen) * 0.02
+            tensors[key] = value.to(meta.dtype)
+        tensors = revert_weight_conversion(model, tensors)
+        shard = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
+        save_file(tensors, str(path / shard), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, shard))
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return total

@@ -18,6 +18,7 @@ from __future__ import annotations
 from ..errors import SpecError
 from ..experts import LinearExact, UnfusedExpertsMixin, unfuse_state
 from ..hookspecs import hookimpl
+from ..memory import release_free_memory
 from ..plan import build_plan
 from ..unfusing import apply_plan
 
@@ -95,8 +96,12 @@ def _export_unfused_experts(name: str, module, ctx) -> None:
     every per-expert tensor the export keeps as is must own its storage: safetensors refuses tensors
     that share memory (the gate and up biases of an interleaved fused bias) or views that cannot be
     flattened (a transposed layout). Weights modelopt packs are replaced by it anyway; the rest
-    (biases, unquantized experts) get a contiguous copy."""
+    (biases, unquantized experts) get a contiguous copy. Called once per experts module, i.e. once
+    per decoder layer of a streamed (offloaded) export: the previous layer's freed heap goes back to
+    the system first (:func:`release_free_memory`)."""
     import torch
+
+    release_free_memory()
 
     for linear in module.modules():
         if not isinstance(linear, torch.nn.Linear):

@@ -1,0 +1,53 @@
+"""Host memory: what this process may still use, and handing freed heap back to the system.
+
+The layer-by-layer path allocates and frees one layer's tensors per step. Tensors under glibc's mmap
+threshold (at most 32 MiB: per-expert weights, packed weights and scales) come from the heap, and freed
+heap pages stay in the process (measured: resident memory of an 8-layer export grew to 2.3 GB, 1.2 GB
+with the free pages returned). :func:`release_free_memory` returns them between layers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from pathlib import Path
+
+_libc = None
+
+
+def release_free_memory() -> None:
+    """``malloc_trim(0)``: give free heap pages back to the system (glibc; a no-op elsewhere)."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+def available_memory() -> int:
+    """Bytes this process may still use on the host: MemAvailable, capped by a cgroup limit (v2 or v1)."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            raw = Path(limit_file).read_text().strip()
+            if raw == "max" or int(raw) >= 1 << 60:
+                continue
+            room = int(raw) - int(Path(usage_file).read_text().strip())
+            avail = room if avail is None else min(avail, room)
+        except (OSError, ValueError):
+            continue
+    return avail if avail is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
