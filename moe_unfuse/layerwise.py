@@ -51,6 +51,25 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def check_layerwise(model: nn.Module) -> None:
+    """Refuse, before anything changes, a model the layer-by-layer path cannot produce the
+    whole-model checkpoint for: no decoder layer list modelopt can walk, or a conversion mapping
+    that splits hub tensors on load (modelopt's streaming export reverses names one tensor at a
+    time and refuses such splits; it is asked here, before calibration, rather than at export)."""
+    decoder_layers(model)
+    try:
+        from modelopt.torch.export.unified_export_hf_streaming import _assert_no_split_rules
+    except ImportError:  # a modelopt without the check: the export raises instead
+        return
+    try:
+        _assert_no_split_rules(model)
+    except NotImplementedError:
+        raise MoeUnfuseError(
+            f"{type(model).__name__}: layer by layer is not available: its transformers conversion mapping splits "
+            "hub tensors on load, which modelopt's streaming export cannot reverse one layer at a time; fix: pass --no-layerwise"
+        ) from None
+
+
 class _Stand(nn.Module):
     """Takes a decoder layer's place in its list during a capture forward: returns ``output`` (the
     previous layer's real output for this batch), or, for the layer being captured, records its

@@ -36,7 +36,14 @@ from .distributed import Group
 from .errors import MoeUnfuseError, UncoveredExpertsError, first_line
 from .experts import unfuse_state
 from .export import export_checkpoint, prepare_out_dir, quiet
-from .layerwise import LAYERWISE_SHARD_SIZE, calibrate_layerwise, decoder_layers, needs_layerwise, no_offload_writeback
+from .layerwise import (
+    LAYERWISE_SHARD_SIZE,
+    calibrate_layerwise,
+    check_layerwise,
+    decoder_layers,
+    needs_layerwise,
+    no_offload_writeback,
+)
 from .loading import checkpoint_bytes, load_model, load_offloaded, load_tokenizer
 from .naming import model_contract
 from .options import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SIZE, DEFAULT_CHUNK_TOKENS, DEFAULT_SEQ_LEN
@@ -97,6 +104,8 @@ def quantize_model(
     start = time.perf_counter()
     specs = select_specs(model, arch)
     coverage = check_coverage(model, specs, allow_uncovered)
+    if layerwise:
+        check_layerwise(model)
     sliced = _hub_sliced_linears(model, specs) if qformat != "none" else []
     cfg = build_quant_config(qformat, [*exclude, *sliced])
     stats = RoutingStats()

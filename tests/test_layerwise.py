@@ -1,0 +1,143 @@
+"""Layer-by-layer quantization (``quantize --layerwise``) writes the checkpoint the whole-model path
+writes: every tensor bit for bit, the same configs and the same ``moe_unfuse.json``, on tiny models
+of families that stress different parts (per-layer inputs and mixed attention types, hub per-expert
+tensors fused on load, a fused export layout, fp32-kept routers and sinks, a router reading its
+child's weight, identity experts, hybrid attention); models it cannot do fail in one line before
+anything is written; and it is chosen by default when the whole model would not fit in memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import moe_unfuse
+from moe_unfuse.cli import main
+from moe_unfuse.tiny import byte_tokenizer, tiny_gemma4, tiny_model_for
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: Families whose whole-model and layer-by-layer checkpoints are compared (a sweep over every spec
+#: with a whole tiny model found 52 of 62 identical; the rest are listed in README's layer-by-layer section).
+FAMILIES = [
+    "gemma4",
+    "mixtral",
+    "qwen3_moe",
+    "gpt_oss",
+    "deepseek_v3",
+    "longcat_flash",
+    "beam",
+    "openai_privacy_filter",
+    "muse_spark",
+    "step3p7",
+    "qwen3_next",
+    "granitemoehybrid",
+]
+CALIB = ["--calib-size", "4", "--seq-len", "32", "--batch-size", "2", "--no-progress", "--force-routing"]
+
+
+def _save(arch: str, path: Path) -> Path:
+    model = tiny_gemma4() if arch == "gemma4" else tiny_model_for(moe_unfuse.get_spec(arch))
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return out
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert set(ta) == set(tb)
+    differ = [
+        k
+        for k in ta
+        if ta[k].dtype != tb[k].dtype or ta[k].shape != tb[k].shape or not torch.equal(_bits(ta[k]), _bits(tb[k]))
+    ]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:5]}"
+    for name in ("hf_quant_config.json", "config.json", "moe_unfuse.json"):
+        assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.arch(a), id=a) for a in FAMILIES])
+def test_layerwise_checkpoint_equals_whole_model(arch: str, tmp_path: Path) -> None:
+    if moe_unfuse.get_spec(arch).resolve_class() is None:
+        pytest.skip(f"{arch}: not in the installed transformers")
+    model = _save(arch, tmp_path / "model")
+    for mode in ("--no-layerwise", "--layerwise"):
+        out = tmp_path / mode.strip("-")
+        assert main(["quantize", str(model), "--qformat", "nvfp4", "--out", str(out), mode, *CALIB]) == 0
+    assert_same_checkpoint(tmp_path / "no-layerwise", tmp_path / "layerwise")
+    assert not list(tmp_path.glob(".layerwise.offload-*")), "the offload folder is removed"
+
+
+@pytest.mark.arch("gemma4")
+def test_layerwise_fp8_and_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model = _save("gemma4", tmp_path / "model")
+    for mode in ("--no-layerwise", "--layerwise"):
+        out = tmp_path / mode.strip("-")
+        assert main(["quantize", str(model), "--qformat", "fp8", "--out", str(out), mode, *CALIB]) == 0
+    assert_same_checkpoint(tmp_path / "no-layerwise", tmp_path / "layerwise")
+    report = capsys.readouterr().out
+    assert report.count("mode       layer by layer: 4 decoder layers") == 1
+
+
+@pytest.mark.parametrize(
+    "arch, why",
+    [
+        pytest.param("dbrx", "no decoder layer list", marks=pytest.mark.arch("dbrx"), id="dbrx"),
+        pytest.param(
+            "bailing_hybrid",
+            "splits hub tensors on load",
+            marks=pytest.mark.arch("bailing_hybrid"),
+            id="bailing_hybrid",
+        ),
+    ],
+)
+def test_layerwise_refused_in_one_line_before_anything_is_written(
+    arch: str, why: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    model = _save(arch, tmp_path / "model")
+    before = {f: f.stat().st_mtime_ns for f in model.iterdir()}
+    out = tmp_path / "out"
+    assert main(["quantize", str(model), "--qformat", "nvfp4", "--out", str(out), "--layerwise", *CALIB]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and why in err[0] and "fix: pass --no-layerwise" in err[0]
+    assert not out.exists() and not (tmp_path / "out.invalid").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "no offload folder left behind"
+    assert {f: f.stat().st_mtime_ns for f in model.iterdir()} == before
+
+
+def test_layerwise_is_the_default_when_the_model_does_not_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import moe_unfuse.layerwise as layerwise
+
+    model = _save("gemma4", tmp_path / "model")
+    size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    monkeypatch.setattr(layerwise.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(layerwise, "available_memory", lambda: size)  # about 1x: the whole model needs ~2.5x
+    assert main(["quantize", str(model), "--qformat", "fp8", "--out", str(tmp_path / "a"), *CALIB]) == 0
+    assert "mode       layer by layer" in capsys.readouterr().out
+    monkeypatch.setattr(layerwise, "available_memory", lambda: 100 * size)
+    assert main(["quantize", str(model), "--qformat", "fp8", "--out", str(tmp_path / "b"), *CALIB]) == 0
+    assert "layer by layer" not in capsys.readouterr().out
+    assert main(["quantize", str(model), "--qformat", "fp8", "--out", str(tmp_path / "c"), "--layerwise", *CALIB]) == 0
+    assert "mode       layer by layer" in capsys.readouterr().out
+
+
+def test_layerwise_needs_a_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["quantize", "--qformat", "fp8", "--out", str(tmp_path / "o"), "--layerwise", *CALIB]) == 2
+    assert "--layerwise reads a model folder" in capsys.readouterr().err
