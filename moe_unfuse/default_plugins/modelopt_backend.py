@@ -15,6 +15,9 @@ exported by modelopt's own linear handler as the walk reaches them).
 
 from __future__ import annotations
 
+from torch import nn
+
+from .. import fastquant
 from ..errors import SpecError
 from ..experts import LinearExact, UnfusedExpertsMixin, unfuse_state
 from ..hookspecs import hookimpl
@@ -36,6 +39,8 @@ class ModeloptBackend:
 
         def _setup(self) -> None:
             apply_plan(build_plan(self, spec, type(self).__name__), swap_class=False)
+            # converted here in bulk; modelopt's recursive replacement then finds them converted
+            fastquant.convert_linears([m for expert in self for m in expert.modules() if isinstance(m, nn.Linear)])
 
         return type(
             f"_QuantUnfused{spec.class_name}",
@@ -60,6 +65,7 @@ class ModeloptBackend:
 
         self._register_linear_exact()
         install_export_handlers()
+        fastquant.install_plugin()
         cls = spec.resolve_class()
         if cls is None:
             raise SpecError(
