@@ -173,7 +173,9 @@ def _cacheable(module: nn.Module, quantizer: nn.Module, weight: torch.Tensor) ->
         and weight.device.type != "meta"
         and "_hf_hook" not in module.__dict__  # accelerate materializes the weight per call: keep nothing
         and not (weight.requires_grad and torch.is_grad_enabled())
-        and not (quantizer._forward_hooks or quantizer._forward_pre_hooks or _global_hooks())
+        and not quantizer._forward_pre_hooks
+        and all(h is _record_collect for h in quantizer._forward_hooks.values())
+        and not _global_hooks()
         and not is_torch_export_mode()
         and not torch.compiler.is_compiling()
         and not _in_onnx_export()
@@ -285,12 +287,31 @@ def _modelopt_callback(module: nn.Module) -> Any | None:
     return None
 
 
+def _record_collect(quantizer: nn.Module, args: tuple, output: Any) -> None:
+    """Forward hook on a per-expert weight quantizer: note the amax its calibrator holds once it has
+    seen a weight, also when modelopt calls it directly (the weight-only pass of max calibration),
+    so the calibration forward that follows skips collecting that weight again."""
+    weight = args[0] if args else None
+    if (
+        ENABLED
+        and type(weight) in (torch.Tensor, nn.Parameter)
+        and weight.device.type != "meta"
+        and weight.numel()
+        and _plain_max_calibration(quantizer)
+    ):
+        entry = _entry_for(quantizer, _entries.get(quantizer), weight)
+        entry.calib = (quantizer._calibrator, quantizer._calibrator._calib_amax)
+
+
 def install(model: nn.Module) -> int:
-    """Give every per-expert ``QuantLinear`` of every unfused experts module the caching callback.
+    """Give every per-expert ``QuantLinear`` of every unfused experts module the caching callback,
+    and its weight quantizer the :func:`_record_collect` hook (not for accelerate-offloaded linears).
 
     Called by modelopt after it converts a model (a post-conversion plugin, so restores too); other
     linears keep modelopt's own. Returns how many linears were set up.
     """
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
     from .experts import UnfusedExpertsMixin
 
     count = 0
@@ -299,9 +320,17 @@ def install(model: nn.Module) -> int:
             continue
         for linear in experts.modules():
             holder = _modelopt_callback(linear)
-            if holder is not None:
-                holder.callback = quantized_weight
-                count += 1
+            if holder is None:
+                continue
+            holder.callback = quantized_weight
+            count += 1
+            quantizer = linear.weight_quantizer
+            if (
+                type(quantizer) is TensorQuantizer
+                and "_hf_hook" not in linear.__dict__
+                and _record_collect not in quantizer._forward_hooks.values()
+            ):
+                quantizer.register_forward_hook(_record_collect)
     return count
 
 

@@ -173,3 +173,20 @@ def test_bulk_conversion_matches_per_linear(monkeypatch: pytest.MonkeyPatch, qfo
     assert all(torch.equal(state[k], ref_state[k]) for k in state)
     if qformat == "fp8":  # modelopt's NVFP4 fake quant needs CUDA
         assert torch.equal(_logits(model, batch), _logits(reference, batch))
+
+
+def test_each_expert_weight_collected_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelopt.torch.quantization.calib import MaxCalibrator
+
+    seen: list[int] = []
+    collect = MaxCalibrator.collect
+    monkeypatch.setattr(MaxCalibrator, "collect", lambda self, x: seen.append(x.data_ptr()) or collect(self, x))
+    model, _ = _quantized()
+    weights = {lin.weight.data_ptr() for lin in _expert_linears(model)}
+    fast = [p for p in seen if p in weights]
+    seen.clear()
+    with fastquant.disabled():
+        reference, _ = _quantized()
+    ref_weights = {lin.weight.data_ptr() for lin in _expert_linears(reference)}
+    assert len(fast) == len(weights)  # the weight-only pass, never again in the calibration forward
+    assert len([p for p in seen if p in ref_weights]) > len(ref_weights)  # without the cache: again there
