@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import copy
 import os
+import types
 import weakref
+from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -352,14 +354,28 @@ def install_plugin() -> None:
 # bulk conversion
 
 
+_ATOMIC = (bool, int, float, complex, str, bytes, type, torch.dtype, torch.device, types.FunctionType)
+
+
+def _atomic(value: Any) -> bool:
+    return value is None or isinstance(value, _ATOMIC)
+
+
 def _clone_value(value: Any) -> Any:
-    """A copy of one attribute of a freshly converted module, sharing nothing mutable with it."""
+    """A copy of one attribute of a freshly converted module, sharing nothing mutable with it
+    (``copy.deepcopy`` semantics; flat containers of plain values are copied directly, since a
+    generic deepcopy of a quantizer's ~40 attributes would cost most of a conversion)."""
+    if _atomic(value):
+        return value
     if isinstance(value, torch.Tensor):
         return value.clone()
     if isinstance(value, nn.Module):
         return _clone_module(value)
-    if value is None or isinstance(value, (bool, int, float, str, type, torch.dtype, torch.device)):
-        return value
+    kind = type(value)
+    if kind in (dict, OrderedDict) and all(_atomic(k) and _atomic(v) for k, v in value.items()):
+        return kind(value)
+    if kind in (list, set, frozenset, tuple) and all(_atomic(v) for v in value):
+        return value if kind in (tuple, frozenset) else kind(value)
     return copy.deepcopy(value)
 
 
