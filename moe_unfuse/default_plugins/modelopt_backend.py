@@ -1,8 +1,10 @@
 """The NVIDIA modelopt backend: a generated ``QuantModule`` per spec, registered for the target class.
 
-modelopt converts a module by swapping its class and calling ``_setup``; ours unfuses there, and
-modelopt's recursive replacement then turns every per-expert ``nn.Linear`` into a ``QuantLinear``
-with its own weight and input quantizers. An existing registration for the class (modelopt's own
+modelopt converts a module by swapping its class and calling ``_setup``; ours unfuses there and
+turns every per-expert ``nn.Linear`` into a ``QuantLinear`` with its own weight and input quantizers
+in bulk (:func:`moe_unfuse.fastquant.convert_linears`: what modelopt's recursive replacement, which
+then finds them converted, would have made one by one), and a post-conversion plugin gives them a
+weight callback that quantizes each expert weight once (:mod:`moe_unfuse.fastquant`). An existing registration for the class (modelopt's own
 wrappers for GptOss, Llama4, DBRX) is replaced, since those quantize through a different layout.
 
 modelopt's export dispatches MoE modules through two registries that guess the experts' structure
@@ -15,6 +17,9 @@ exported by modelopt's own linear handler as the walk reaches them).
 
 from __future__ import annotations
 
+from torch import nn
+
+from .. import fastquant
 from ..errors import SpecError
 from ..experts import LinearExact, UnfusedExpertsMixin, unfuse_state
 from ..hookspecs import hookimpl
@@ -37,6 +42,8 @@ class ModeloptBackend:
 
         def _setup(self) -> None:
             apply_plan(build_plan(self, spec, type(self).__name__), swap_class=False)
+            # converted here in bulk; modelopt's recursive replacement then finds them converted
+            fastquant.convert_linears([m for expert in self for m in expert.modules() if isinstance(m, nn.Linear)])
 
         return type(
             f"_QuantUnfused{spec.class_name}",
@@ -61,6 +68,7 @@ class ModeloptBackend:
 
         self._register_linear_exact()
         install_export_handlers()
+        fastquant.install_plugin()
         cls = spec.resolve_class()
         if cls is None:
             raise SpecError(
