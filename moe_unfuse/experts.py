@@ -54,7 +54,7 @@ class LinearExact(nn.Linear):
 _MODULE_STATE = nn.Module().__dict__
 
 
-def _global_hooks() -> bool:
+def global_forward_hooks() -> bool:
     """Whether a global module forward hook is registered (``nn.modules.module.register_module_forward_hook``)."""
     from torch.nn.modules import module as torch_module
 
@@ -140,7 +140,7 @@ class ExpertMLP(nn.Module):
             return None
         if (
             any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in (gate, up))
-            or _global_hooks()
+            or global_forward_hooks()
         ):
             return None  # someone observes the linears (calibration hooks, accelerate's patched forward)
         gw, uw = gate.weight, up.weight

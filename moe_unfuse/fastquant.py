@@ -166,7 +166,7 @@ def _cacheable(module: nn.Module, quantizer: nn.Module, weight: torch.Tensor) ->
     from modelopt.torch.quantization.nn import TensorQuantizer
     from modelopt.torch.quantization.utils import is_torch_export_mode
 
-    from .experts import _global_hooks
+    from .experts import global_forward_hooks
 
     return (
         ENABLED
@@ -177,7 +177,7 @@ def _cacheable(module: nn.Module, quantizer: nn.Module, weight: torch.Tensor) ->
         and not (weight.requires_grad and torch.is_grad_enabled())
         and not quantizer._forward_pre_hooks
         and all(h is _record_collect for h in quantizer._forward_hooks.values())
-        and not _global_hooks()
+        and not global_forward_hooks()
         and not is_torch_export_mode()
         and not torch.compiler.is_compiling()
         and not _in_onnx_export()

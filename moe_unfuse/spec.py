@@ -404,7 +404,7 @@ _FIXES = {
 }
 
 
-def _schema_error(source: str, err: jsonschema.ValidationError) -> SpecError:
+def schema_error(source: str, err: jsonschema.ValidationError) -> SpecError:
     path = _clip(".".join(str(p) for p in err.absolute_path), 120) or "(root)"
     if err.validator == "additionalProperties":
         extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
@@ -911,7 +911,7 @@ def parse(raw: dict, source: str, check_import: bool = True) -> Spec:
         key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))),
     )
     if errors:
-        raise _schema_error(source, errors[0])
+        raise schema_error(source, errors[0])
     _check_semantics(source, raw, check_import)
     params = tuple(
         ParamSpec(

@@ -66,3 +66,25 @@ def test_modelopt_sync_is_replaced() -> None:
         "distributed_sync": False,
     }
     assert distributed.Group(1, 3).shard(list(range(8))) == [1, 4, 7] and not distributed.Group(1, 3).writer
+
+
+def test_two_ranks_layer_by_layer_write_the_single_process_whole_model_checkpoint(tmp_path: Path) -> None:
+    """Both scale paths at once: 2 ranks, each calibrating its batches one decoder layer at a time
+    from a disk-offloaded model, against one process holding the whole model."""
+    from moe_unfuse.tiny import byte_tokenizer, tiny_gemma4
+
+    model, one, two = tmp_path / "model", tmp_path / "one", tmp_path / "two"
+    tiny_gemma4().save_pretrained(model)
+    byte_tokenizer().save_pretrained(model)
+    assert main(["quantize", str(model), *ARGS, "--no-layerwise", "--out", str(one)]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "moe_unfuse", "quantize", str(model), *ARGS, "--layerwise",
+           "--out", str(two)]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "mode       layer by layer" in run.stdout
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(_bits(a[k]), _bits(b[k]))] == []
+    assert json.loads((one / "moe_unfuse.json").read_text()) == json.loads((two / "moe_unfuse.json").read_text())

@@ -49,7 +49,7 @@ def read_builtin_specs() -> dict[str, tuple[str, dict]]:
 
     from ..default_plugins.builtin_specs import builtin_spec_dir
     from ..errors import SpecError
-    from ..spec import _schema_error, merged_raw, read_yaml, schema
+    from ..spec import schema_error, merged_raw, read_yaml, schema
 
     directory = builtin_spec_dir()
     validator = jsonschema.Draft202012Validator(schema())
@@ -62,7 +62,7 @@ def read_builtin_specs() -> dict[str, tuple[str, dict]]:
             validator.iter_errors(raw), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path)))
         )
         if errors:
-            raise _schema_error(str(path), errors[0])
+            raise schema_error(str(path), errors[0])
         if raw["arch"] in found:
             raise SpecError(
                 str(path),
