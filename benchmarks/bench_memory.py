@@ -156,7 +156,7 @@ def main() -> None:
         if limit:
             cgroup = memory_cgroup(f"moe_unfuse_bench_{mode}_{os.getpid()}", int(limit * 2**30))
             print(
-                f"  {mode}: memory cgroup {cgroup} limit {args.memory_limit_gb} GiB"
+                f"  {mode}: memory cgroup {cgroup} limit {limit} GiB"
                 if cgroup
                 else "  (no writable memory cgroup: running without a limit)",
                 flush=True,

@@ -49,7 +49,7 @@ def read_builtin_specs() -> dict[str, tuple[str, dict]]:
 
     from ..default_plugins.builtin_specs import builtin_spec_dir
     from ..errors import SpecError
-    from ..spec import schema_error, merged_raw, read_yaml, schema
+    from ..spec import merged_raw, read_yaml, schema, schema_error
 
     directory = builtin_spec_dir()
     validator = jsonschema.Draft202012Validator(schema())
