@@ -279,8 +279,13 @@ WHOLE_MODEL_PEAK_RATIO = 2.5
 
 
 def needs_layerwise(checkpoint_bytes: int, device_map: str | None) -> bool:
-    """Whether the whole-model path would not fit: on the host (CPU, or a device_map that spills to it),
-    its measured peak against the memory left to this process."""
-    if device_map not in (None, "auto", "cpu", "none") or torch.cuda.is_available():
-        return False  # the user placed the model (or a GPU takes it): their device_map decides
-    return checkpoint_bytes * WHOLE_MODEL_PEAK_RATIO > available_memory()
+    """Whether the whole-model path would not fit where ``device_map`` lets it go: its measured peak
+    (``WHOLE_MODEL_PEAK_RATIO`` x the checkpoint) against the host memory left to this process
+    (cgroup limits included), plus the free memory of every GPU when ``auto`` may place it there.
+    A device_map naming devices explicitly (``cuda``, ``balanced``, ...) is the user's placement: kept."""
+    if device_map not in (None, "auto", "cpu", "none"):
+        return False
+    room = available_memory()
+    if device_map in (None, "auto") and torch.cuda.is_available():
+        room += sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+    return checkpoint_bytes * WHOLE_MODEL_PEAK_RATIO > room

@@ -359,7 +359,7 @@ class QuantizeReport:
                 else "input: none (weight-only format)"
             )
             lines.append(f"scales     {inputs}; gate/up weight amax shared ({r.gate_up_synced} pair(s) adjusted)")
-            lines.extend(f"           {line}" for line in _fallback_lines(r.fallbacks))
+            lines.extend(f"           {line}" for line in fallback_lines(r.fallbacks))
         lines.append(f"export     {ex.summary()}")
         ratio = ex.bytes_after / self.bytes_before if self.bytes_before else float("nan")
         lines.append(
@@ -372,7 +372,7 @@ class QuantizeReport:
         return "\n".join(lines)
 
 
-def _fallback_lines(fallbacks: Sequence[ScaleFallback]) -> list[str]:
+def fallback_lines(fallbacks: Sequence[ScaleFallback]) -> list[str]:
     """One line per experts module (every expert's value is in ``moe_unfuse.json``): at 128 experts a
     line per expert would bury the report."""
     by_path: dict[str, list[ScaleFallback]] = {}

@@ -138,6 +138,35 @@ def test_layerwise_is_the_default_when_the_model_does_not_fit(
     assert "mode       layer by layer" in capsys.readouterr().out
 
 
+def test_default_counts_gpu_memory_for_auto_and_keeps_explicit_placements(monkeypatch: pytest.MonkeyPatch) -> None:
+    import moe_unfuse.layerwise as layerwise
+
+    monkeypatch.setattr(layerwise, "available_memory", lambda: 10 * 2**30)
+    monkeypatch.setattr(layerwise.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(layerwise.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(layerwise.torch.cuda, "mem_get_info", lambda i: (40 * 2**30, 80 * 2**30))
+    ckpt = 30 * 2**30  # whole model ~75 GiB: host 10 + 2 x 40 free on the GPUs holds it
+    assert not layerwise.needs_layerwise(ckpt, "auto")
+    assert layerwise.needs_layerwise(ckpt, "cpu")  # host only: 10 GiB
+    assert not layerwise.needs_layerwise(ckpt, "cuda")  # an explicit placement is the user's
+    assert layerwise.needs_layerwise(2 * ckpt, "auto")
+
+
 def test_layerwise_needs_a_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["quantize", "--qformat", "fp8", "--out", str(tmp_path / "o"), "--layerwise", *CALIB]) == 2
     assert "--layerwise reads a model folder" in capsys.readouterr().err
+
+
+def test_report_summarizes_fallbacks_per_experts_module() -> None:
+    """At 128 experts a line per fallback buried the report: one line per experts module on screen,
+    each value in moe_unfuse.json (``input_scale_fallbacks``)."""
+    from moe_unfuse.calibration import ScaleFallback
+    from moe_unfuse.quantize import fallback_lines
+
+    many = [ScaleFallback("model.layers.0.experts", e, ("gate_proj", "up_proj"), 0.5, "layer max") for e in range(40)]
+    one = [ScaleFallback("model.layers.1.experts", 3, ("down_proj",), 0.25, "model max")]
+    lines = fallback_lines(many + one)
+    assert len(lines) == 3
+    assert lines[0].startswith("fallback model.layers.0.experts #0,1,2") and "(40 experts)" in lines[0]
+    assert "40 input amax without data took the layer max" in lines[0]
+    assert lines[1] == f"fallback {one[0]}" and "moe_unfuse.json" in lines[2]
