@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from moe_unfuse.memory import run_with_peak_rss
 from moe_unfuse.tiny import GEMMA4_26B_A4B_TEXT, write_gemma4_checkpoint
 
 
@@ -73,10 +73,8 @@ def run(cmd: list[str], log: Path, cgroup: Path | None = None) -> tuple[int, int
             (cgroup / "cgroup.procs").write_text(str(os.getpid()))
 
     t0 = time.perf_counter()
-    with log.open("w") as out, log.with_suffix(".err").open("w") as err:
-        pid = subprocess.Popen(cmd, stdout=out, stderr=err, preexec_fn=enter).pid
-        _, status, usage = os.wait4(pid, 0)
-    return os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024, time.perf_counter() - t0, log.read_text()
+    code, peak = run_with_peak_rss(cmd, log, log.with_suffix(".err"), enter)
+    return code, peak, time.perf_counter() - t0, log.read_text()
 
 
 def same_tensors(a: Path, b: Path) -> tuple[bool, int]:

@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import os
 from pathlib import Path
+from typing import Callable
 
 _libc = None
 
@@ -51,3 +52,16 @@ def available_memory() -> int:
         except (OSError, ValueError):
             continue
     return avail if avail is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def run_with_peak_rss(
+    cmd: list[str], stdout: Path, stderr: Path, preexec_fn: Callable[[], None] | None = None
+) -> tuple[int, int]:
+    """Run ``cmd`` to completion (output to the two files): its exit code and its own peak resident
+    memory in bytes, from its rusage (``os.wait4``), not the maximum over every child so far."""
+    import subprocess
+
+    with stdout.open("w") as out, stderr.open("w") as err:
+        pid = subprocess.Popen(cmd, stdout=out, stderr=err, preexec_fn=preexec_fn).pid
+        _, status, usage = os.wait4(pid, 0)
+    return os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024  # Linux reports KiB

@@ -8,13 +8,12 @@ child's own rusage (``os.wait4``), not on the test process."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from moe_unfuse.memory import run_with_peak_rss
 from moe_unfuse.tiny import write_gemma4_checkpoint
 
 BOUND = 1.5e9
@@ -51,10 +50,7 @@ def test_layerwise_peak_memory_stays_far_below_the_checkpoint(tmp_path: Path) ->
         "--no-progress",
     ]
     log, errs = tmp_path / "stdout", tmp_path / "stderr"
-    with log.open("w") as out, errs.open("w") as err:
-        pid = subprocess.Popen(cmd, stdout=out, stderr=err).pid
-        _, status, usage = os.wait4(pid, 0)  # this child's own peak, reaped here
-    assert os.waitstatus_to_exitcode(status) == 0, errs.read_text()[-2000:]
+    code, peak = run_with_peak_rss(cmd, log, errs)
+    assert code == 0, errs.read_text()[-2000:]
     assert "verify     ok" in log.read_text()
-    peak = usage.ru_maxrss * 1024
     assert peak < BOUND < 0.61 * size, f"peak {peak / 1e9:.2f} GB for a {size / 1e9:.2f} GB checkpoint"
