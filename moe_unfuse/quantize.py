@@ -45,6 +45,7 @@ from .layerwise import (
     no_offload_writeback,
 )
 from .loading import checkpoint_bytes, load_model, load_offloaded, load_tokenizer
+from .memory import map_large_allocations
 from .naming import model_contract
 from .options import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SIZE, DEFAULT_CHUNK_TOKENS, DEFAULT_SEQ_LEN
 from .policy import build_quant_config
@@ -423,6 +424,7 @@ def _run_quantize(opts: QuantizeOptions) -> QuantizeReport | None:
     import shutil
     import tempfile
 
+    map_large_allocations()  # one layer's tensors freed per step: their memory goes back at once
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     offload = Path(tempfile.mkdtemp(prefix=f".{out.name}.offload-", dir=out.parent))
