@@ -20,7 +20,6 @@ then streams the offloaded model to disk one decoder layer at a time.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -120,14 +119,6 @@ class _Replay(nn.Module):
         return out
 
 
-@dataclass
-class LayerwiseRun:
-    """What :func:`calibrate_layerwise` saw, per layer (for the report) and summed (``stats``)."""
-
-    stats: RoutingStats = field(default_factory=RoutingStats)
-    layers: list[str] = field(default_factory=list)
-
-
 def _capture_inputs(
     model: nn.Module,
     layers: nn.ModuleList,
@@ -170,8 +161,7 @@ def calibrate_layerwise(
     progress: bool = True,
     sum_counts: Callable[[dict[str, list[int]]], None] | None = None,
     forced_here: bool = True,
-    on_layer: Callable[[int, str, RoutingStats], None] | None = None,
-) -> LayerwiseRun:
+) -> RoutingStats:
     """:func:`moe_unfuse.calibration.calibrate`, one decoder layer at a time (see the module docstring).
 
     Modules outside the decoder layers see the model's forward up to each layer (the embeddings:
@@ -184,7 +174,7 @@ def calibrate_layerwise(
 
     layers = decoder_layers(model)
     names = {id(m): n for n, m in model.named_modules()}
-    run = LayerwiseRun()
+    stats = RoutingStats()
     previous: list[Any] | None = None
     bar = tqdm(range(len(layers)), desc="layer by layer", unit="layer", disable=not progress, leave=False)
     for i in bar:
@@ -193,7 +183,7 @@ def calibrate_layerwise(
         previous = None
         replay = _Replay(path, layers[i], inputs)
         with persistent_materialization(layers[i], writeback=False):
-            stats = calibrate(
+            layer_stats = calibrate(
                 replay,
                 [{"index": torch.tensor(b)} for b in range(len(inputs))],
                 force_routing=force_routing,
@@ -205,14 +195,11 @@ def calibrate_layerwise(
         previous = replay.outputs
         del replay, inputs
         release_free_memory()
-        run.stats.counts.update(stats.counts)
-        run.stats.forced.update(stats.forced)
-        run.layers.append(path)
-        if on_layer is not None:
-            on_layer(i, path, stats)
+        stats.counts.update(layer_stats.counts)
+        stats.forced.update(layer_stats.forced)
     if previous is not None and _uncalibrated_after_layers(model, layers):
         _run_after_layers(model, layers, batches, previous)
-    return run
+    return stats
 
 
 def _quantizers_outside(model: nn.Module, layers: nn.ModuleList) -> list[tuple[str, nn.Module]]:

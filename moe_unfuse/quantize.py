@@ -126,10 +126,9 @@ def quantize_model(
         if group is not None:
             cfg = distributed.without_modelopt_sync(cfg)
 
+        # modelopt's prints ("Inserted N quantizers") would land in the report (stdout)
         with (
-            contextlib.redirect_stdout(
-                io.StringIO()
-            ),  # modelopt's prints ("Inserted N quantizers"): stdout is the report's
+            contextlib.redirect_stdout(io.StringIO()),
             no_offload_writeback() if layerwise else contextlib.nullcontext(),
         ):
             mtq.quantize(model, cfg, forward_loop=forward_loop)
@@ -193,7 +192,7 @@ def _calibrate(
         if layerwise:
             return calibrate_layerwise(
                 model, batches, force_routing=force_routing, chunk_tokens=chunk_tokens, progress=progress, **parallel
-            ).stats
+            )
         return calibrate(
             model, batches, force_routing=force_routing, chunk_tokens=chunk_tokens, progress=progress, **parallel
         )
