@@ -110,7 +110,13 @@ class ExpertSliceMap(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         s = self.slices[name]
-        return s.layout.unfuse(_read_rows(s.source, s.key, s.start, s.stop))[s.part][0]
+        rows = _read_rows(s.source, s.key, s.start, s.stop)
+        part = s.layout.unfuse(rows)[s.part][0]
+        if _on_disk(*_resolve(s.source, s.key)) and part.is_contiguous() and part.numel() < rows.numel():
+            # rows read from disk for this projection alone: keep only its part (gate's view would
+            # otherwise hold up's rows too, doubling a materialized layer's gate/up memory)
+            part = part.clone()
+        return part
 
     def __setitem__(self, name: str, value: torch.Tensor) -> None:
         """Write through into the fused tensor.
