@@ -19,7 +19,10 @@ then streams the offloaded model to disk one decoder layer at a time.
 
 from __future__ import annotations
 
+import pickle
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -35,6 +38,72 @@ LAYERWISE_SHARD_SIZE = "256MB"
 
 class _Stop(Exception):
     """Ends a capture forward once the layer being captured has its inputs."""
+
+
+#: Bytes of one layer's cached inputs (and, apart, of its outputs) kept in memory; beyond that each
+#: batch's values go to a file (calibration sets of thousands of long samples: tens of GB per layer).
+ACTIVATIONS_IN_MEMORY = 512 << 20
+
+
+class _Activations:
+    """One layer's per-batch values (captured inputs, or outputs): in memory up to
+    ``ACTIVATIONS_IN_MEMORY`` bytes, then each further batch in its own file under ``folder``
+    (``torch.save``: read back bit for bit). A value pickle cannot write stays in memory."""
+
+    def __init__(self, folder: Path, name: str, count: int):
+        self.folder, self.name = folder, name
+        self.items: list[Any] = [None] * count
+        self.files: set[int] = set()
+        self.bytes = 0
+
+    def put(self, b: int, value: Any) -> None:
+        """Batch ``b``'s value; a second put (the forced-routing pass recomputes batch 0) replaces it."""
+        if b in self.files:
+            self.files.discard(b)
+            Path(self.items[b]).unlink(missing_ok=True)
+        elif self.items[b] is not None:
+            self.bytes -= _nbytes(self.items[b])
+        size = _nbytes(value)
+        if self.bytes + size > ACTIVATIONS_IN_MEMORY:
+            path = self.folder / f"{self.name}-{b}.pt"
+            try:
+                torch.save(value, path)
+            except (pickle.PicklingError, TypeError, AttributeError):
+                path.unlink(missing_ok=True)
+            else:
+                self.items[b] = path
+                self.files.add(b)
+                return
+        self.items[b] = value
+        self.bytes += size
+
+    def get(self, b: int) -> Any:
+        if b in self.files:
+            return torch.load(self.items[b], weights_only=False)  # written by this process just now
+        return self.items[b]
+
+    def drop(self) -> None:
+        for b in self.files:
+            Path(self.items[b]).unlink(missing_ok=True)
+        self.items, self.files = [], set()
+
+
+def _nbytes(value: Any) -> int:
+    """Bytes of the tensors in a (nested) layer input or output, each storage once."""
+    seen: dict[int, int] = {}
+
+    def walk(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            seen[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+        elif isinstance(v, (tuple, list)):
+            for x in v:
+                walk(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+
+    walk(value)
+    return sum(seen.values())
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -98,7 +167,7 @@ class _Replay(nn.Module):
     """One decoder layer under its path in the model (``model.layers.3``), run on its captured inputs:
     ``forward(index=b)`` is batch ``b``. Its output is kept for the next layer's capture."""
 
-    def __init__(self, path: str, layer: nn.Module, inputs: list[tuple[tuple, dict]]):
+    def __init__(self, path: str, layer: nn.Module, inputs: _Activations, outputs: _Activations):
         super().__init__()
         node: nn.Module = self
         parts = path.split(".")
@@ -109,13 +178,13 @@ class _Replay(nn.Module):
         node._modules[parts[-1]] = layer
         object.__setattr__(self, "_layer", layer)
         object.__setattr__(self, "inputs", inputs)
-        object.__setattr__(self, "outputs", [None] * len(inputs))
+        object.__setattr__(self, "outputs", outputs)
 
     def forward(self, index: torch.Tensor, use_cache: bool = False) -> Any:
         b = int(index)
-        args, kwargs = self.inputs[b]
+        args, kwargs = self.inputs.get(b)
         out = self._layer(*args, **kwargs)
-        self.outputs[b] = out
+        self.outputs.put(b, out)
         return out
 
 
@@ -124,32 +193,34 @@ def _capture_inputs(
     layers: nn.ModuleList,
     i: int,
     batches: Sequence[dict[str, torch.Tensor]],
-    previous: list[Any] | None,
-) -> list[tuple[tuple, dict]]:
-    """Layer ``i``'s (args, kwargs) for every batch, from the model's own forward."""
+    previous: _Activations | None,
+    inputs: _Activations,
+) -> None:
+    """Layer ``i``'s (args, kwargs) for every batch, from the model's own forward, into ``inputs``."""
     from .calibration import input_device
 
     originals = [layers[j] for j in range(i + 1)]
     device = input_device(model)
-    captured: list[tuple[tuple, dict]] = []
     try:
         for b, batch in enumerate(batches):
+            output = previous.get(b) if previous is not None else None
+            captured: list[tuple[tuple, dict]] = []
             for j in range(i):
-                layers[j] = _Stand(originals[j], output=previous[b] if previous is not None else None)
+                layers[j] = _Stand(originals[j], output=output)
             layers[i] = _Stand(originals[i], capture=captured)
             with torch.no_grad():
                 try:
                     model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
                 except _Stop:
                     pass
-            if len(captured) != b + 1:
+            if not captured:
                 raise MoeUnfuseError(
                     f"{type(model).__name__}: the forward did not reach decoder layer {i}; fix: pass --no-layerwise"
                 )
+            inputs.put(b, captured[0])
     finally:
         for j, layer in enumerate(originals):
             layers[j] = layer
-    return captured
 
 
 def calibrate_layerwise(
@@ -161,13 +232,16 @@ def calibrate_layerwise(
     progress: bool = True,
     sum_counts: Callable[[dict[str, list[int]]], None] | None = None,
     forced_here: bool = True,
+    spill_dir: Path | None = None,
 ) -> RoutingStats:
     """:func:`moe_unfuse.calibration.calibrate`, one decoder layer at a time (see the module docstring).
 
     Modules outside the decoder layers see the model's forward up to each layer (the embeddings:
     once per layer, the same tensors each time, so max calibration gives the same amax); modules
     after the last layer (lm_head, excluded by default) get one more forward per batch only when
-    one of them has an enabled quantizer that is still uncalibrated.
+    one of them has an enabled quantizer that is still uncalibrated. Cached inputs and outputs beyond
+    ``ACTIVATIONS_IN_MEMORY`` go to files in a temporary folder under ``spill_dir`` (default: the
+    system's), removed at the end.
     """
     from modelopt.torch.quantization.utils.core_utils import persistent_materialization
     from tqdm.auto import tqdm
@@ -175,30 +249,35 @@ def calibrate_layerwise(
     layers = decoder_layers(model)
     names = {id(m): n for n, m in model.named_modules()}
     stats = RoutingStats()
-    previous: list[Any] | None = None
+    previous: _Activations | None = None
     bar = tqdm(range(len(layers)), desc="layer by layer", unit="layer", disable=not progress, leave=False)
-    for i in bar:
-        path = names[id(layers[i])]
-        inputs = _capture_inputs(model, layers, i, batches, previous)
-        previous = None
-        replay = _Replay(path, layers[i], inputs)
-        with persistent_materialization(layers[i], writeback=False):
-            layer_stats = calibrate(
-                replay,
-                [{"index": torch.tensor(b)} for b in range(len(inputs))],
-                force_routing=force_routing,
-                chunk_tokens=chunk_tokens,
-                progress=False,
-                sum_counts=sum_counts,
-                forced_here=forced_here,
-            )
-        previous = replay.outputs
-        del replay, inputs
-        release_free_memory()
-        stats.counts.update(layer_stats.counts)
-        stats.forced.update(layer_stats.forced)
-    if previous is not None and _uncalibrated_after_layers(model, layers):
-        _run_after_layers(model, layers, batches, previous)
+    with tempfile.TemporaryDirectory(prefix="moe-unfuse-activations-", dir=spill_dir) as folder:
+        for i in bar:
+            path = names[id(layers[i])]
+            inputs = _Activations(Path(folder), f"in{i}", len(batches))
+            _capture_inputs(model, layers, i, batches, previous, inputs)
+            if previous is not None:
+                previous.drop()
+            outputs = _Activations(Path(folder), f"out{i}", len(batches))
+            replay = _Replay(path, layers[i], inputs, outputs)
+            with persistent_materialization(layers[i], writeback=False):
+                layer_stats = calibrate(
+                    replay,
+                    [{"index": torch.tensor(b)} for b in range(len(batches))],
+                    force_routing=force_routing,
+                    chunk_tokens=chunk_tokens,
+                    progress=False,
+                    sum_counts=sum_counts,
+                    forced_here=forced_here,
+                )
+            inputs.drop()
+            previous = outputs
+            del replay, inputs
+            release_free_memory()
+            stats.counts.update(layer_stats.counts)
+            stats.forced.update(layer_stats.forced)
+        if previous is not None and _uncalibrated_after_layers(model, layers):
+            _run_after_layers(model, layers, batches, previous)
     return stats
 
 
@@ -216,7 +295,7 @@ def _uncalibrated_after_layers(model: nn.Module, layers: nn.ModuleList) -> bool:
 
 
 def _run_after_layers(
-    model: nn.Module, layers: nn.ModuleList, batches: Sequence[dict[str, torch.Tensor]], last: list[Any]
+    model: nn.Module, layers: nn.ModuleList, batches: Sequence[dict[str, torch.Tensor]], last: _Activations
 ) -> None:
     """One forward per batch with every layer standing in by the last layer's output: the modules after
     the layers (a final projection, an MTP head) calibrate on what they see in a whole-model pass."""
@@ -226,8 +305,9 @@ def _run_after_layers(
     device = input_device(model)
     try:
         for b, batch in enumerate(batches):
+            output = last.get(b)
             for j, layer in enumerate(originals):
-                layers[j] = _Stand(layer, output=last[b])
+                layers[j] = _Stand(layer, output=output)
             with torch.no_grad():
                 model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
     finally:

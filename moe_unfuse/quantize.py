@@ -89,6 +89,7 @@ def quantize_model(
     progress: bool = True,
     group: Group | None = None,
     layerwise: bool = False,
+    spill_dir: Path | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` in place with modelopt: every expert becomes per-expert QuantLinears.
 
@@ -99,7 +100,8 @@ def quantize_model(
     ``group``: data-parallel calibration (:mod:`moe_unfuse.distributed`); ``batches`` are this
     process's share, and amax and token counts come out as one process on all batches would get.
     ``layerwise``: calibrate one decoder layer at a time (:mod:`moe_unfuse.layerwise`; for a model
-    offloaded to disk, whose memory then stays about one layer): the same amax and counts.
+    offloaded to disk, whose memory then stays about one layer): the same amax and counts; its cached
+    activations beyond what memory holds go to a temporary folder under ``spill_dir``.
     """
 
     start = time.perf_counter()
@@ -112,7 +114,7 @@ def quantize_model(
     stats = RoutingStats()
     if cfg is None:
         unfuse(model, specs or None, allow_uncovered=allow_uncovered)
-        stats = _calibrate(model, batches, False, chunk_tokens, progress, group, layerwise)
+        stats = _calibrate(model, batches, False, chunk_tokens, progress, group, layerwise, spill_dir)
     else:
         import modelopt.torch.quantization as mtq
 
@@ -121,7 +123,7 @@ def quantize_model(
 
         def forward_loop(m: nn.Module) -> None:
             nonlocal stats
-            stats = _calibrate(m, batches, force_routing, chunk_tokens, progress, group, layerwise)
+            stats = _calibrate(m, batches, force_routing, chunk_tokens, progress, group, layerwise, spill_dir)
 
         if group is not None:
             cfg = distributed.without_modelopt_sync(cfg)
@@ -184,6 +186,7 @@ def _calibrate(
     progress: bool,
     group: Group | None = None,
     layerwise: bool = False,
+    spill_dir: Path | None = None,
 ) -> RoutingStats:
     """:func:`calibrate` (or :func:`calibrate_layerwise`), with a model whose forward fails named in one
     line instead of a traceback."""
@@ -191,7 +194,13 @@ def _calibrate(
     try:
         if layerwise:
             return calibrate_layerwise(
-                model, batches, force_routing=force_routing, chunk_tokens=chunk_tokens, progress=progress, **parallel
+                model,
+                batches,
+                force_routing=force_routing,
+                chunk_tokens=chunk_tokens,
+                progress=progress,
+                spill_dir=spill_dir,
+                **parallel,
             )
         return calibrate(
             model, batches, force_routing=force_routing, chunk_tokens=chunk_tokens, progress=progress, **parallel
@@ -464,6 +473,7 @@ def _quantize_and_export(opts: QuantizeOptions, on_disk: int, offload: Path | No
         progress=opts.progress and (group is None or group.writer),
         group=group,
         layerwise=offload is not None,
+        spill_dir=offload,
     )
     if group is not None and not group.writer:
         return None  # rank 0 writes and reports
