@@ -8,7 +8,7 @@ x moe_intermediate 704, top-8, dense MLP 2112, its attention and 262144-token vo
 ``moe_unfuse.tiny.GEMMA4_26B_A4B_TEXT``) and ``--layers`` decoder layers with random weights, one
 layer in memory at a time (about 1.6 GB per layer in bf16, 1.5 GB for the embeddings). Then
 quantizes it twice, each in its own process: ``--no-layerwise`` (the whole model loaded) and
-``--layerwise``; reports each process's peak resident memory (its own rusage, ``os.wait4``) over the
+``--layerwise``; reports each process's peak resident memory (its own ``VmHWM``, reported at exit) over the
 checkpoint's bytes (target for layer by layer: <= 0.25), the wall times, and whether the two
 checkpoints hold identical tensors. ``--memory-limit-gb`` runs the layer-by-layer process in a
 memory cgroup of that size (cgroup v2, or v1's memory controller) to show it completes with less
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -66,14 +65,14 @@ def memory_cgroup(name: str, limit: int) -> Path | None:
 
 
 def run(cmd: list[str], log: Path, cgroup: Path | None = None) -> tuple[int, int, float, str]:
-    """(exit code, peak RSS bytes, seconds, stdout) of one process, its own rusage."""
+    """(exit code, peak RSS bytes, seconds, stdout) of ``python -m cmd[0] cmd[1:]``, its own peak."""
 
     def enter() -> None:
         if cgroup is not None:
             (cgroup / "cgroup.procs").write_text(str(os.getpid()))
 
     t0 = time.perf_counter()
-    code, peak = run_with_peak_rss(cmd, log, log.with_suffix(".err"), enter)
+    code, peak = run_with_peak_rss(cmd[0], cmd[1:], log, log.with_suffix(".err"), enter)
     return code, peak, time.perf_counter() - t0, log.read_text()
 
 
@@ -130,8 +129,6 @@ def main() -> None:
         flush=True,
     )
     base = [
-        sys.executable,
-        "-m",
         "moe_unfuse",
         "quantize",
         str(model),

@@ -76,14 +76,35 @@ def available_memory() -> int:
     return avail if avail is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def run_with_peak_rss(
-    cmd: list[str], stdout: Path, stderr: Path, preexec_fn: Callable[[], None] | None = None
-) -> tuple[int, int]:
-    """Run ``cmd`` to completion (output to the two files): its exit code and its own peak resident
-    memory in bytes, from its rusage (``os.wait4``), not the maximum over every child so far."""
-    import subprocess
+#: Runs ``python -m MODULE ARGS`` and, at exit, writes the process's peak resident memory
+#: (``VmHWM``: its own, since exec) to a file.
+_PROBE = """
+import atexit, runpy, sys
+module, report = sys.argv[1], sys.argv[2]
+def write_peak():
+    with open("/proc/self/status") as f, open(report, "w") as out:
+        out.write(next(line.split()[1] for line in f if line.startswith("VmHWM:")))
+atexit.register(write_peak)
+sys.argv = [module, *sys.argv[3:]]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
 
+
+def run_with_peak_rss(
+    module: str, args: list[str], stdout: Path, stderr: Path, preexec_fn: Callable[[], None] | None = None
+) -> tuple[int, int]:
+    """Run ``python -m module *args`` to completion (output to the two files): its exit code and its
+    own peak resident memory in bytes. The child reports its ``VmHWM`` itself at exit: rusage's
+    ``ru_maxrss`` also counts the parent's pages the child held between fork and exec (a large
+    pytest process doubled it). A child that cannot report (killed) gets its rusage figure."""
+    import subprocess
+    import sys
+
+    report = stdout.with_name(stdout.name + ".peak")
+    report.unlink(missing_ok=True)
+    cmd = [sys.executable, "-c", _PROBE, module, str(report), *args]
     with stdout.open("w") as out, stderr.open("w") as err:
         pid = subprocess.Popen(cmd, stdout=out, stderr=err, preexec_fn=preexec_fn).pid
         _, status, usage = os.wait4(pid, 0)
-    return os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024  # Linux reports KiB
+    peak = int(report.read_text()) * 1024 if report.is_file() else usage.ru_maxrss * 1024  # both KiB
+    return os.waitstatus_to_exitcode(status), peak
