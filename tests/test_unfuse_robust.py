@@ -184,6 +184,14 @@ def test_ctrl_c_in_a_command_is_one_line_and_exit_130(monkeypatch, capsys):
     assert capsys.readouterr().err == "moe-unfuse list: interrupted\n"
 
 
+def _default_sigint() -> None:
+    """A child inherits an ignored or blocked SIGINT (a shell starts background jobs with SIGINT ignored:
+    the suite run with ``&``), and Python then installs no KeyboardInterrupt handler: the default, as an
+    interactive shell gives it."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.arch("gemma4")
 def test_sigint_during_check_exits_130_with_one_line():
     proc = subprocess.Popen(
@@ -192,6 +200,7 @@ def test_sigint_during_check_exits_130_with_one_line():
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
     assert proc.stdout.readline().startswith("spec ok")  # in the golden checks now
     proc.send_signal(signal.SIGINT)
