@@ -188,34 +188,39 @@ class _Replay(nn.Module):
         return out
 
 
-def _capture_inputs(
+def _forward_standing_in(
     model: nn.Module,
     layers: nn.ModuleList,
-    i: int,
+    count: int,
     batches: Sequence[dict[str, torch.Tensor]],
     previous: _Activations | None,
-    inputs: _Activations,
+    inputs: _Activations | None = None,
 ) -> None:
-    """Layer ``i``'s (args, kwargs) for every batch, from the model's own forward, into ``inputs``."""
+    """The model's own forward on every batch with its first ``count`` layers standing in by returning
+    ``previous`` (the last real layer's output for the batch). With ``inputs``, layer ``count``'s
+    (args, kwargs) go there and the forward stops at it; without, the forward runs to the end."""
     from .calibration import input_device
 
-    originals = [layers[j] for j in range(i + 1)]
+    originals = list(layers)[: count + (inputs is not None)]
     device = input_device(model)
     try:
         for b, batch in enumerate(batches):
             output = previous.get(b) if previous is not None else None
             captured: list[tuple[tuple, dict]] = []
-            for j in range(i):
+            for j in range(count):
                 layers[j] = _Stand(originals[j], output=output)
-            layers[i] = _Stand(originals[i], capture=captured)
+            if inputs is not None:
+                layers[count] = _Stand(originals[count], capture=captured)
             with torch.no_grad():
                 try:
                     model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
                 except _Stop:
                     pass
+            if inputs is None:
+                continue
             if not captured:
                 raise MoeUnfuseError(
-                    f"{type(model).__name__}: the forward did not reach decoder layer {i}; fix: pass --no-layerwise"
+                    f"{type(model).__name__}: the forward did not reach decoder layer {count}; fix: pass --no-layerwise"
                 )
             inputs.put(b, captured[0])
     finally:
@@ -255,7 +260,7 @@ def calibrate_layerwise(
         for i in bar:
             path = names[id(layers[i])]
             inputs = _Activations(Path(folder), f"in{i}", len(batches))
-            _capture_inputs(model, layers, i, batches, previous, inputs)
+            _forward_standing_in(model, layers, i, batches, previous, inputs)
             if previous is not None:
                 previous.drop()
             outputs = _Activations(Path(folder), f"out{i}", len(batches))
@@ -277,7 +282,9 @@ def calibrate_layerwise(
             stats.counts.update(layer_stats.counts)
             stats.forced.update(layer_stats.forced)
         if previous is not None and _uncalibrated_after_layers(model, layers):
-            _run_after_layers(model, layers, batches, previous)
+            # modules after the layers (a final projection, an MTP head) calibrate on what they see
+            # in a whole-model pass
+            _forward_standing_in(model, layers, len(layers), batches, previous)
     return stats
 
 
@@ -292,27 +299,6 @@ def _quantizers_outside(model: nn.Module, layers: nn.ModuleList) -> list[tuple[s
 
 def _uncalibrated_after_layers(model: nn.Module, layers: nn.ModuleList) -> bool:
     return any(getattr(q, "amax", None) is None for _, q in _quantizers_outside(model, layers))
-
-
-def _run_after_layers(
-    model: nn.Module, layers: nn.ModuleList, batches: Sequence[dict[str, torch.Tensor]], last: _Activations
-) -> None:
-    """One forward per batch with every layer standing in by the last layer's output: the modules after
-    the layers (a final projection, an MTP head) calibrate on what they see in a whole-model pass."""
-    from .calibration import input_device
-
-    originals = list(layers)
-    device = input_device(model)
-    try:
-        for b, batch in enumerate(batches):
-            output = last.get(b)
-            for j, layer in enumerate(originals):
-                layers[j] = _Stand(layer, output=output)
-            with torch.no_grad():
-                model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
-    finally:
-        for j, layer in enumerate(originals):
-            layers[j] = layer
 
 
 @contextmanager

@@ -36,46 +36,32 @@ def model_class(path: Path | str) -> type:
     return cls
 
 
-def _dtype(dtype: str) -> Any:
-    return dtype if dtype == "auto" else getattr(torch, dtype)
-
-
 def load_model(path: Path | str, device_map: str | None = "auto", dtype: str = "auto") -> nn.Module:
     """A transformers model from a local folder (never the network), placed by accelerate's ``device_map``."""
-    path = Path(path)
-    cls = model_class(path)
-    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": _dtype(dtype)}
-    if device_map and device_map != "none":
-        kwargs["device_map"] = device_map
-    try:
-        model = cls.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
-        first = first_line(exc)
-        raise MoeUnfuseError(
-            f"{path}: cannot load with device_map={device_map!r} ({first}); fix: check the folder's weights, or pass --device-map cpu"
-        ) from None
-    return model.eval()
+    placement = {"device_map": device_map} if device_map and device_map != "none" else {}
+    return _from_pretrained(path, dtype, placement, f"with device_map={device_map!r}", "or pass --device-map cpu")
 
 
 def load_offloaded(path: Path | str, offload_dir: Path | str, dtype: str = "auto") -> nn.Module:
     """A transformers model from a local folder with every module offloaded to disk: accelerate reads
     a module's weights from the checkpoint's safetensors files only for its forward. ``offload_dir``
     receives only the tensors a load-time conversion rewrote (e.g. per-expert hub tensors fused)."""
+    placement = {"device_map": {"": "disk"}, "offload_folder": str(offload_dir)}
+    model = _from_pretrained(path, dtype, placement, "offloaded to disk", "or pass --no-layerwise")
+    _keep_in_fp32_as_loaded(model)
+    return model
+
+
+def _from_pretrained(path: Path | str, dtype: str, placement: dict[str, Any], how: str, fix: str) -> nn.Module:
     path = Path(path)
     cls = model_class(path)
-    kwargs: dict[str, Any] = {
-        "local_files_only": True,
-        "dtype": _dtype(dtype),
-        "device_map": {"": "disk"},
-        "offload_folder": str(offload_dir),
-    }
+    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
     try:
-        model = cls.from_pretrained(path, **kwargs)
+        model = cls.from_pretrained(path, **kwargs, **placement)
     except (OSError, ValueError, RuntimeError) as exc:
         raise MoeUnfuseError(
-            f"{path}: cannot load offloaded to disk ({first_line(exc)}); fix: check the folder's weights, or pass --no-layerwise"
+            f"{path}: cannot load {how} ({first_line(exc)}); fix: check the folder's weights, {fix}"
         ) from None
-    _keep_in_fp32_as_loaded(model)
     return model.eval()
 
 
