@@ -1,17 +1,20 @@
 """Layer-by-layer quantization (``quantize --layerwise``) writes the checkpoint the whole-model path
-writes: every tensor bit for bit, the same configs and the same ``moe_unfuse.json``, on tiny models
-of families that stress different parts (per-layer inputs and mixed attention types, hub per-expert
-tensors fused on load, a fused export layout, fp32-kept routers and sinks, a router reading its
-child's weight, identity experts, hybrid attention); models it cannot do fail in one line before
-anything is written; and it is chosen by default when the whole model would not fit in memory."""
+writes: every tensor bit for bit, the same configs and the same ``moe_unfuse.json``, for every spec
+with a whole tiny model (per-layer inputs and mixed attention types, hub per-expert tensors fused on
+load, a fused export layout, fp32-kept routers and sinks, a router reading its child's weight,
+identity experts, hybrid attention ...; the gaps modelopt's streaming export leaves are strict
+xfails); models it cannot do fail in one line before anything is written; and it is chosen by
+default when the whole model would not fit in memory."""
 
 from __future__ import annotations
 
 import json
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import spec_names, spec_raw
 from safetensors import safe_open
 
 import moe_unfuse
@@ -20,22 +23,35 @@ from moe_unfuse.tiny import byte_tokenizer, tiny_gemma4, tiny_model_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-#: Families whose whole-model and layer-by-layer checkpoints are compared (a sweep over every spec
-#: with a whole tiny model found 52 of 62 identical; the rest are listed in README's layer-by-layer section).
-FAMILIES = [
-    "gemma4",
-    "mixtral",
-    "qwen3_moe",
-    "gpt_oss",
-    "deepseek_v3",
-    "longcat_flash",
-    "beam",
-    "openai_privacy_filter",
-    "muse_spark",
-    "step3p7",
-    "qwen3_next",
-    "granitemoehybrid",
-]
+#: Every spec with a whole tiny model, as in the export-family tests (names read from the spec files).
+FAMILIES = [a for a in spec_names() if (spec_raw(a).get("golden") or {}).get("model")]
+#: Refused in one line before anything is written (tested below).
+REFUSED = {
+    "dbrx": "no decoder layer list",
+    "jamba": "no decoder layer list",
+    "bailing_hybrid": "splits hub tensors on load",
+    "glm5_next": "splits hub tensors on load",
+    "lara_mini": "splits hub tensors on load",  # transformers 5.24 and later
+}
+#: Families modelopt's streaming export cannot yet write as the whole-model path does (README lists them).
+KNOWN_LAYERWISE_GAPS = {
+    "deepseek_ocr2": "modelopt's streaming export mis-shapes a weight",
+    "unlimited_ocr": "modelopt's streaming export mis-shapes a weight",
+    "zaya": "modelopt's streaming export mis-shapes a weight",
+    "jetmoe": "a module reads weights of a child it does not call: meta under offload",
+    "llama4": "a module reads weights of a child it does not call: meta under offload",
+}
+if version("nvidia-modelopt").startswith("0.47."):  # 0.48 names them right
+    KNOWN_LAYERWISE_GAPS["nemotron_h"] = "modelopt 0.47's streaming name mapper writes backbone.pt_name_sentinel names"
+
+
+def _family(arch: str) -> list:
+    marks = [pytest.mark.arch(arch)]
+    if arch in KNOWN_LAYERWISE_GAPS:
+        marks.append(pytest.mark.xfail(reason=KNOWN_LAYERWISE_GAPS[arch], strict=True))
+    return [pytest.param(arch, marks=marks, id=arch)]
+
+
 CALIB = ["--calib-size", "4", "--seq-len", "32", "--batch-size", "2", "--no-progress", "--force-routing"]
 
 
@@ -71,7 +87,7 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
         assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name
 
 
-@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.arch(a), id=a) for a in FAMILIES])
+@pytest.mark.parametrize("arch", [p for a in FAMILIES if a not in REFUSED for p in _family(a)])
 def test_layerwise_checkpoint_equals_whole_model(arch: str, tmp_path: Path) -> None:
     if moe_unfuse.get_spec(arch).resolve_class() is None:
         pytest.skip(f"{arch}: not in the installed transformers")
@@ -94,21 +110,12 @@ def test_layerwise_fp8_and_report(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert report.count("mode       layer by layer: 4 decoder layers") == 1
 
 
-@pytest.mark.parametrize(
-    "arch, why",
-    [
-        pytest.param("dbrx", "no decoder layer list", marks=pytest.mark.arch("dbrx"), id="dbrx"),
-        pytest.param(
-            "bailing_hybrid",
-            "splits hub tensors on load",
-            marks=pytest.mark.arch("bailing_hybrid"),
-            id="bailing_hybrid",
-        ),
-    ],
-)
+@pytest.mark.parametrize("arch, why", [pytest.param(a, w, marks=pytest.mark.arch(a), id=a) for a, w in REFUSED.items()])
 def test_layerwise_refused_in_one_line_before_anything_is_written(
     arch: str, why: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
+    if moe_unfuse.get_spec(arch).resolve_class() is None:
+        pytest.skip(f"{arch}: not in the installed transformers")
     model = _save(arch, tmp_path / "model")
     before = {f: f.stat().st_mtime_ns for f in model.iterdir()}
     out = tmp_path / "out"
