@@ -12,7 +12,7 @@ import contextlib
 import io
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -34,6 +34,7 @@ from .catalog import select_specs
 from .coverage import Coverage, check_coverage, fused_expert_params
 from .distributed import Group
 from .errors import MoeUnfuseError, UncoveredExpertsError, first_line
+from .evaluate import evaluate, held_out_batches
 from .experts import unfuse_state
 from .export import export_checkpoint, prepare_out_dir, quiet
 from .layerwise import (
@@ -47,7 +48,13 @@ from .layerwise import (
 from .loading import checkpoint_bytes, load_model, load_offloaded, load_tokenizer
 from .memory import map_large_allocations
 from .naming import model_contract
-from .options import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SIZE, DEFAULT_CHUNK_TOKENS, DEFAULT_SEQ_LEN
+from .options import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CALIB_SIZE,
+    DEFAULT_CHUNK_TOKENS,
+    DEFAULT_SEQ_LEN,
+    default_eval_size,
+)
 from .policy import build_quant_config
 from .registration import register
 from .spec import Spec
@@ -258,6 +265,8 @@ class QuantizeOptions:
     multimodal: bool = False
     progress: bool = True
     layerwise: bool | None = None  # None: layer by layer when the whole model would not fit in memory
+    eval_size: int = field(default_factory=default_eval_size)  # held-out samples evaluated (0: none)
+    max_kl: float | None = None  # a larger KL(original || quantized) fails the run
 
 
 @dataclass
@@ -274,10 +283,12 @@ class QuantizeReport:
     verify: Any  # verify.VerifyReport
     before_what: str = "in memory"
     layers: int = 0  # decoder layers quantized one at a time (0: the whole model at once)
+    evaluation: Any = None  # evaluate.EvalReport, or None when not evaluated
+    eval_failed: str = ""  # why the evaluation failed the run
 
     @property
     def ok(self) -> bool:
-        return self.verify.ok
+        return self.verify.ok and not self.eval_failed
 
     def to_dict(self) -> dict[str, Any]:
         r = self.result
@@ -299,6 +310,7 @@ class QuantizeReport:
             "bytes_before_of": self.before_what,
             "export": self.export.to_dict(),
             "verify": self.verify.to_dict(),
+            "evaluation": self.evaluation.to_dict() if self.evaluation is not None else None,
         }
 
     def __str__(self) -> str:
@@ -377,6 +389,9 @@ class QuantizeReport:
         lines.append(f"verify     {self.verify.summary()}")
         for line in self.verify.problem_lines():
             lines.append(f"           {line}")
+        if self.evaluation is not None:
+            block = self.evaluation.lines() + ([f"FAILED {self.eval_failed}"] if self.eval_failed else [])
+            lines.extend(f"{'evaluate' if i == 0 else '':<10} {line}" for i, line in enumerate(block))
         lines.append(f"checkpoint {ex.path}" if self.ok else f"FAILED     checkpoint kept for inspection at {ex.path}")
         return "\n".join(lines)
 
@@ -459,6 +474,8 @@ def _quantize_and_export(opts: QuantizeOptions, on_disk: int, offload: Path | No
         source = f"{opts.model} ({_describe(model)})"
     texts = read_calibration_texts(opts.calib_dataset, tokenizer)
     batches = calibration_batches(tokenizer, texts, opts.calib_size, opts.seq_len, opts.batch_size)
+    evaluating = opts.eval_size > 0 and opts.qformat != "none"
+    held_out = held_out_batches(tokenizer, texts, opts.eval_size, opts.seq_len) if evaluating else ([], "")
     group = distributed.from_env()  # torchrun: this process calibrates on its share of the batches
     bytes_before, before_what = (on_disk, "source checkpoint") if on_disk else (param_bytes(model), "in memory")
     result = quantize_model(
@@ -494,4 +511,40 @@ def _quantize_and_export(opts: QuantizeOptions, on_disk: int, offload: Path | No
     samples = sum(b["input_ids"].shape[0] for b in batches)
     tokens = sum(b["input_ids"].numel() for b in batches)
     layers = len(decoder_layers(model)) if offload is not None else 0
-    return QuantizeReport(source, opts, result, samples, tokens, bytes_before, exported, verified, before_what, layers)
+    report = QuantizeReport(
+        source, opts, result, samples, tokens, bytes_before, exported, verified, before_what, layers
+    )
+    if evaluating and verified.ok:
+        del model  # the evaluation loads the original and the checkpoint's own bytes
+        original = opts.model if opts.model is not None else tiny_gemma4(multimodal=opts.multimodal)
+        evaluate_export(report, original, *held_out)
+    return report
+
+
+def evaluate_export(report: QuantizeReport, original: Any, batches: Sequence[dict], held_out: str) -> None:
+    """Measure the written checkpoint against ``original`` (:func:`moe_unfuse.evaluate.evaluate`), record
+    every figure in its ``moe_unfuse.json``, and move it to ``OUT.invalid`` when a module fails its
+    format's limit or the KL passes ``--max-kl``."""
+    import json
+    import shutil
+
+    from .checkpoint import METADATA_FILE
+
+    path = Path(report.export.path)
+    ev = evaluate(path, original, batches, held_out=held_out, work_dir=path.parent, progress=report.options.progress)
+    report.evaluation = ev
+    max_kl = report.options.max_kl
+    if ev.failures:
+        report.eval_failed = f"{len(ev.failures)} check(s) of the evaluation failed"
+    elif max_kl is not None and not ev.kl <= max_kl:
+        report.eval_failed = f"KL {ev.kl:.4g} over --max-kl {max_kl:g}"
+    meta_path = path / METADATA_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta["evaluation"] = ev.to_dict() | {"failed": report.eval_failed or None}
+    meta_path.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    if report.eval_failed:
+        invalid = path.with_name(path.name + ".invalid")
+        if invalid.exists():
+            shutil.rmtree(invalid)
+        path.rename(invalid)
+        report.export.path = invalid
