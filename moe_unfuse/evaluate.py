@@ -670,6 +670,29 @@ def outliers(modules: Sequence[ModuleFigures]) -> list[str]:
     return out
 
 
+def numeric_check(ev: EvalReport, max_kl: float | None = None) -> Any:
+    """The evaluation as one check of ``verify --against``: failing modules named in its keys."""
+    from .verify import Check
+
+    problems = list(ev.failures)
+    if max_kl is not None and not ev.kl <= max_kl:
+        problems.append(f"logits: KL {ev.kl:.4g} over --max-kl {max_kl:g}")
+    figures = f"{len(ev.modules)} modules on {ev.tokens} tokens, KL {ev.kl:.4g}, top-1 {ev.top1:.1%}"
+    if problems:
+        return Check("numeric", False, f"{len(problems)} module(s) off the original ({figures})", problems)
+    return Check("numeric", True, f"every module within its format's limit ({figures})")
+
+
+def samples_for(tokenizer: Any, dataset: str | None, size: int, seq_len: int) -> tuple[list[dict], str]:
+    """Evaluation samples from ``dataset`` (see :func:`moe_unfuse.calibration.read_calibration_texts`),
+    or from the built-in held-out text (not the built-in calibration text)."""
+    from .calibration import calibration_batches, read_calibration_texts
+
+    if dataset is None:
+        return calibration_batches(tokenizer, EVAL_TEXT.split("\n\n"), size, seq_len, 1), "built-in held-out text"
+    return calibration_batches(tokenizer, read_calibration_texts(dataset, tokenizer), size, seq_len, 1), dataset
+
+
 def held_out_batches(tokenizer: Any, texts: Iterable[str], size: int, seq_len: int) -> tuple[list[dict], str]:
     """``size`` samples of ``seq_len`` tokens from what is left of ``texts`` after calibration read its
     share (the same iterator), else from the built-in held-out text; and which it was."""
