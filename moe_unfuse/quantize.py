@@ -341,9 +341,12 @@ class QuantizeReport:
                 if len(counts) <= 16
                 else f"min {min(counts)} median {sorted(counts)[len(counts) // 2]} max {max(counts)}"
             )
+            pushed = [(e, c) for e, c in enumerate(forced or []) if c]
             extra = (
-                f"  forced: {', '.join(f'#{e} {c}' for e, c in enumerate(forced) if c)}"
-                if forced and any(forced)
+                f"  forced: {', '.join(f'#{e} {c}' for e, c in pushed)}"
+                if 0 < len(pushed) <= EXPERTS_LISTED
+                else f"  forced: {expert_list([e for e, _ in pushed], len(counts))}, {sum(c for _, c in pushed)} tokens"
+                if pushed
                 else ""
             )
             lines.append(f"           {path:<36} {shown}{extra}")
@@ -354,13 +357,16 @@ class QuantizeReport:
         elif not before:
             lines.append("           every expert received tokens")
         else:
-            idle = "; ".join(f"{p} #{','.join(map(str, es))}" for p, es in before.items())
-            lines.append(f"           no routed tokens: {idle}")
+            lines.extend(
+                f"           no routed tokens: {p} {expert_list(es, len(r.routing.counts[p]))}"
+                for p, es in before.items()
+            )
             if not r.force_routing:
                 lines.append("           (rerun with --force-routing to calibrate them on their layer's inputs)")
             elif after:
-                lines.append(
-                    f"           still no data after forced routing: {'; '.join(f'{p} #{e}' for p, e in after.items())}"
+                lines.extend(
+                    f"           still no data after forced routing: {p} {expert_list(es, len(r.routing.counts[p]))}"
+                    for p, es in after.items()
                 )
             else:
                 lines.append("           forced routing calibrated them on their layer's inputs")
@@ -391,6 +397,29 @@ class QuantizeReport:
         return "\n".join(lines)
 
 
+#: Expert numbers listed one by one on screen up to this many; beyond, a count and ranges.
+EXPERTS_LISTED = 16
+_RANGES_SHOWN = 6
+
+
+def expert_list(experts: Sequence[int], total: int | None = None) -> str:
+    """``#3,7,9`` up to ``EXPERTS_LISTED`` experts; beyond, a count and the first ranges:
+    ``37 of 128 experts (0-3, 7, 9-40, ...)`` (every number stays in ``moe_unfuse.json``)."""
+    experts = sorted(experts)
+    if len(experts) <= EXPERTS_LISTED:
+        return "#" + ",".join(map(str, experts))
+    runs: list[list[int]] = []
+    for e in experts:
+        if runs and e == runs[-1][1] + 1:
+            runs[-1][1] = e
+        else:
+            runs.append([e, e])
+    shown = [f"{a}-{b}" if b > a else str(a) for a, b in runs[:_RANGES_SHOWN]]
+    more = ", ..." if len(runs) > _RANGES_SHOWN else ""
+    of = f" of {total}" if total else ""
+    return f"{len(experts)}{of} experts ({', '.join(shown)}{more})"
+
+
 def fallback_lines(fallbacks: Sequence[ScaleFallback]) -> list[str]:
     """One line per experts module (every expert's value is in ``moe_unfuse.json``): at 128 experts a
     line per expert would bury the report."""
@@ -404,8 +433,7 @@ def fallback_lines(fallbacks: Sequence[ScaleFallback]) -> list[str]:
             continue
         experts = sorted({fb.expert for fb in fbs})
         sources = " / ".join(sorted({fb.source for fb in fbs}))
-        shown = ",".join(map(str, experts[:12])) + (f",... ({len(experts)} experts)" if len(experts) > 12 else "")
-        lines.append(f"fallback {path} #{shown}: {len(fbs)} input amax without data took the {sources}")
+        lines.append(f"fallback {path} {expert_list(experts)}: {len(fbs)} input amax without data took the {sources}")
     if len(fallbacks) > 1:
         lines.append("(each fallback's value: input_scale_fallbacks in the checkpoint's moe_unfuse.json)")
     return lines
