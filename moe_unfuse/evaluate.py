@@ -7,7 +7,7 @@ the original: both models are then the same class, unfused by the same specs, wi
 paths. Every quantized linear of the dequantized copy quantizes its input as the format does (FP8:
 the exported per-tensor ``input_scale``; NVFP4 W4A4: E2M1 with dynamic E4M3 block scales under the
 exported ``input_scale``), on the CPU. The original model runs on held-out samples; each experts
-module, linear and embedding of it hands its inputs to its twin, whose output is compared with its
+module, linear, embedding and other module with weights (routers, norms) hands its inputs to its twin, whose output is compared with its
 own (relative error, SNR); at the end both models' logits give KL(original || quantized), top-1
 agreement and both perplexities. A large model is loaded offloaded to disk on both sides
 (:func:`moe_unfuse.loading.load_offloaded`): accelerate then reads one module's weights at a time,
@@ -74,7 +74,7 @@ class ModuleFigures:
     """One module's output against the original's on the same inputs, over all samples."""
 
     name: str
-    kind: str  # "experts", "linear", "expert_linear" or "embedding"
+    kind: str  # "experts", "linear", "expert_linear", "embedding" or "module" (other modules with weights)
     fmt: str | None  # fp8 / nvfp4, None when unquantized
     rel_error: float
     snr_db: float | None  # None: identical outputs
@@ -582,6 +582,10 @@ def _compare(
             kind = ("expert_linear" if path in expert_linears else "linear", formats.get(path))
         elif isinstance(m, nn.Embedding):
             kind = ("embedding", None)
+        elif any(p is not None for p in m._parameters.values()) and not any(
+            any(True for _ in c.parameters()) for c in m.children()
+        ):
+            kind = ("module", None)  # routers, norms: unquantized leaves, the original's bytes
         else:
             continue
         kinds[path] = kind
@@ -591,7 +595,10 @@ def _compare(
             r = _first_tensor(output)
             if r is None:
                 return
-            o = _first_tensor(twins[path](*args, **kwargs))
+            try:
+                o = _first_tensor(twins[path](*args, **kwargs))
+            except (RuntimeError, TypeError, ValueError):  # a module that cannot run twice on its inputs
+                return
             if o is not None and o.shape == r.shape:
                 stats[path].add(r, o)
 
