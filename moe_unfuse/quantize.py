@@ -12,7 +12,7 @@ import contextlib
 import io
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -34,6 +34,7 @@ from .catalog import select_specs
 from .coverage import Coverage, check_coverage, fused_expert_params
 from .distributed import Group
 from .errors import MoeUnfuseError, UncoveredExpertsError, first_line
+from .evaluate import evaluate, held_out_batches
 from .experts import unfuse_state
 from .export import export_checkpoint, out_lock, prepare_out_dir, quiet
 from .layerwise import (
@@ -47,7 +48,13 @@ from .layerwise import (
 from .loading import checkpoint_bytes, load_model, load_offloaded, load_tokenizer
 from .memory import map_large_allocations
 from .naming import model_contract
-from .options import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SIZE, DEFAULT_CHUNK_TOKENS, DEFAULT_SEQ_LEN
+from .options import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CALIB_SIZE,
+    DEFAULT_CHUNK_TOKENS,
+    DEFAULT_SEQ_LEN,
+    default_eval_size,
+)
 from .policy import build_quant_config
 from .registration import register
 from .resume import ResumeState, fingerprint, kill_point, resume_dir
@@ -264,6 +271,8 @@ class QuantizeOptions:
     progress: bool = True
     layerwise: bool | None = None  # None: layer by layer when the whole model would not fit in memory
     device: str | None = None  # where to compute; None: this rank's GPU when there is one, else the CPU
+    eval_size: int = field(default_factory=default_eval_size)  # held-out samples evaluated (0: none)
+    max_kl: float | None = None  # a larger KL(original || quantized) fails the run
 
 
 @dataclass
@@ -282,10 +291,12 @@ class QuantizeReport:
     layers: int = 0  # decoder layers quantized one at a time (0: the whole model at once)
     device: str = "cpu"
     resumed: int = 0  # decoder layers a killed run had calibrated, restored from OUT.resume
+    evaluation: Any = None  # evaluate.EvalReport, or None when not evaluated
+    eval_failed: str = ""  # why the evaluation failed the run
 
     @property
     def ok(self) -> bool:
-        return self.verify.ok
+        return self.verify.ok and not self.eval_failed
 
     def to_dict(self) -> dict[str, Any]:
         r = self.result
@@ -308,6 +319,7 @@ class QuantizeReport:
             "bytes_before_of": self.before_what,
             "export": self.export.to_dict(),
             "verify": self.verify.to_dict(),
+            "evaluation": self.evaluation.to_dict() if self.evaluation is not None else None,
         }
 
     def __str__(self) -> str:
@@ -393,6 +405,9 @@ class QuantizeReport:
         lines.append(f"verify     {self.verify.summary()}")
         for line in self.verify.problem_lines():
             lines.append(f"           {line}")
+        if self.evaluation is not None:
+            block = self.evaluation.lines() + ([f"FAILED {self.eval_failed}"] if self.eval_failed else [])
+            lines.extend(f"{'evaluate' if i == 0 else '':<10} {line}" for i, line in enumerate(block))
         lines.append(f"checkpoint {ex.path}" if self.ok else f"FAILED     checkpoint kept for inspection at {ex.path}")
         return "\n".join(lines)
 
@@ -514,6 +529,8 @@ def _quantize_and_export(
         source = f"{opts.model} ({_describe(model)})"
     texts = read_calibration_texts(opts.calib_dataset, tokenizer)
     batches = calibration_batches(tokenizer, texts, opts.calib_size, opts.seq_len, opts.batch_size)
+    evaluating = opts.eval_size > 0 and opts.qformat != "none"
+    held_out = held_out_batches(tokenizer, texts, opts.eval_size, opts.seq_len) if evaluating else ([], "")
     group = distributed.from_env(device)  # torchrun: this process calibrates on its share of the batches
     bytes_before, before_what = (on_disk, "source checkpoint") if on_disk else (param_bytes(model), "in memory")
     resume = None
@@ -564,7 +581,7 @@ def _quantize_and_export(
     tokens = sum(b["input_ids"].numel() for b in batches)
     layers = len(decoder_layers(model)) if offload is not None else 0
     resumed = resume.resumed if resume is not None else 0
-    return QuantizeReport(
+    report = QuantizeReport(
         source,
         opts,
         result,
@@ -578,3 +595,37 @@ def _quantize_and_export(
         str(device),
         resumed,
     )
+    if evaluating and verified.ok:
+        del model  # the evaluation loads the original and the checkpoint's own bytes
+        original = opts.model if opts.model is not None else tiny_gemma4(multimodal=opts.multimodal)
+        evaluate_export(report, original, *held_out)
+    return report
+
+
+def evaluate_export(report: QuantizeReport, original: Any, batches: Sequence[dict], held_out: str) -> None:
+    """Measure the written checkpoint against ``original`` (:func:`moe_unfuse.evaluate.evaluate`), record
+    every figure in its ``moe_unfuse.json``, and move it to ``OUT.invalid`` when a module fails its
+    format's limit or the KL passes ``--max-kl``."""
+    import json
+    import shutil
+
+    from .checkpoint import METADATA_FILE
+
+    path = Path(report.export.path)
+    ev = evaluate(path, original, batches, held_out=held_out, work_dir=path.parent, progress=report.options.progress)
+    report.evaluation = ev
+    max_kl = report.options.max_kl
+    if ev.failures:
+        report.eval_failed = f"{len(ev.failures)} check(s) of the evaluation failed"
+    elif max_kl is not None and not ev.kl <= max_kl:
+        report.eval_failed = f"KL {ev.kl:.4g} over --max-kl {max_kl:g}"
+    meta_path = path / METADATA_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta["evaluation"] = ev.to_dict() | {"failed": report.eval_failed or None}
+    meta_path.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    if report.eval_failed:
+        invalid = path.with_name(path.name + ".invalid")
+        if invalid.exists():
+            shutil.rmtree(invalid)
+        path.rename(invalid)
+        report.export.path = invalid

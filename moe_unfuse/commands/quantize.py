@@ -31,10 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         DEFAULT_BATCH_SIZE,
         DEFAULT_CALIB_SIZE,
         DEFAULT_CHUNK_TOKENS,
+        DEFAULT_EVAL_SIZE,
         DEFAULT_SEQ_LEN,
         ENGINES,
         INPUT_SCALE_POLICIES,
         QFORMATS,
+        default_eval_size,
     )
 
     parser.add_argument(
@@ -148,6 +150,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="built-in model only: Gemma4ForConditionalGeneration with vision and audio towers",
     )
+    parser.add_argument(
+        "--eval-size",
+        type=int,
+        default=default_eval_size(),
+        metavar="N",
+        help=f"held-out samples (--seq-len tokens each, not used by calibration) on which the written checkpoint is measured against the original (default {DEFAULT_EVAL_SIZE}; 0: no evaluation)",
+    )
+    parser.add_argument(
+        "--max-kl",
+        type=float,
+        metavar="X",
+        help="fail (exit 1, checkpoint kept at OUT.invalid) when KL(original || quantized) per token exceeds X",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     parser.add_argument("--report", type=Path, metavar="FILE", help="also write the report as JSON to FILE")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -181,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         layerwise=args.layerwise,
         device=args.device,
+        eval_size=args.eval_size,
+        max_kl=args.max_kl,
     )
     report = run_quantize(opts)
     if report is None:  # a torchrun rank other than 0: rank 0 reports
