@@ -47,6 +47,8 @@ EXPERTS_LIMIT_FACTOR = 1.6
 #: A quantized module is an outlier when its error is this many times its peers' median (and above
 #: half its format's limit): a single bad expert among hundreds of good ones.
 OUTLIER_FACTOR = 4.0
+#: Below this many checkpoint bytes the evaluation computes on one thread.
+SMALL_MODEL_BYTES = 64 << 20
 #: Built-in held-out text, for when the calibration source has nothing left after calibration.
 EVAL_TEXT = (
     "The river rose overnight and by morning the lower fields were under water. Farmers moved their "
@@ -218,9 +220,14 @@ _SCALE_LEAVES = (
 )
 
 
-def _scales(key: str) -> tuple[str, str]:
-    """(weight key -> prefix of its scale keys, separator): ``a.weight`` -> ``a.``; fused ``a.w`` -> ``a.w_``."""
-    return (key[: -len("weight")], "") if key.endswith(".weight") else (key + "_", "")
+def _is_scale(key: str) -> bool:
+    """A quantization scale: ``a.weight_scale`` next to ``a.weight``, or ``a.w_weight_scale`` next to a fused ``a.w``."""
+    return key.rsplit(".", 1)[-1] in _SCALE_LEAVES or any(key.endswith("_" + s) for s in _SCALE_LEAVES)
+
+
+def _scale_prefix(key: str) -> str:
+    """Where a weight's scale keys start: ``a.weight`` -> ``a.``; a fused ``a.w`` -> ``a.w_``."""
+    return key[: -len("weight")] if key.endswith(".weight") else key + "_"
 
 
 @dataclass
@@ -233,12 +240,10 @@ class _Quantized:
 
 def _dequantized(reader: _Reader, key: str, dtype: torch.dtype, q: _Quantized) -> torch.Tensor | None:
     """The tensor ``key`` dequantized (None when it is a scale)."""
-    if key.endswith(_SCALE_LEAVES) and (
-        key.rsplit(".", 1)[-1] in _SCALE_LEAVES or any(key.endswith("_" + s) for s in _SCALE_LEAVES)
-    ):
+    if _is_scale(key):
         return None
     t = reader.get(key)
-    prefix, _ = _scales(key)
+    prefix = _scale_prefix(key)
     if prefix + "weight_scale" not in reader:
         return t
     scale = reader.get(prefix + "weight_scale")
@@ -351,8 +356,7 @@ def write_dequantized(checkpoint: Path, out: Path, dtype: torch.dtype | None = N
                 put(k, t)
             for k in used:
                 done.add(k)
-                prefix, _ = _scales(k)
-                done.update(prefix + s for s in _SCALE_LEAVES)
+                done.update(_scale_prefix(k) + s for s in _SCALE_LEAVES)
     for key in reader.where:
         if key in done:
             continue
@@ -511,7 +515,6 @@ def evaluate(
     checkpoint would not fit in memory). Temporary files go under ``work_dir`` (default: the system's)."""
     from tqdm.auto import tqdm
 
-    from .experts import unfuse_state  # noqa: F401 - unfused modules are recognised through it
     from .export import quiet
     from .layerwise import needs_layerwise
     from .loading import checkpoint_bytes
@@ -546,7 +549,13 @@ def evaluate(
                     unfuse(m, specs)
         linears = _linear_keys(twin, contract, set(q.formats) | set(_Reader(checkpoint).where))
         formats = _install_input_quantizers(twin, linears, q)
-        report = _compare(ref, twin, formats, samples, progress, tqdm)
+        threads = torch.get_num_threads()
+        if checkpoint_bytes(source) < SMALL_MODEL_BYTES:
+            torch.set_num_threads(1)  # a small model's GEMMs gain nothing from threads that contend on a busy CPU
+        try:
+            report = _compare(ref, twin, formats, samples, progress, tqdm)
+        finally:
+            torch.set_num_threads(threads)
     except MoeUnfuseError:
         raise
     except (RuntimeError, ValueError, KeyError, OSError, AssertionError, IndexError, TypeError) as exc:
