@@ -35,7 +35,7 @@ from .coverage import Coverage, check_coverage, fused_expert_params
 from .distributed import Group
 from .errors import MoeUnfuseError, UncoveredExpertsError, first_line
 from .experts import unfuse_state
-from .export import export_checkpoint, prepare_out_dir, quiet
+from .export import export_checkpoint, out_lock, prepare_out_dir, quiet
 from .layerwise import (
     LAYERWISE_SHARD_SIZE,
     calibrate_layerwise,
@@ -50,7 +50,7 @@ from .naming import model_contract
 from .options import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SIZE, DEFAULT_CHUNK_TOKENS, DEFAULT_SEQ_LEN
 from .policy import build_quant_config
 from .registration import register
-from .spec import Spec
+from .spec import Spec, trusted_modules
 from .tiny import byte_tokenizer, tiny_gemma4
 from .unfusing import unfuse
 
@@ -258,6 +258,7 @@ class QuantizeOptions:
     multimodal: bool = False
     progress: bool = True
     layerwise: bool | None = None  # None: layer by layer when the whole model would not fit in memory
+    trust_modules: tuple[str, ...] = ()  # modules of the user's own that specs may import (--trust-module)
 
 
 @dataclass
@@ -416,7 +417,14 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeReport | None:
 
         hf_logging.disable_progress_bar()
     prepare_out_dir(Path(opts.out), opts.overwrite, Path(opts.model) if opts.model is not None else None)
-    with quiet():
+    # The lock on --out before anything is loaded: a second run to the same --out fails now, not
+    # after calibrating. Under torchrun the rank that writes holds it.
+    group = distributed.from_env()
+    with (
+        out_lock(Path(opts.out)) if group is None or group.writer else contextlib.nullcontext(),
+        trusted_modules(opts.trust_modules),
+        quiet(),
+    ):
         return _run_quantize(opts)
 
 
@@ -490,6 +498,7 @@ def _quantize_and_export(opts: QuantizeOptions, on_disk: int, offload: Path | No
         progress=opts.progress,
         overwrite=opts.overwrite,
         max_shard_size=LAYERWISE_SHARD_SIZE if offload is not None else None,
+        locked=True,
     )
     samples = sum(b["input_ids"].shape[0] for b in batches)
     tokens = sum(b["input_ids"].numel() for b in batches)

@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ENGINES,
         INPUT_SCALE_POLICIES,
         QFORMATS,
+        TRUST_MODULE_HELP,
     )
 
     parser.add_argument(
@@ -142,6 +143,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     parser.add_argument("--report", type=Path, metavar="FILE", help="also write the report as JSON to FILE")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--trust-module", action="append", default=[], metavar="MODULE", help=TRUST_MODULE_HELP, dest="trust_modules"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
         multimodal=args.multimodal,
         progress=not args.no_progress,
         layerwise=args.layerwise,
+        trust_modules=tuple(args.trust_modules),
     )
     report = run_quantize(opts)
     if report is None:  # a torchrun rank other than 0: rank 0 reports

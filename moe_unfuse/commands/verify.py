@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..options import ENGINES
+    from ..options import ENGINES, TRUST_MODULE_HELP
 
     parser.add_argument(
         "path", type=Path, metavar="DIR", help="checkpoint folder (config.json, *.safetensors, hf_quant_config.json)"
@@ -27,12 +27,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="spec(s) whose renames define the naming, comma-separated (default: moe_unfuse.json, else inferred from config.json)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--trust-module", action="append", default=[], metavar="MODULE", help=TRUST_MODULE_HELP, dest="trust_modules"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..spec import trusted_modules
     from ..verify import verify_checkpoint
 
     arch = args.arch.split(",") if args.arch else None
-    report = verify_checkpoint(args.path, engine=args.engine, arch=arch)
+    with trusted_modules(args.trust_modules):
+        report = verify_checkpoint(args.path, engine=args.engine, arch=arch)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return 0 if report.ok else 1
