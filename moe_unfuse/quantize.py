@@ -26,6 +26,7 @@ from .calibration import (
     calibrate,
     calibration_batches,
     finalize_input_scales,
+    keep_uncalibrated_unquantized,
     read_calibration_texts,
     share_gate_up_weight_amax,
     unfused_experts,
@@ -143,6 +144,7 @@ def quantize_model(
         if group is not None:
             distributed.reduce_amax(model)
         fallbacks = finalize_input_scales(model, input_scale)
+        keep_uncalibrated_unquantized(model)
         synced = share_gate_up_weight_amax(model)
     num_linears = sum(len(m) * len(unfuse_state(m).spec.projection_names()) for _, m in unfused_experts(model))
     input_quantized = any(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import SPECS_DIR
+from helpers import HANG_S, SPECS_DIR
 
 import moe_unfuse
 from moe_unfuse import cli
@@ -121,5 +121,5 @@ def test_help_and_import_stay_free_of_torch():
     import sys
 
     code = "import sys, moe_unfuse; from moe_unfuse.cli import build_parser; build_parser(); print(sorted(m for m in ('torch', 'transformers', 'modelopt') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
