@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .plugins import register_plugin, registry, unregister_plugin
     from .quantize import QuantizeOptions, QuantizeReport, QuantizeResult, quantize_model, run_quantize
     from .registration import register
-    from .spec import Spec
+    from .spec import Spec, trusted_modules
     from .unfusing import Report, fuse, refuse, unfuse
     from .verify import CheckpointContractError, VerifyReport, verify_checkpoint
 
@@ -33,6 +33,7 @@ _LAZY = {
     "unregister_plugin": "plugins",
     "hookimpl": "hookspecs",
     "Spec": "spec",
+    "trusted_modules": "spec",
     "load_spec": "catalog",
     "get_spec": "catalog",
     "register": "registration",
@@ -89,6 +90,7 @@ __all__ = [
     "refuse",
     "register",
     "register_plugin",
+    "trusted_modules",
     "registry",
     "run_quantize",
     "unfuse",

@@ -421,6 +421,24 @@ def _scalar(amax: torch.Tensor) -> torch.Tensor:
     return amax.detach().float().amax()
 
 
+def keep_uncalibrated_unquantized(model: nn.Module) -> list[str]:
+    """Linears whose input quantizer never saw data (the model's forward does not call them, e.g.
+    Jamba's ``mamba.dt_proj``, read as a weight by the scan): their export would be a quantized weight
+    without the ``input_scale`` the format needs (engines load it as uninitialized or 0). They stay
+    unquantized instead, and modelopt's export lists them in ``exclude_modules``. Experts are not
+    among them: :func:`finalize_input_scales` gives experts without data a fallback first."""
+    kept = []
+    for name, module in model.named_modules():
+        wq, iq = getattr(module, "weight_quantizer", None), getattr(module, "input_quantizer", None)
+        if wq is None or iq is None or not getattr(wq, "is_enabled", False) or not getattr(iq, "is_enabled", False):
+            continue
+        if getattr(iq, "amax", None) is None:
+            wq.disable()
+            iq.disable()
+            kept.append(name)
+    return kept
+
+
 def finalize_input_scales(model: nn.Module, policy: str = "shared") -> list[ScaleFallback]:
     """Apply the input-scale ``policy`` to every unfused experts module and fill experts without data
     (see the module docstring). Returns the fallbacks used; raises when no expert of the model has any."""

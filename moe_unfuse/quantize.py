@@ -26,6 +26,7 @@ from .calibration import (
     calibrate,
     calibration_batches,
     finalize_input_scales,
+    keep_uncalibrated_unquantized,
     read_calibration_texts,
     share_gate_up_weight_amax,
     unfused_experts,
@@ -58,7 +59,7 @@ from .options import (
 from .policy import build_quant_config
 from .registration import register
 from .resume import ResumeState, fingerprint, kill_point, resume_dir
-from .spec import Spec
+from .spec import Spec, trusted_modules
 from .tiny import byte_tokenizer, tiny_gemma4
 from .unfusing import unfuse
 
@@ -153,6 +154,7 @@ def quantize_model(
         if group is not None:
             distributed.reduce_amax(model)
         fallbacks = finalize_input_scales(model, input_scale)
+        keep_uncalibrated_unquantized(model)
         synced = share_gate_up_weight_amax(model)
     num_linears = sum(len(m) * len(unfuse_state(m).spec.projection_names()) for _, m in unfused_experts(model))
     input_quantized = any(
@@ -270,6 +272,7 @@ class QuantizeOptions:
     multimodal: bool = False
     progress: bool = True
     layerwise: bool | None = None  # None: layer by layer when the whole model would not fit in memory
+    trust_modules: tuple[str, ...] = ()  # modules of the user's own that specs may import (--trust-module)
     device: str | None = None  # where to compute; None: this rank's GPU when there is one, else the CPU
     eval_size: int = field(default_factory=default_eval_size)  # held-out samples evaluated (0: none)
     max_kl: float | None = None  # a larger KL(original || quantized) fails the run
@@ -469,7 +472,14 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeReport | None:
 
         hf_logging.disable_progress_bar()
     prepare_out_dir(Path(opts.out), opts.overwrite, Path(opts.model) if opts.model is not None else None)
-    with quiet():
+    # The lock on --out before anything is loaded: a second run to the same --out fails now, not
+    # after calibrating. Under torchrun the rank that writes holds it.
+    group = distributed.from_env()
+    with (
+        out_lock(Path(opts.out)) if group is None or group.writer else contextlib.nullcontext(),
+        trusted_modules(opts.trust_modules),
+        quiet(),
+    ):
         return _run_quantize(opts)
 
 
@@ -576,6 +586,7 @@ def _quantize_and_export(
         progress=opts.progress,
         overwrite=opts.overwrite,
         max_shard_size=LAYERWISE_SHARD_SIZE if offload is not None else None,
+        locked=True,
     )
     samples = sum(b["input_ids"].shape[0] for b in batches)
     tokens = sum(b["input_ids"].numel() for b in batches)

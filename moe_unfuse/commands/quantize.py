@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ENGINES,
         INPUT_SCALE_POLICIES,
         QFORMATS,
+        TRUST_MODULE_HELP,
         default_eval_size,
     )
 
@@ -166,6 +167,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     parser.add_argument("--report", type=Path, metavar="FILE", help="also write the report as JSON to FILE")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--trust-module", action="append", default=[], metavar="MODULE", help=TRUST_MODULE_HELP, dest="trust_modules"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -195,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
         multimodal=args.multimodal,
         progress=not args.no_progress,
         layerwise=args.layerwise,
+        trust_modules=tuple(args.trust_modules),
         device=args.device,
         eval_size=args.eval_size,
         max_kl=args.max_kl,
