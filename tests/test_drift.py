@@ -200,7 +200,7 @@ def test_on_a_verified_version_the_same_faults_are_spec_errors(fake_module, veri
 
 
 def test_check_command_reports_drift_in_one_line(fake_module, future, tmp_path, capsys):
-    from argparse import Namespace
+    from argparse import ArgumentParser
 
     from moe_unfuse.commands import check
 
@@ -210,7 +210,9 @@ def test_check_command_reports_drift_in_one_line(fake_module, future, tmp_path, 
         "golden:\n  config: transformers.MixtralConfig\n  config_kwargs: {hidden_size: 64, intermediate_size: 40, num_local_experts: 4}\n"
     )
     with pytest.raises(DriftError) as err:
-        check.run(Namespace(spec=str(path), no_modelopt=True))
+        parser = ArgumentParser()
+        check.add_arguments(parser)
+        check.run(parser.parse_args([str(path), "--no-modelopt"]))
     assert_one_line(err.value, str(path), "no parameter 'gate_up_proj'")
 
 
