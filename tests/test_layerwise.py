@@ -12,6 +12,7 @@ default when the whole model would not fit in memory."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,7 @@ def test_layerwise_refused_in_one_line_before_anything_is_written(
 
     model = _save("gemma4", tmp_path / "model")
     monkeypatch.setattr(layerwise, "decoder_layer_list", lambda m: None)
+    capsys.readouterr()
     before = {f: f.stat().st_mtime_ns for f in model.iterdir()}
     out = tmp_path / "out"
     assert main(["quantize", str(model), "--qformat", "nvfp4", "--out", str(out), "--layerwise", *CALIB]) == 2
@@ -178,3 +180,42 @@ def test_activations_spilled_to_disk_give_the_same_checkpoint(tmp_path: Path, mo
     assert len(spilled) >= 2 * 4 * 2  # inputs and outputs, 4 layers, 2 batches
     assert not any(p.exists() for p in spilled)
     assert_same_checkpoint(tmp_path / "whole", tmp_path / "lw")
+
+
+@pytest.mark.arch("bailing_hybrid")
+def test_split_rules_are_reversed_one_decoder_layer_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the streaming export leaves under in-memory names where the conversion mapping has split
+    rules (Bailing hybrid's q/k/v conv1d, concatenated on load) comes out of the post-processing as
+    ``save_pretrained`` writes it, names and bytes, converted one decoder layer at a time (memory: one
+    layer's tensors, not every layer's)."""
+    from safetensors.torch import save_file
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    from moe_unfuse.export import postprocess_checkpoint
+    from moe_unfuse.naming import model_contract
+
+    spec = moe_unfuse.get_spec("bailing_hybrid")
+    if spec.resolve_class() is None:
+        pytest.skip("bailing_hybrid: not in the installed transformers")
+    model = tiny_model_for(spec)
+    model.save_pretrained(tmp_path / "hub")
+    hub = {k: v for k, v in _tensors(tmp_path / "hub").items() if ".experts." not in k}
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    written = {k: v.contiguous() for k, v in state.items() if ".experts." not in k}
+    assert any(k.endswith(".conv1d.weight") for k in written) and set(written) != set(hub)
+    (tmp_path / "export").mkdir()
+    save_file(written, str(tmp_path / "export" / "model.safetensors"))
+    contract = model_contract(model, [spec])
+    calls: list[set[str]] = []
+    to_hub = contract.to_hub
+
+    def recorded(state: dict) -> dict:
+        calls.append({m.group(1) if (m := re.match(r"^(.*?\.\d+)\.", k)) else "" for k in state})
+        return to_hub(state)
+
+    monkeypatch.setattr(contract, "to_hub", recorded)
+    postprocess_checkpoint(tmp_path / "export", [], [], False, contract)
+    out = _tensors(tmp_path / "export")
+    assert set(out) == set(hub)
+    assert all(torch.equal(_bits(out[k]), _bits(hub[k])) for k in hub)
+    assert len(calls) >= 2 * 2 and all(len(layers) == 1 for layers in calls)  # meta check, then values
