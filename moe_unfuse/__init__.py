@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .export import export_checkpoint
     from .hookspecs import hookimpl
     from .plugins import register_plugin, registry, unregister_plugin
-    from .quantize import QuantizeResult, quantize_model
+    from .quantize import QuantizeOptions, QuantizeReport, QuantizeResult, quantize_model, run_quantize
     from .registration import register
     from .spec import Spec
     from .unfusing import Report, fuse, refuse, unfuse
@@ -44,6 +44,9 @@ _LAZY = {
     "check_coverage": "coverage",
     "QuantizeResult": "quantize",
     "quantize_model": "quantize",
+    "QuantizeOptions": "quantize",
+    "QuantizeReport": "quantize",
+    "run_quantize": "quantize",
     "export_checkpoint": "export",
     "CheckpointContractError": "verify",
     "VerifyReport": "verify",
@@ -66,6 +69,8 @@ __all__ = [
     "CheckpointContractError",
     "Coverage",
     "MoeUnfuseError",
+    "QuantizeOptions",
+    "QuantizeReport",
     "QuantizeResult",
     "Report",
     "Spec",
@@ -85,6 +90,7 @@ __all__ = [
     "register",
     "register_plugin",
     "registry",
+    "run_quantize",
     "unfuse",
     "unregister_plugin",
     "verify_checkpoint",
