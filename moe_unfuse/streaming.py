@@ -21,21 +21,28 @@ modelopt 0.47/0.48's layerwise walk and streaming export (``unified_export_hf_st
   capture forward the other children of the module owning the decoder layers are materialized
   (:func:`owner_children_materialized`); in the export's dummy forward, those while the owner runs,
   and each decoder layer's whole subtree while it runs (:func:`materialized_forwards`).
-- **Conversion mappings with split rules** (:func:`split_rules_reversed_later`; Bailing hybrid,
+- **Conversion mappings with split or merge rules** (:func:`names_reversed_later`; Bailing hybrid,
   GLM-5 next, Lara-Mini): modelopt's streaming export refuses them, since it renames one tensor at a
-  time. The tensors such rules produce are unquantized (a linear the hub stores inside a larger
-  tensor stays unquantized: :func:`moe_unfuse.quantize.quantize_model`), so the export writes them
-  under their in-memory names and moe_unfuse's post-processing reverses them one decoder layer at a
-  time through transformers' own ``revert_weight_conversion`` (:func:`moe_unfuse.export.postprocess_checkpoint`).
-- **modelopt 0.47's streaming name mapper** (:func:`sentinel_names_reversed_later`): 0.47 applies the
-  mapper it builds for exclude patterns, with its ``\\x00`` sentinel segment, to tensor keys, so
-  its rename ``model.`` (an unescaped ``.``) rewrites the sentinel's ``modelo`` and Nemotron-H's tensors
-  come out as ``backbone.embeddings.weight.\\x00backbone.pt_name_sentinel``. Such a name keeps its
-  in-memory name and the post-processing names it as above (0.48 maps tensor keys without a sentinel).
+  time (and 0.48's mapper names every piece of a merge after the merged tensor, so they would
+  overwrite each other). The tensors such rules touch are unquantized (a linear the hub stores inside a
+  larger tensor stays unquantized: :func:`moe_unfuse.quantize.quantize_model`), so for such a model
+  the export writes every tensor under its in-memory name and moe_unfuse's post-processing reverses
+  them one decoder layer at a time through transformers' own ``revert_weight_conversion``
+  (:func:`moe_unfuse.export.postprocess_checkpoint`).
+- **modelopt 0.47's streaming name mapper** (:func:`names_reversed_later`): 0.47 applies the mapper it
+  builds for exclude patterns, with its ``\\x00`` sentinel segment, to tensor keys; Nemotron-H's reversed
+  rename ``model.`` (an unescaped ``.``) rewrites the sentinel's ``modelo``, and its tensors come out as
+  ``backbone.embeddings.weight.\\x00backbone.pt_name_sentinel``. Such a name keeps its in-memory name
+  and the post-processing names it as above (0.48 maps tensor keys without a sentinel).
+- **modelopt 0.48's exclude list of a streamed export** (:func:`quant_config_names_as_resident`): it is
+  reversed against every module name, containers included, where the resident export uses the modules
+  holding a weight, so a wildcard the reverse changes (DeepSeek-OCR 2's ``model.vision_tower*``)
+  expands to other entries (``model.vision_tower``, not ``model.sam_model.patch_embed.proj`` ...).
 """
 
 from __future__ import annotations
 
+import copy
 from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator
 
@@ -190,17 +197,35 @@ def _replaced(owner: Any, name: str, make: Callable[[Any], Any]) -> Iterator[Non
         setattr(owner, name, original)
 
 
-def split_rules_reversed_later() -> Any:
-    """modelopt's streaming export without its refusal of split rules (see the module docstring)."""
+def _has_split_rules(model: nn.Module) -> bool:
+    """Whether modelopt's streaming export would refuse ``model``'s conversion mapping (split or merge rules)."""
     from modelopt.torch.export import unified_export_hf_streaming as streaming
 
-    return _replaced(streaming, "_assert_no_split_rules", lambda original: lambda model: None)
+    check = getattr(streaming, "_assert_no_split_rules", None)
+    try:
+        if check is not None:
+            check(model)
+    except NotImplementedError:
+        return True
+    return False
 
 
-def sentinel_names_reversed_later() -> Any:
-    """A streamed tensor name that comes out of modelopt's mapper with its sentinel segment in it
-    keeps its in-memory name instead (see the module docstring); every other name is the mapper's."""
+@contextmanager
+def names_reversed_later(model: nn.Module) -> Iterator[None]:
+    """Where the conversion mapping has split or merge rules, modelopt's streaming export without its
+    refusal and with no tensor-name mapper (0.48's maps every piece of a merge to the merged name, so
+    they would overwrite each other): every tensor keeps its in-memory name and the post-processing
+    reverses them per decoder layer. Elsewhere, a name that comes out of modelopt's mapper with its
+    sentinel segment in it keeps its in-memory name (see the module docstring)."""
     from modelopt.torch.export import unified_export_hf_streaming as streaming
+
+    if _has_split_rules(model):
+        with (
+            _replaced(streaming, "_assert_no_split_rules", lambda original: lambda model: None),
+            _replaced(streaming, "build_reverse_name_mapper", lambda original: lambda model, **kwargs: None),
+        ):
+            yield
+        return
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def build(model: nn.Module, **kwargs: Any) -> Any:
@@ -211,7 +236,34 @@ def sentinel_names_reversed_later() -> Any:
 
         return build
 
-    return _replaced(streaming, "build_reverse_name_mapper", make)
+    with _replaced(streaming, "build_reverse_name_mapper", make):
+        yield
+
+
+def quant_config_names_as_resident() -> Any:
+    """modelopt 0.48 reverses the exclude list of a streamed export against every module name
+    (containers included: ``model.vision_tower``), the resident export against the modules holding a
+    weight; a wildcard whose coverage the reverse changes then expands differently. For the export's
+    duration the streamed one is reversed as the resident one is."""
+    from modelopt.torch.export import quant_aware_conversion as conversion
+    from modelopt.torch.export import unified_export_hf as exporter
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def revert(model: nn.Module, hf_quant_config: dict | None) -> dict | None:
+            try:
+                mapper = conversion.build_reverse_name_mapper(model)
+                if mapper is None or not hf_quant_config:
+                    return hf_quant_config
+                weighted = [n for n, m in model.named_modules() if "weight" in m._parameters or "weight" in m._buffers]
+                config = copy.deepcopy(hf_quant_config)
+                conversion.revert_quant_config_names(config.get("quantization", {}), mapper, module_names=weighted)
+                return config
+            except Exception:  # noqa: BLE001 - modelopt's own fallback: keep the names, the post-processing names them
+                return original(model, hf_quant_config)
+
+        return revert
+
+    return _replaced(exporter, "_revert_quant_config_names_best_effort", make)
 
 
 @contextmanager
@@ -226,6 +278,6 @@ def streaming_export(model: nn.Module) -> Iterator[None]:
         if layers is not None:
             stack.enter_context(owner_tensors_resident(model, layers))
             stack.enter_context(materialized_forwards(model, layers))
-        stack.enter_context(split_rules_reversed_later())
-        stack.enter_context(sentinel_names_reversed_later())
+        stack.enter_context(names_reversed_later(model))
+        stack.enter_context(quant_config_names_as_resident())
         yield
