@@ -55,6 +55,7 @@ from .experts import unfuse_state
 from .layout import Narrow
 from .naming import ExpertsNaming, NamingContract, model_contract
 from .spec import Spec
+from .streaming import streaming_export
 from .verify import verify_checkpoint
 
 
@@ -382,13 +383,22 @@ def postprocess_checkpoint(
                 where[k], stored[k] = f, k
     added: dict[Path, dict[str, torch.Tensor]] = {f: {} for f in files}
     dropped: set[str] = set()
-    if contract is not None:
-        _to_hub_names(contract, where, stored, added, dropped)
+    pending = _to_hub_names(contract, where, stored, dropped, files) if contract is not None else {}
+
+    def convert(keys: list[str]) -> dict[str, torch.Tensor]:
+        values: dict[str, torch.Tensor] = {}
+        for k in keys:
+            with safe_open(where[k], "pt") as fh:
+                values[k] = fh.get_tensor(stored[k])
+        return contract.to_hub(values) if contract is not None else values
 
     def get(key: str) -> torch.Tensor:
         for extra in added.values():
             if key in extra:
                 return extra[key]
+        for keys, names in (g for groups in pending.values() for g in groups):
+            if key in names:
+                return convert(keys)[key]
         if key not in where:
             raise MoeUnfuseError(
                 f"{path}: cannot re-stack, {key} is missing from the export; fix: export without --fuse-unquantized and report this"
@@ -422,6 +432,8 @@ def postprocess_checkpoint(
                 renamed += new != k
                 tensors[new] = fh.get_tensor(k)
         tensors.update(added[f])
+        for keys, _ in pending.get(f, ()):
+            tensors.update((n, t) for n, t in convert(keys).items() if n not in dropped)
         tmp = f.with_name(f.name + ".tmp")
         save_file(tensors, str(tmp), metadata=meta[f] or {"format": "pt"})
         os.chmod(tmp, mode)
@@ -449,39 +461,53 @@ def postprocess_checkpoint(
     return renamed, fused_back, exclusions
 
 
+#: The decoder layer (or other numbered block) a key belongs to: the tensors one conversion rule
+#: reverses together all lie under it.
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")
+
+
 def _to_hub_names(
     contract: NamingContract,
     where: dict[str, Path],
     stored: dict[str, str],
-    added: dict[Path, dict[str, torch.Tensor]],
     dropped: set[str],
-) -> None:
+    files: Sequence[Path],
+) -> dict[Path, list[tuple[list[str], set[str]]]]:
     """Where modelopt's reverse conversion fell back to in-memory names (a conversion mapping with ops
-    it cannot reverse on quantized tensors), finish it: unquantized tensors go through transformers'
-    own reverse (``save_pretrained``'s: renames and ops such as re-fusing q/k/v), quantized ones are
-    renamed (renames only; a name two keys would share is left as is, and verify reports it)."""
+    it cannot reverse on quantized tensors, or split rules its layer-by-layer export leaves), finish
+    it: unquantized tensors go through transformers' own reverse (``save_pretrained``'s: renames and
+    ops such as re-fusing q/k/v), one decoder layer at a time; quantized ones are renamed (renames
+    only; a name two keys would share is left as is, and verify reports it).
+
+    Returns, per shard, the groups of keys to convert when that shard is rewritten (the first of the
+    group's shards, so the others are still as written), each with the names it converts to: names
+    are checked here on meta tensors, values are read only then, so memory holds one layer's
+    converted tensors at a time."""
     from safetensors import safe_open
 
     unknown = [k for k in stored if contract.base(k) is None]
+    pending: dict[Path, list[tuple[list[str], set[str]]]] = {}
     if not unknown:
-        return
+        return pending
     scaled = {k.rsplit(".", 1)[0] for k in stored if k.rsplit(".", 1)[-1] in SCALE_SUFFIXES}
     plain = [k for k in unknown if k.rsplit(".", 1)[0] not in scaled and k.rsplit(".", 1)[-1] not in SCALE_SUFFIXES]
-    if plain:
-        tensors = {}
-        for k in plain:
+    groups: dict[str, list[str]] = {}
+    for k in plain:
+        groups.setdefault(m.group(1) if (m := _BLOCK.match(k)) else "", []).append(k)
+    order = {f: i for i, f in enumerate(files)}
+    for keys in groups.values():
+        shapes = {}
+        for k in keys:
             with safe_open(where[k], "pt") as fh:
-                tensors[k] = fh.get_tensor(k)
+                shapes[k] = torch.empty(fh.get_slice(k).get_shape(), device="meta")
         try:
-            converted = contract.to_hub(tensors)
+            converted = contract.to_hub(shapes)
         except Exception:  # noqa: BLE001 - transformers could not reverse them: verify names what is left
-            converted = {}
+            continue
         if converted and all(n in contract.names for n in converted):
-            home = where[plain[0]]
-            for k in plain:
-                dropped.add(k)
-            for n, t in converted.items():
-                added[home][n] = t
+            dropped.update(keys)
+            home = min((where[k] for k in keys), key=order.__getitem__)
+            pending.setdefault(home, []).append((keys, set(converted)))
     targets: dict[str, list[str]] = {}
     for k in unknown:
         if k not in dropped:
@@ -489,6 +515,7 @@ def _to_hub_names(
     for name, ks in targets.items():
         if len(ks) == 1 and name != ks[0] and name not in stored:
             where[name], stored[name] = where.pop(ks[0]), stored.pop(ks[0])
+    return pending
 
 
 def _umask() -> int:
@@ -725,6 +752,7 @@ def _export_locked(
             redirect_stdout(io.StringIO()),
             _no_carried_expert_sources(contract),
             _device_when_offloaded(model),
+            streaming_export(model),
         ):  # modelopt's prints say nothing the report does not
             shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
             export_hf_checkpoint(model, export_dir=staging, **shards)

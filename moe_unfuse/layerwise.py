@@ -37,6 +37,7 @@ from .calibration import RoutingStats, calibrate
 from .errors import MoeUnfuseError
 from .memory import available_memory, release_free_memory
 from .resume import ResumeState, load_calibration, save_calibration
+from .streaming import decoder_layer_list, owner_children_materialized
 
 #: Shard size of a layer-by-layer export: modelopt's streaming writer holds one shard in memory.
 LAYERWISE_SHARD_SIZE = "256MB"
@@ -213,11 +214,10 @@ def _nbytes(value: Any) -> int:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's decoder layers, found as modelopt's streaming export finds them (so calibration
-    and export walk the same layers)."""
-    from modelopt.torch.quantization.utils.layerwise_calib import LayerActivationCollector
-
-    layers = LayerActivationCollector.get_decoder_layers(model)
+    """The model's decoder layers, found as modelopt's streaming export finds them, with the list the
+    config names where modelopt finds none (:func:`moe_unfuse.streaming.decoder_layer_list`), so
+    calibration and export walk the same layers."""
+    layers = decoder_layer_list(model)
     if not layers:
         raise MoeUnfuseError(
             f"{type(model).__name__}: no decoder layer list that modelopt can walk layer by layer; fix: pass --no-layerwise"
@@ -227,21 +227,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def check_layerwise(model: nn.Module) -> None:
     """Refuse, before anything changes, a model the layer-by-layer path cannot produce the
-    whole-model checkpoint for: no decoder layer list modelopt can walk, or a conversion mapping
-    that splits hub tensors on load (modelopt's streaming export reverses names one tensor at a
-    time and refuses such splits; it is asked here, before calibration, rather than at export)."""
+    whole-model checkpoint for: one without a decoder layer list to walk."""
     decoder_layers(model)
-    try:
-        from modelopt.torch.export.unified_export_hf_streaming import _assert_no_split_rules
-    except ImportError:  # a modelopt without the check: the export raises instead
-        return
-    try:
-        _assert_no_split_rules(model)
-    except NotImplementedError:
-        raise MoeUnfuseError(
-            f"{type(model).__name__}: layer by layer is not available: its transformers conversion mapping splits "
-            "hub tensors on load, which modelopt's streaming export cannot reverse one layer at a time; fix: pass --no-layerwise"
-        ) from None
 
 
 class _Stand(nn.Module):
@@ -309,29 +296,30 @@ def _forward_standing_in(
 
     originals = list(layers)[: count + (inputs is not None)]
     device = input_device(model)
-    try:
-        for b, batch in enumerate(batches):
-            output = previous.get(b) if previous is not None else None
-            captured: list[tuple[tuple, dict]] = []
-            for j in range(count):
-                layers[j] = _Stand(originals[j], output=output)
-            if inputs is not None:
-                layers[count] = _Stand(originals[count], capture=captured)
-            with torch.no_grad():
-                try:
-                    model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
-                except _Stop:
-                    pass
-            if inputs is None:
-                continue
-            if not captured:
-                raise MoeUnfuseError(
-                    f"{type(model).__name__}: the forward did not reach decoder layer {count}; fix: pass --no-layerwise"
-                )
-            inputs.put(b, captured[0])
-    finally:
-        for j, layer in enumerate(originals):
-            layers[j] = layer
+    with owner_children_materialized(model, layers):  # the owner may read one's weights directly
+        try:
+            for b, batch in enumerate(batches):
+                output = previous.get(b) if previous is not None else None
+                captured: list[tuple[tuple, dict]] = []
+                for j in range(count):
+                    layers[j] = _Stand(originals[j], output=output)
+                if inputs is not None:
+                    layers[count] = _Stand(originals[count], capture=captured)
+                with torch.no_grad():
+                    try:
+                        model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+                    except _Stop:
+                        pass
+                if inputs is None:
+                    continue
+                if not captured:
+                    raise MoeUnfuseError(
+                        f"{type(model).__name__}: the forward did not reach decoder layer {count}; fix: pass --no-layerwise"
+                    )
+                inputs.put(b, captured[0])
+        finally:
+            for j, layer in enumerate(originals):
+                layers[j] = layer
 
 
 def calibrate_layerwise(

@@ -2,14 +2,17 @@
 writes: every tensor bit for bit, the same configs and the same ``moe_unfuse.json``, for every spec
 with a whole tiny model (per-layer inputs and mixed attention types, hub per-expert tensors fused on
 load, a fused export layout, fp32-kept routers and sinks, a router reading its child's weight,
-identity experts, hybrid attention ...; the gaps modelopt's streaming export leaves are strict
-xfails); models it cannot do fail in one line before anything is written; and it is chosen by
+identity experts, hybrid attention, decoder layers only the config names (DBRX, Jamba), a module
+owning the layers with tensors of its own (Zaya, the OCR models), a module reading a child's weights
+without calling it (JetMoE, Llama 4), conversion mappings with split rules (Bailing hybrid, GLM-5
+next, Lara-Mini) ...; :mod:`moe_unfuse.streaming` works around modelopt for each); a model with no
+decoder layer list fails in one line before anything is written; and layer by layer is chosen by
 default when the whole model would not fit in memory."""
 
 from __future__ import annotations
 
 import json
-from importlib.metadata import version
+import re
 from pathlib import Path
 
 import pytest
@@ -25,33 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: Every spec with a whole tiny model, as in the export-family tests (names read from the spec files).
 FAMILIES = [a for a in spec_names() if (spec_raw(a).get("golden") or {}).get("model")]
-#: Refused in one line before anything is written (tested below).
-REFUSED = {
-    "dbrx": "no decoder layer list",
-    "jamba": "no decoder layer list",
-    "bailing_hybrid": "splits hub tensors on load",
-    "glm5_next": "splits hub tensors on load",
-    "lara_mini": "splits hub tensors on load",  # transformers 5.24 and later
-}
-#: Families modelopt's streaming export cannot yet write as the whole-model path does (README lists them).
-KNOWN_LAYERWISE_GAPS = {
-    "deepseek_ocr2": "modelopt's streaming export mis-shapes a weight",
-    "unlimited_ocr": "modelopt's streaming export mis-shapes a weight",
-    "zaya": "modelopt's streaming export mis-shapes a weight",
-    "jetmoe": "a module reads weights of a child it does not call: meta under offload",
-    "llama4": "a module reads weights of a child it does not call: meta under offload",
-}
-if version("nvidia-modelopt").startswith("0.47."):  # 0.48 names them right
-    KNOWN_LAYERWISE_GAPS["nemotron_h"] = "modelopt 0.47's streaming name mapper writes backbone.pt_name_sentinel names"
-
-
-def _family(arch: str) -> list:
-    marks = [pytest.mark.arch(arch)]
-    if arch in KNOWN_LAYERWISE_GAPS:
-        marks.append(pytest.mark.xfail(reason=KNOWN_LAYERWISE_GAPS[arch], strict=True))
-    return [pytest.param(arch, marks=marks, id=arch)]
-
-
 CALIB = ["--calib-size", "4", "--seq-len", "32", "--batch-size", "2", "--no-progress", "--force-routing"]
 
 
@@ -87,7 +63,7 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
         assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name
 
 
-@pytest.mark.parametrize("arch", [p for a in FAMILIES if a not in REFUSED for p in _family(a)])
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.arch(a), id=a) for a in FAMILIES])
 def test_layerwise_checkpoint_equals_whole_model(arch: str, tmp_path: Path) -> None:
     if moe_unfuse.get_spec(arch).resolve_class() is None:
         pytest.skip(f"{arch}: not in the installed transformers")
@@ -110,18 +86,21 @@ def test_layerwise_fp8_and_report(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert report.count("mode       layer by layer: 4 decoder layers") == 1
 
 
-@pytest.mark.parametrize("arch, why", [pytest.param(a, w, marks=pytest.mark.arch(a), id=a) for a, w in REFUSED.items()])
+@pytest.mark.arch("gemma4")
 def test_layerwise_refused_in_one_line_before_anything_is_written(
-    arch: str, why: str, tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if moe_unfuse.get_spec(arch).resolve_class() is None:
-        pytest.skip(f"{arch}: not in the installed transformers")
-    model = _save(arch, tmp_path / "model")
+    """A model with no decoder layer list to walk (neither modelopt nor the config finds one)."""
+    import moe_unfuse.layerwise as layerwise
+
+    model = _save("gemma4", tmp_path / "model")
+    monkeypatch.setattr(layerwise, "decoder_layer_list", lambda m: None)
+    capsys.readouterr()
     before = {f: f.stat().st_mtime_ns for f in model.iterdir()}
     out = tmp_path / "out"
     assert main(["quantize", str(model), "--qformat", "nvfp4", "--out", str(out), "--layerwise", *CALIB]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and why in err[0] and "fix: pass --no-layerwise" in err[0]
+    assert len(err) == 1 and "no decoder layer list" in err[0] and "fix: pass --no-layerwise" in err[0]
     assert not out.exists() and not (tmp_path / "out.invalid").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "no offload folder left behind"
     assert {f: f.stat().st_mtime_ns for f in model.iterdir()} == before
@@ -177,3 +156,42 @@ def test_report_summarizes_fallbacks_per_experts_module() -> None:
     assert lines[0].startswith("fallback model.layers.0.experts 40 experts (0-39)")
     assert "40 input amax without data took the layer max" in lines[0]
     assert lines[1] == f"fallback {one[0]}" and "moe_unfuse.json" in lines[2]
+
+
+@pytest.mark.arch("bailing_hybrid")
+def test_split_rules_are_reversed_one_decoder_layer_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the streaming export leaves under in-memory names where the conversion mapping has split
+    rules (Bailing hybrid's q/k/v conv1d, concatenated on load) comes out of the post-processing as
+    ``save_pretrained`` writes it, names and bytes, converted one decoder layer at a time (memory: one
+    layer's tensors, not every layer's)."""
+    from safetensors.torch import save_file
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    from moe_unfuse.export import postprocess_checkpoint
+    from moe_unfuse.naming import model_contract
+
+    spec = moe_unfuse.get_spec("bailing_hybrid")
+    if spec.resolve_class() is None:
+        pytest.skip("bailing_hybrid: not in the installed transformers")
+    model = tiny_model_for(spec)
+    model.save_pretrained(tmp_path / "hub")
+    hub = {k: v for k, v in _tensors(tmp_path / "hub").items() if ".experts." not in k}
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    written = {k: v.contiguous() for k, v in state.items() if ".experts." not in k}
+    assert any(k.endswith(".conv1d.weight") for k in written) and set(written) != set(hub)
+    (tmp_path / "export").mkdir()
+    save_file(written, str(tmp_path / "export" / "model.safetensors"))
+    contract = model_contract(model, [spec])
+    calls: list[set[str]] = []
+    to_hub = contract.to_hub
+
+    def recorded(state: dict) -> dict:
+        calls.append({m.group(1) if (m := re.match(r"^(.*?\.\d+)\.", k)) else "" for k in state})
+        return to_hub(state)
+
+    monkeypatch.setattr(contract, "to_hub", recorded)
+    postprocess_checkpoint(tmp_path / "export", [], [], False, contract)
+    out = _tensors(tmp_path / "export")
+    assert set(out) == set(hub)
+    assert all(torch.equal(_bits(out[k]), _bits(hub[k])) for k in hub)
+    assert len(calls) >= 2 * 2 and all(len(layers) == 1 for layers in calls)  # meta check, then values
