@@ -9,10 +9,11 @@ policy and gate/up weight-scale sharing). ``run_quantize`` is the whole job behi
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -44,7 +45,7 @@ from .layerwise import (
     needs_layerwise,
     no_offload_writeback,
 )
-from .loading import checkpoint_bytes, load_model, load_offloaded, load_tokenizer
+from .loading import checkpoint_bytes, load_model, load_offloaded, load_tokenizer, offloaded_to_disk
 from .memory import map_large_allocations
 from .naming import model_contract
 from .options import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SIZE, DEFAULT_CHUNK_TOKENS, DEFAULT_SEQ_LEN
@@ -274,6 +275,7 @@ class QuantizeReport:
     verify: Any  # verify.VerifyReport
     before_what: str = "in memory"
     layers: int = 0  # decoder layers quantized one at a time (0: the whole model at once)
+    spilled: list[str] = field(default_factory=list)  # modules accelerate ran from disk (whole model)
 
     @property
     def ok(self) -> bool:
@@ -295,6 +297,7 @@ class QuantizeReport:
             "fallbacks": [vars(f) for f in r.fallbacks],
             "gate_up_synced": r.gate_up_synced,
             "layerwise": {"layers": self.layers} if self.layers else None,
+            "offloaded_to_disk": self.spilled,
             "bytes_before": self.bytes_before,
             "bytes_before_of": self.before_what,
             "export": self.export.to_dict(),
@@ -307,6 +310,13 @@ class QuantizeReport:
         if self.layers:
             lines.append(
                 f"mode       layer by layer: {self.layers} decoder layers, each loaded from disk, calibrated and exported in turn"
+            )
+        if self.spilled:
+            shown = ", ".join(self.spilled[:8]) + (
+                f", ... ({len(self.spilled)} modules)" if len(self.spilled) > 8 else ""
+            )
+            lines.append(
+                f"mode       whole model (--no-layerwise), but it did not fit: accelerate runs {shown} from disk (slow; without --no-layerwise the job goes layer by layer)"
             )
         if r.coverage.covered:
             archs = sorted({a for _, a, _ in r.coverage.covered})
@@ -428,7 +438,14 @@ def _run_quantize(opts: QuantizeOptions) -> QuantizeReport | None:
     if layerwise and opts.model is None:
         raise MoeUnfuseError("--layerwise reads a model folder; fix: pass MODEL, or drop --layerwise")
     if not layerwise:
-        return _quantize_and_export(opts, on_disk, None)
+        model = load_model(opts.model, opts.device_map, opts.dtype) if opts.model is not None else None
+        spilled = offloaded_to_disk(model) if model is not None else []
+        if not spilled or opts.layerwise is False:
+            return _quantize_and_export(opts, on_disk, None, model, spilled)
+        # accelerate would run part of the whole model from disk: layer by layer instead, which
+        # holds one layer and writes the same checkpoint
+        del model
+        gc.collect()
     import shutil
     import tempfile
 
@@ -442,19 +459,27 @@ def _run_quantize(opts: QuantizeOptions) -> QuantizeReport | None:
         shutil.rmtree(offload, ignore_errors=True)
 
 
-def _quantize_and_export(opts: QuantizeOptions, on_disk: int, offload: Path | None) -> QuantizeReport | None:
+def _quantize_and_export(
+    opts: QuantizeOptions,
+    on_disk: int,
+    offload: Path | None,
+    model: nn.Module | None = None,
+    spilled: Sequence[str] = (),
+) -> QuantizeReport | None:
     """The job; ``offload``: layer by layer, every module offloaded to disk (tensors a load-time
-    conversion rewrote go to that folder)."""
+    conversion rewrote go to that folder); ``model``: the whole model, already loaded, with the
+    modules accelerate ``spilled`` to disk (``--no-layerwise`` on a model that does not fit)."""
     if opts.model is None:
         model = tiny_gemma4(multimodal=opts.multimodal)
         tokenizer = byte_tokenizer()
         source = f"built-in tiny Gemma 4 ({_describe(model)}, seeded random weights)"
     else:
-        model = (
-            load_offloaded(opts.model, offload, opts.dtype)
-            if offload is not None
-            else load_model(opts.model, opts.device_map, opts.dtype)
-        )
+        if model is None:
+            model = (
+                load_offloaded(opts.model, offload, opts.dtype)
+                if offload is not None
+                else load_model(opts.model, opts.device_map, opts.dtype)
+            )
         tokenizer = load_tokenizer(opts.model)
         source = f"{opts.model} ({_describe(model)})"
     texts = read_calibration_texts(opts.calib_dataset, tokenizer)
@@ -494,4 +519,6 @@ def _quantize_and_export(opts: QuantizeOptions, on_disk: int, offload: Path | No
     samples = sum(b["input_ids"].shape[0] for b in batches)
     tokens = sum(b["input_ids"].numel() for b in batches)
     layers = len(decoder_layers(model)) if offload is not None else 0
-    return QuantizeReport(source, opts, result, samples, tokens, bytes_before, exported, verified, before_what, layers)
+    return QuantizeReport(
+        source, opts, result, samples, tokens, bytes_before, exported, verified, before_what, layers, list(spilled)
+    )
