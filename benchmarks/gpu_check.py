@@ -6,10 +6,8 @@ peak GPU and host memory, and one exported NVFP4 expert checked against its weig
 Writes its own inputs under ``--dir``: the built-in tiny Gemma 4 saved as a folder, and a ``--layers``
 checkpoint with Gemma-4-26B-A4B's text dimensions (``moe_unfuse.tiny.GEMMA4_26B_A4B_TEXT``, a
 512-token vocabulary: 1.65 GB per layer; ``--small``: the tiny model only, CI-sized). Each is quantized
-to NVFP4 through the public API (``moe_unfuse.quantize.run_quantize``), whole (``device_map`` =
-``--device``) and layer by layer (``QuantizeOptions.device`` where this moe_unfuse has it; else the
-layer-by-layer run computes on its offload execution device, and the report says so), and the two
-checkpoints are compared tensor by tensor. Then one exported expert (``gate_proj`` of expert 0 in
+to NVFP4 through the public API (``moe_unfuse.quantize.run_quantize`` with ``QuantizeOptions.device``),
+whole and layer by layer, and the two checkpoints are compared tensor by tensor. Then one exported expert (``gate_proj`` of expert 0 in
 layer 0) is dequantized with modelopt's ``NVFP4QTensor`` and compared with the source weight; where
 modelopt's real NVFP4 GEMM can run (``modelopt.torch.quantization.backends.nvfp4_gemm``: compute
 capability 10.0 or newer and TensorRT-LLM's kernels) the packed expert also goes through it against
@@ -20,7 +18,6 @@ the dequantized weight; elsewhere that step is reported as skipped, with the rea
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -47,10 +44,6 @@ def host_peak() -> int:
 
 def quantize(model: Path, out: Path, device: str, layerwise: bool, calib: int, seq: int) -> dict[str, Any]:
     """One ``run_quantize`` of ``model`` on ``device``: its wall time, peaks and verification."""
-    fields = {f.name for f in dataclasses.fields(QuantizeOptions)}
-    extra: dict[str, Any] = {}
-    if "device" in fields:
-        extra["device"] = device
     opts = QuantizeOptions(
         model=str(model),
         qformat="nvfp4",
@@ -58,11 +51,10 @@ def quantize(model: Path, out: Path, device: str, layerwise: bool, calib: int, s
         calib_size=calib,
         seq_len=seq,
         batch_size=4,
-        device_map=device if device != "cpu" else "cpu",
+        device=device,
         layerwise=layerwise,
         overwrite=True,
         progress=False,
-        **extra,
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -77,9 +69,7 @@ def quantize(model: Path, out: Path, device: str, layerwise: bool, calib: int, s
         "verify_ok": report.ok,
         "gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None,
         "host_peak_gb_so_far": round(host_peak() / 1e9, 2),
-        "layerwise_device": device
-        if "device" in extra or not layerwise
-        else "offload execution device (no device option)",
+        "device": report.device,
     }
 
 

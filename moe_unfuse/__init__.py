@@ -19,9 +19,9 @@ if TYPE_CHECKING:
     from .export import export_checkpoint
     from .hookspecs import hookimpl
     from .plugins import register_plugin, registry, unregister_plugin
-    from .quantize import QuantizeResult, quantize_model
+    from .quantize import QuantizeOptions, QuantizeReport, QuantizeResult, quantize_model, run_quantize
     from .registration import register
-    from .spec import Spec
+    from .spec import Spec, trusted_modules
     from .unfusing import Report, fuse, refuse, unfuse
     from .verify import CheckpointContractError, VerifyReport, verify_checkpoint
 
@@ -33,6 +33,7 @@ _LAZY = {
     "unregister_plugin": "plugins",
     "hookimpl": "hookspecs",
     "Spec": "spec",
+    "trusted_modules": "spec",
     "load_spec": "catalog",
     "get_spec": "catalog",
     "register": "registration",
@@ -44,6 +45,9 @@ _LAZY = {
     "check_coverage": "coverage",
     "QuantizeResult": "quantize",
     "quantize_model": "quantize",
+    "QuantizeOptions": "quantize",
+    "QuantizeReport": "quantize",
+    "run_quantize": "quantize",
     "export_checkpoint": "export",
     "CheckpointContractError": "verify",
     "VerifyReport": "verify",
@@ -66,6 +70,8 @@ __all__ = [
     "CheckpointContractError",
     "Coverage",
     "MoeUnfuseError",
+    "QuantizeOptions",
+    "QuantizeReport",
     "QuantizeResult",
     "Report",
     "Spec",
@@ -84,7 +90,9 @@ __all__ = [
     "refuse",
     "register",
     "register_plugin",
+    "trusted_modules",
     "registry",
+    "run_quantize",
     "unfuse",
     "unregister_plugin",
     "verify_checkpoint",

@@ -33,6 +33,7 @@ from torch import nn
 
 from .errors import MoeUnfuseError, first_line
 from .experts import UnfusedExpertsMixin, unfuse_state
+from .offload import offload_hook
 from .options import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SIZE, DEFAULT_CHUNK_TOKENS, DEFAULT_SEQ_LEN, INPUT_SCALE_POLICIES
 from .tiny import CALIBRATION_TEXT
 
@@ -190,11 +191,15 @@ def calibration_batches(
 
 
 def input_device(model: nn.Module) -> torch.device:
-    """Where the token ids go: the input embedding's device (first device under a device_map)."""
+    """Where the token ids go: the input embedding's device, or the device its offload hook runs it on
+    (first device under a device_map)."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(emb, "weight", None)
     if weight is not None and weight.device.type != "meta":
         return weight.device
+    hook = offload_hook(emb) if isinstance(emb, nn.Module) else None
+    if hook is not None and hook.execution_device is not None:
+        return torch.device(hook.execution_device)
     hf_map = getattr(model, "hf_device_map", None) or {}
     for dev in hf_map.values():
         if isinstance(dev, int) or (isinstance(dev, str) and dev not in ("cpu", "disk")):
@@ -414,6 +419,24 @@ def _input_quantizers(expert: nn.Module, group: tuple[str, ...]) -> list[Any]:
 
 def _scalar(amax: torch.Tensor) -> torch.Tensor:
     return amax.detach().float().amax()
+
+
+def keep_uncalibrated_unquantized(model: nn.Module) -> list[str]:
+    """Linears whose input quantizer never saw data (the model's forward does not call them, e.g.
+    Jamba's ``mamba.dt_proj``, read as a weight by the scan): their export would be a quantized weight
+    without the ``input_scale`` the format needs (engines load it as uninitialized or 0). They stay
+    unquantized instead, and modelopt's export lists them in ``exclude_modules``. Experts are not
+    among them: :func:`finalize_input_scales` gives experts without data a fallback first."""
+    kept = []
+    for name, module in model.named_modules():
+        wq, iq = getattr(module, "weight_quantizer", None), getattr(module, "input_quantizer", None)
+        if wq is None or iq is None or not getattr(wq, "is_enabled", False) or not getattr(iq, "is_enabled", False):
+            continue
+        if getattr(iq, "amax", None) is None:
+            wq.disable()
+            iq.disable()
+            kept.append(name)
+    return kept
 
 
 def finalize_input_scales(model: nn.Module, policy: str = "shared") -> list[ScaleFallback]:

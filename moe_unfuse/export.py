@@ -31,7 +31,7 @@ import json
 import os
 import re
 import shutil
-from contextlib import contextmanager, redirect_stdout
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -95,22 +95,35 @@ def prepare_out_dir(out: Path, overwrite: bool, source: Path | None = None) -> N
 
 @contextmanager
 def out_lock(out: Path) -> Iterator[None]:
-    """An exclusive lock on ``<out>.lock`` for the whole export: a second run on the same ``--out``
-    fails at once instead of sharing ``<out>.partial``."""
+    """An exclusive lock on ``<out>.lock`` for the whole job (``quantize`` takes it before loading the
+    model): a second run on the same ``--out`` fails at once instead of calibrating and then sharing
+    ``<out>.partial``. Not reentrant: a second ``out_lock`` on the same ``out`` fails, in this process too.
+
+    The lock file is removed by its holder, while still holding it; a run that opened the file just
+    before that finds its lock on a removed file and takes the new one instead."""
     lock = out.with_name(out.name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise MoeUnfuseError(
                 f"--out {out}: another moe-unfuse run is writing it (lock {lock}); fix: wait for it, or pass another --out"
             ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed this file as we locked it: lock the current one
+    try:
         yield
     finally:
-        os.close(fd)
         lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -236,7 +249,7 @@ def _stack_scalars(values: list[list[torch.Tensor]], name: str) -> torch.Tensor:
     )
 
 
-def _restack_tensors(
+def restack_tensors(
     target: Restack, get: Callable[[str], torch.Tensor], has: Callable[[str], bool]
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The fused tensors of ``target`` from its exported per-expert tensors; and the keys used."""
@@ -385,7 +398,7 @@ def postprocess_checkpoint(
 
     fused_back: list[str] = []
     for t in targets:
-        fused, used = _restack_tensors(t, get, lambda k: k in where or any(k in extra for extra in added.values()))
+        fused, used = restack_tensors(t, get, lambda k: k in where or any(k in extra for extra in added.values()))
         home = next((f for f, extra in added.items() if used[0] in extra), None) or where[used[0]]
         for extra in added.values():
             for k in used:
@@ -631,13 +644,15 @@ def export_checkpoint(
     progress: bool = True,
     overwrite: bool = False,
     max_shard_size: int | str | None = None,
+    locked: bool = False,
 ) -> tuple[ExportResult, Any]:
     """Export ``model`` (quantized by :func:`moe_unfuse.quantize.quantize_model`) to ``out`` and verify it.
 
     A non-empty ``out`` is an error unless ``overwrite`` (then it is replaced once the new export passes).
     ``fallbacks``: input amax substitutes (:class:`moe_unfuse.calibration.ScaleFallback`), each recorded in
     ``moe_unfuse.json``. ``max_shard_size``: modelopt's shard size (its default, 10GB, when None); an
-    offloaded model is streamed one layer at a time, holding one shard in memory.
+    offloaded model is streamed one layer at a time, holding one shard in memory. ``locked``: the
+    caller already holds :func:`out_lock` on ``out`` (taken before the model was loaded).
 
     Returns (ExportResult, VerifyReport). On a failed verification the checkpoint is moved to
     ``<out>.invalid`` instead of ``out`` (``ExportResult.path`` says where). An error on the way
@@ -646,7 +661,7 @@ def export_checkpoint(
     """
     out = Path(out)
     prepare_out_dir(out, overwrite)
-    with out_lock(out):
+    with nullcontext() if locked else out_lock(out):
         return _export_locked(
             model,
             out,

@@ -26,6 +26,7 @@ from typing import Iterable, Mapping
 from torch import nn
 
 from .coverage import find_fused_params
+from .errors import MoeUnfuseError
 from .plan import resolve_dims
 from .spec import Spec
 
@@ -312,6 +313,8 @@ def meta_model_from_config(config_dict: dict, path: str | None = None) -> nn.Mod
             del config.quantization_config
         with torch.device("meta"):
             return cls._from_config(config)
+    except MoeUnfuseError:  # a bound the caller set on what may be built (checkpoint_input.parameter_budget)
+        raise
     except Exception:  # noqa: BLE001 - an unbuildable config only means no contract; the caller says so
         return None
 

@@ -15,15 +15,17 @@ import importlib.util
 import json
 import re
 import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 import jsonschema
 import yaml
 
-from .errors import SpecError, first_line
+from .errors import MoeUnfuseError, SpecError, first_line
 from .kinds import ForwardKind, GateKind
 from .options import ENGINES
 from .plugins import registry
@@ -658,16 +660,44 @@ KINDS = {
 
 
 def allowed_import_roots() -> tuple[str, ...]:
-    """Top-level packages whose modules a spec may import: transformers, and the package of every
-    registered moe_unfuse plugin (code the user already chose to run, via the entry point group)."""
-    return registry().import_roots
+    """Top-level packages whose modules a spec may import: transformers, the package of every
+    registered moe_unfuse plugin (code the user already chose to run, via the entry point group),
+    and the modules the user trusts for the current call (:func:`trusted_modules`)."""
+    return tuple(dict.fromkeys((*registry().import_roots, *_TRUSTED.get())))
+
+
+#: Modules the user consented to, for the duration of one call (never read from a spec).
+_TRUSTED: ContextVar[tuple[str, ...]] = ContextVar("moe_unfuse_trusted_modules", default=())
+_MODULE_NAME_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+@contextmanager
+def trusted_modules(names: Iterable[str] = ()) -> Iterator[None]:
+    """Within the block, specs may import the modules ``names`` (and their submodules): the user's
+    explicit consent (``--trust-module``, ``register(..., trust_modules=...)``), as ``trust_remote_code``
+    is for transformers, for a model class not in transformers nor in a plugin. A spec cannot give
+    itself this consent; a name that is not a module path is a one-line error."""
+    names = tuple(names)
+    for name in names:
+        if not isinstance(name, str) or not _MODULE_NAME_RE.fullmatch(name):
+            raise MoeUnfuseError(
+                f"trusted module {_clip(repr(name), 60)} is not a module name; fix: pass a dotted module path, e.g. mymodels"
+            )
+    token = _TRUSTED.set(tuple(dict.fromkeys((*_TRUSTED.get(), *names))))
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
 
 
 def _check_importable(source: str, where: str, module: str) -> None:
-    """``module`` may be imported for a spec: under an allowed root, already imported (looked up,
-    not run), or under a package that does not exist at all (its import fails: nothing runs)."""
+    """``module`` may be imported for a spec: under an allowed root, trusted by the user, already
+    imported (looked up, not run), or under a package that does not exist at all (its import fails:
+    nothing runs)."""
     root = module.split(".")[0]
-    if root in allowed_import_roots() or module in sys.modules:
+    if root in registry().import_roots or module in sys.modules:
+        return
+    if any(module == t or module.startswith(t + ".") for t in _TRUSTED.get()):
         return
     try:
         exists = importlib.util.find_spec(root) is not None  # a path search: runs no module code
@@ -679,7 +709,8 @@ def _check_importable(source: str, where: str, module: str) -> None:
         source,
         where,
         f"module {_clip(module, 60)!r} is outside what a spec may import ({', '.join(allowed_import_roots())})",
-        "name a class in transformers, or install the plugin that provides it (see CONTRIBUTING.md, What a spec may import)",
+        "name a class in transformers, install the plugin that provides it, or trust your own module with "
+        "--trust-module (see CONTRIBUTING.md, What a spec may import)",
     )
 
 

@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SPECS_DIR = ROOT / "specs"
 
 Edit = Callable[[dict], Any]
+#: A subprocess still running after this long is hung, not slow: the only timeout a test may use, a
+#: hang detector far beyond any machine's normal (a loaded CI machine runs several times slower).
+HANG_S = 1800
 
 
 def spec_names() -> list[str]:

@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_pytest(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pytest", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "pytest", *args], cwd=ROOT, capture_output=True, text=True, timeout=HANG_S
     )
 
 

@@ -23,6 +23,8 @@ from moe_unfuse import UncoveredExpertsError, catalog, cli, golden
 from moe_unfuse.audit import GB, GIB, audit, preset_rules
 from moe_unfuse.coverage import find_fused_params, fused_expert_params, uncovered_expert_params
 
+pytestmark = pytest.mark.xdist_group("audit")  # report_26b: one module-scoped build per run
+
 
 def gemma4_26b_config() -> dict:
     layer_types = (["sliding_attention"] * 5 + ["full_attention"]) * 5
@@ -226,7 +228,6 @@ def report_26b(tmp_path_factory):
 def test_audit_26b_experts_share_and_sizes(report_26b):
     r = report_26b
     assert r.ok and len(r.fused) == 60 and {f.spec.arch for f in r.fused} == {"gemma4"}
-    assert r.build_seconds < 60
     experts = 30 * 128 * 3 * 704 * 2816
     assert r.categories["experts"][1] == experts
     assert 25.0e9 < r.language < 25.5e9 and 25.5e9 < r.total < 26.2e9  # ~25 B (+ the assumed vision tower)

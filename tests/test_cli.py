@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import SPECS_DIR
+from helpers import HANG_S, SPECS_DIR
 
 import moe_unfuse
 from moe_unfuse import cli
@@ -35,6 +35,8 @@ def test_list_reports_a_class_missing_from_transformers(capsys, monkeypatch):
     from moe_unfuse.spec import Spec
 
     monkeypatch.setattr(Spec, "resolve_class", lambda self: None if self.arch == "gemma4" else object)
+    moe_unfuse.registry()  # list asks each spec's class (not the light read) once the registry is loaded:
+    # loaded here, not left to an earlier test in this process (under xdist this one may run first)
     assert cli.main(["list", "--json"]) == 0
     rows = {r["arch"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["gemma4"]["available"] is False and rows["mixtral"]["available"] is True
@@ -121,5 +123,5 @@ def test_help_and_import_stay_free_of_torch():
     import sys
 
     code = "import sys, moe_unfuse; from moe_unfuse.cli import build_parser; build_parser(); print(sorted(m for m in ('torch', 'transformers', 'modelopt') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

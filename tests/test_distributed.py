@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import HANG_S
 from safetensors.torch import load_file
 
 from moe_unfuse.cli import main
@@ -49,7 +50,7 @@ def test_two_ranks_write_the_single_process_checkpoint(tmp_path: Path, capsys: p
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), "-m", "moe_unfuse", "quantize", *ARGS, "--out", str(two)]  # fmt: skip
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_S)
     assert run.returncode == 0, run.stderr[-2000:]
     assert sum(line.startswith("checkpoint ") for line in run.stdout.splitlines()) == 1  # rank 0 alone reports
     a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
@@ -81,7 +82,7 @@ def test_two_ranks_layer_by_layer_write_the_single_process_whole_model_checkpoin
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), "-m", "moe_unfuse", "quantize", str(model), *ARGS, "--layerwise",
            "--out", str(two)]  # fmt: skip
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_S)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "mode       layer by layer" in run.stdout
     a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))

@@ -12,7 +12,7 @@ import torch
 from moe_unfuse.cli import main
 from moe_unfuse.tiny import byte_tokenizer, tiny_gemma4
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("quantize_bad_input")]
 QUICK = ["--qformat", "fp8", "--calib-size", "2", "--seq-len", "32", "--device-map", "cpu", "--no-progress"]
 
 

@@ -8,7 +8,6 @@ in the C YAML loader, 29 RecursionErrors, UnicodeDecodeErrors, multi-kilobyte er
 from __future__ import annotations
 
 import collections
-import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,8 @@ from moe_unfuse import SpecError, load_spec
 pytestmark = pytest.mark.arch("gemma4")
 
 SEED = 0
-COUNT = 1500
-BUDGET_S = 30.0
+#: A fixed count, never a time budget: the same mutants run on any machine, however slow or loaded.
+COUNT = 500
 
 
 def write(path: Path, data: str | bytes) -> Path:
@@ -31,20 +30,17 @@ def write(path: Path, data: str | bytes) -> Path:
 def test_every_mutant_is_accepted_or_one_spec_error_line(tmp_path):
     counts: collections.Counter[str] = collections.Counter()
     bad = []
-    start = time.perf_counter()
     for mutant in spec_fuzz.mutants(SEED, COUNT):
         path = write(tmp_path / "mutant.yaml", mutant.data)
         kind, detail = spec_fuzz.outcome(path)
         counts[kind] += 1
         if kind == "traceback":
             bad.append(f"{mutant.name}: {detail}")
-        if time.perf_counter() - start > BUDGET_S:  # a slow machine tries fewer, never fails on time
-            break
     tried = sum(counts.values())
     print(
         f"spec fuzz: tried {tried}, clean {counts['clean']}, traceback {counts['traceback']}, accepted {counts['accepted']}"
     )
-    assert tried >= 200, f"only {tried} mutants in {BUDGET_S} s"
+    assert tried == COUNT and counts["clean"] and counts["accepted"], counts
     assert not bad, f"{len(bad)} of {tried} mutants escaped as non-SpecError: " + "; ".join(bad[:5])
 
 

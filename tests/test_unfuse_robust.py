@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import HANG_S
 
 import moe_unfuse
 from moe_unfuse import golden, unfusing
@@ -204,6 +205,6 @@ def test_sigint_during_check_exits_130_with_one_line():
     )
     assert proc.stdout.readline().startswith("spec ok")  # in the golden checks now
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "moe-unfuse check: interrupted" and "Traceback" not in err

@@ -8,6 +8,7 @@ expert, whole-model logits) and prints each. Exit status 0 when all pass, 1 when
 spec error (a layout the class does not have is one, not a crash).
 
   moe-unfuse check specs/mixtral.yaml
+  moe-unfuse check my_model.yaml --trust-module mymodels   # a class in your own module mymodels
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import first_line
+from ..options import TRUST_MODULE_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,9 +24,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "spec", metavar="SPEC.yaml", help="spec file to check (extends resolves next to it and in the built-in specs)"
     )
     parser.add_argument("--no-modelopt", action="store_true", help="skip the modelopt checks (faster)")
+    parser.add_argument(
+        "--trust-module", action="append", default=[], metavar="MODULE", help=TRUST_MODULE_HELP, dest="trust_modules"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..spec import trusted_modules
+
+    with trusted_modules(args.trust_modules):
+        return _check(args)
+
+
+def _check(args: argparse.Namespace) -> int:
     import time
 
     from .. import drift
