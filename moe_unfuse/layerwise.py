@@ -485,19 +485,27 @@ def no_offload_writeback() -> Iterator[None]:
 # when to go layer by layer
 
 
-#: Peak host memory of the whole-model path over the checkpoint's bytes (measured: 2.13 on a
-#: Gemma-4-26B-A4B-sized NVFP4 run), rounded up.
-WHOLE_MODEL_PEAK_RATIO = 2.5
+#: Peak host memory of the whole-model path over the checkpoint's bytes: measured 1.82 for 4
+#: Gemma-4-26B-A4B-sized layers to NVFP4 (8.04 GB checkpoint, 14.62 GB peak; ``bench_memory.py``), rounded up.
+WHOLE_MODEL_PEAK_RATIO = 1.85
+
+
+def whole_model_peak(checkpoint_bytes: int) -> int:
+    """Measured peak host memory of the whole-model path for a checkpoint of this size, beyond what the
+    process already holds (the interpreter with torch, transformers and modelopt is loaded by then)."""
+    return int(checkpoint_bytes * WHOLE_MODEL_PEAK_RATIO)
 
 
 def needs_layerwise(checkpoint_bytes: int, device_map: str | None) -> bool:
     """Whether the whole-model path would not fit where ``device_map`` lets it go: its measured peak
-    (``WHOLE_MODEL_PEAK_RATIO`` x the checkpoint) against the host memory left to this process
-    (cgroup limits included), plus the free memory of every GPU when ``auto`` may place it there.
-    A device_map naming devices explicitly (``cuda``, ``balanced``, ...) is the user's placement: kept."""
+    (:func:`whole_model_peak`) against the host memory left to this process (cgroup limits included),
+    plus the free memory of every GPU when ``auto`` may place it there (layer by layer holds about one
+    decoder layer and one export shard). A device_map naming devices explicitly (``cuda``, ``balanced``,
+    ...) is the user's placement: kept. Where this says it fits but accelerate still offloads a module
+    to disk, the job goes layer by layer too (:func:`moe_unfuse.loading.offloaded_to_disk`)."""
     if device_map not in (None, "auto", "cpu", "none"):
         return False
     room = available_memory()
     if device_map in (None, "auto") and torch.cuda.is_available():
         room += sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
-    return checkpoint_bytes * WHOLE_MODEL_PEAK_RATIO > room
+    return whole_model_peak(checkpoint_bytes) > room

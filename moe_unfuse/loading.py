@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .errors import MoeUnfuseError, first_line
+from .memory import available_memory
 
 
 def model_class(path: Path | str) -> type:
@@ -37,9 +38,32 @@ def model_class(path: Path | str) -> type:
 
 
 def load_model(path: Path | str, device_map: str | None = "auto", dtype: str = "auto") -> nn.Module:
-    """A transformers model from a local folder (never the network), placed by accelerate's ``device_map``."""
-    placement = {"device_map": device_map} if device_map and device_map != "none" else {}
+    """A transformers model from a local folder (never the network), placed by accelerate's ``device_map``.
+    Under ``auto`` accelerate is given the host memory this process may use (cgroup limits included,
+    which accelerate's own default ignores) and every GPU's free memory; what does not fit there it
+    offloads to disk (:func:`offloaded_to_disk` says which modules)."""
+    placement: dict[str, Any] = {"device_map": device_map} if device_map and device_map != "none" else {}
+    if device_map == "auto":
+        placement["max_memory"] = auto_max_memory()
     return _from_pretrained(path, dtype, placement, f"with device_map={device_map!r}", "or pass --device-map cpu")
+
+
+def auto_max_memory() -> dict[int | str, int]:
+    """accelerate's ``max_memory`` for ``device_map="auto"``: each GPU's free memory and 90% of the
+    host memory left to this process (transformers keeps the same 10% margin on the host)."""
+    gpus = (
+        {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
+        if torch.cuda.is_available()
+        else {}
+    )
+    return {**gpus, "cpu": int(available_memory() * 0.9)}
+
+
+def offloaded_to_disk(model: nn.Module) -> list[str]:
+    """Modules accelerate placed on disk when it loaded ``model`` (its ``hf_device_map``)."""
+    return sorted(
+        name or "(model)" for name, where in (getattr(model, "hf_device_map", None) or {}).items() if where == "disk"
+    )
 
 
 def load_offloaded(

@@ -9,6 +9,7 @@ policy and gate/up weight-scale sharing). ``run_quantize`` is the whole job behi
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
 import time
@@ -46,7 +47,7 @@ from .layerwise import (
     needs_layerwise,
     no_offload_writeback,
 )
-from .loading import checkpoint_bytes, load_model, load_offloaded, load_tokenizer
+from .loading import checkpoint_bytes, load_model, load_offloaded, load_tokenizer, offloaded_to_disk
 from .memory import map_large_allocations
 from .naming import model_contract
 from .options import (
@@ -296,6 +297,7 @@ class QuantizeReport:
     resumed: int = 0  # decoder layers a killed run had calibrated, restored from OUT.resume
     evaluation: Any = None  # evaluate.EvalReport, or None when not evaluated
     eval_failed: str = ""  # why the evaluation failed the run
+    spilled: list[str] = field(default_factory=list)  # modules accelerate ran from disk (whole model)
 
     @property
     def ok(self) -> bool:
@@ -318,6 +320,7 @@ class QuantizeReport:
             "gate_up_synced": r.gate_up_synced,
             "layerwise": {"layers": self.layers, "resumed": self.resumed} if self.layers else None,
             "device": self.device,
+            "offloaded_to_disk": self.spilled,
             "bytes_before": self.bytes_before,
             "bytes_before_of": self.before_what,
             "export": self.export.to_dict(),
@@ -332,6 +335,13 @@ class QuantizeReport:
             resumed = f"; layers 0-{self.resumed - 1} resumed from a killed run's state" if self.resumed else ""
             lines.append(
                 f"mode       layer by layer: {self.layers} decoder layers, each loaded from disk, calibrated and exported in turn, on {self.device}{resumed}"
+            )
+        if self.spilled:
+            shown = ", ".join(self.spilled[:8]) + (
+                f", ... ({len(self.spilled)} modules)" if len(self.spilled) > 8 else ""
+            )
+            lines.append(
+                f"mode       whole model (--no-layerwise), but it did not fit: accelerate runs {shown} from disk (slow; without --no-layerwise the job goes layer by layer)"
             )
         if r.coverage.covered:
             archs = sorted({a for _, a, _ in r.coverage.covered})
@@ -492,7 +502,14 @@ def _run_quantize(opts: QuantizeOptions) -> QuantizeReport | None:
     if layerwise and opts.model is None:
         raise MoeUnfuseError("--layerwise reads a model folder; fix: pass MODEL, or drop --layerwise")
     if not layerwise:
-        return _quantize_and_export(opts, on_disk, device)
+        model = _load_whole(opts, device) if opts.model is not None else None
+        spilled = offloaded_to_disk(model) if model is not None else []
+        if not spilled or opts.layerwise is False:
+            return _quantize_and_export(opts, on_disk, device, model=model, spilled=spilled)
+        # accelerate would run part of the whole model from disk: layer by layer instead, which
+        # holds one layer and writes the same checkpoint
+        del model
+        gc.collect()
     import shutil
 
     map_large_allocations()  # one layer's tensors freed per step: their memory goes back at once
@@ -519,22 +536,36 @@ def _run_quantize(opts: QuantizeOptions) -> QuantizeReport | None:
     return report
 
 
+def _load_whole(opts: QuantizeOptions, device: torch.device) -> nn.Module:
+    """The whole model, placed by ``--device-map`` (``--device`` given: on that device)."""
+    device_map = str(device) if opts.device is not None and opts.device_map == "auto" else opts.device_map
+    return load_model(opts.model, device_map, opts.dtype)
+
+
 def _quantize_and_export(
-    opts: QuantizeOptions, on_disk: int, device: torch.device, offload: Path | None = None, state: Path | None = None
+    opts: QuantizeOptions,
+    on_disk: int,
+    device: torch.device,
+    offload: Path | None = None,
+    state: Path | None = None,
+    model: nn.Module | None = None,
+    spilled: Sequence[str] = (),
 ) -> QuantizeReport | None:
     """The job on ``device``; ``offload``: layer by layer, every module offloaded to disk (tensors a
-    load-time conversion rewrote go to that folder); ``state``: where its per-layer state is committed."""
+    load-time conversion rewrote go to that folder); ``state``: where its per-layer state is committed;
+    ``model``: the whole model, already loaded, with the modules accelerate ``spilled`` to disk
+    (``--no-layerwise`` on a model that does not fit)."""
     if opts.model is None:
         model = tiny_gemma4(multimodal=opts.multimodal).to(device)
         tokenizer = byte_tokenizer()
         source = f"built-in tiny Gemma 4 ({_describe(model)}, seeded random weights)"
     else:
-        device_map = str(device) if opts.device is not None and opts.device_map == "auto" else opts.device_map
-        model = (
-            load_offloaded(opts.model, offload, opts.dtype, device)
-            if offload is not None
-            else load_model(opts.model, device_map, opts.dtype)
-        )
+        if model is None:
+            model = (
+                load_offloaded(opts.model, offload, opts.dtype, device)
+                if offload is not None
+                else _load_whole(opts, device)
+            )
         tokenizer = load_tokenizer(opts.model)
         source = f"{opts.model} ({_describe(model)})"
     texts = read_calibration_texts(opts.calib_dataset, tokenizer)
@@ -605,6 +636,7 @@ def _quantize_and_export(
         layers,
         str(device),
         resumed,
+        spilled=list(spilled),
     )
     if evaluating and verified.ok:
         del model  # the evaluation loads the original and the checkpoint's own bytes

@@ -195,3 +195,34 @@ def test_split_rules_are_reversed_one_decoder_layer_at_a_time(tmp_path: Path, mo
     assert set(out) == set(hub)
     assert all(torch.equal(_bits(out[k]), _bits(hub[k])) for k in hub)
     assert len(calls) >= 2 * 2 and all(len(layers) == 1 for layers in calls)  # meta check, then values
+
+
+@pytest.mark.arch("gemma4")
+def test_whole_model_that_would_spill_to_disk_goes_layer_by_layer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The whole model's measured peak fits, yet accelerate's placement under ``auto`` (given the host
+    memory left, cgroups included) would run part of it from disk: the job goes layer by layer, no
+    silent mixed placement, and writes the checkpoint the whole model writes in memory (tied
+    embeddings: no lm_head). ``--no-layerwise`` keeps the mixed placement, says so, and writes the
+    same checkpoint too."""
+    import moe_unfuse.layerwise as layerwise
+    import moe_unfuse.loading as loading
+
+    model = _save("gemma4", tmp_path / "model")
+    size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    monkeypatch.setattr(layerwise.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(layerwise, "available_memory", lambda: 100 * size)
+    fp8 = ["--qformat", "fp8"]
+    assert main(["quantize", str(model), *fp8, "--out", str(tmp_path / "whole"), *CALIB]) == 0
+    assert "mode " not in capsys.readouterr().out
+    monkeypatch.setattr(loading, "available_memory", lambda: size // 3)  # accelerate: a third on the host
+    assert main(["quantize", str(model), *fp8, "--out", str(tmp_path / "auto"), *CALIB]) == 0
+    assert "mode       layer by layer: 4 decoder layers" in capsys.readouterr().out
+    assert_same_checkpoint(tmp_path / "whole", tmp_path / "auto")
+    assert main(["quantize", str(model), *fp8, "--out", str(tmp_path / "mixed"), "--no-layerwise", *CALIB]) == 0
+    out = capsys.readouterr().out
+    assert "but it did not fit: accelerate runs" in out and "model.layers" in out
+    assert_same_checkpoint(tmp_path / "whole", tmp_path / "mixed")
+    assert not (tmp_path / "mixed" / "lm_head.weight").exists()
