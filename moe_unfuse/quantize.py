@@ -490,6 +490,7 @@ def _quantize_and_export(opts: QuantizeOptions, on_disk: int, offload: Path | No
         progress=opts.progress,
         overwrite=opts.overwrite,
         max_shard_size=LAYERWISE_SHARD_SIZE if offload is not None else None,
+        source=opts.model,
     )
     samples = sum(b["input_ids"].shape[0] for b in batches)
     tokens = sum(b["input_ids"].numel() for b in batches)
