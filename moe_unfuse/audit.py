@@ -33,6 +33,7 @@ from torch import nn
 
 from .coverage import FusedParam, find_fused_params
 from .errors import MoeUnfuseError, SpecError, first_line
+from .loading import transformers_class
 from .plan import build_plan
 from .policy import QuantRules, disable_entries
 from .spec import Spec
@@ -110,9 +111,8 @@ def build_meta_model(config: Any) -> nn.Module:
     transformers has it, else the first auto class (causal LM, image-text-to-text, base) that accepts it."""
     import transformers
 
-    candidates: list[Any] = [
-        getattr(transformers, a) for a in (getattr(config, "architectures", None) or []) if hasattr(transformers, a)
-    ]
+    named = transformers_class(getattr(config, "architectures", None) or [], getattr(config, "model_type", None))
+    candidates: list[Any] = [named] if named is not None else []
     candidates += [transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText, transformers.AutoModel]
     errors = []
     for cls in candidates:

@@ -8,7 +8,7 @@ import fnmatch
 import json
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Collection, Iterable
 
 from .errors import MoeUnfuseError
 from .policy import KEEP_UNQUANTIZED_RE
@@ -47,14 +47,18 @@ def shard_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
     return files, None
 
 
+def has_scale(key: str, keys: Collection[str]) -> bool:
+    """Whether the tensor ``key`` is a quantized weight: a scale sits next to it in ``keys``
+    (``m.weight`` -> ``m.weight_scale``, a fused ``m.gate_up_proj`` -> ``m.gate_up_proj_weight_scale``)."""
+    if key.endswith(".weight"):
+        return any(f"{key[: -len('.weight')]}.{s}" in keys for s in SCALE_SUFFIXES)
+    return any(f"{key}_{s}" in keys for s in SCALE_SUFFIXES)
+
+
 def unquantized_modules(keys: Iterable[str]) -> set[str]:
     """Module names whose ``weight`` is in ``keys`` without any scale next to it."""
     keys = set(keys)
-    return {
-        k[: -len(".weight")]
-        for k in keys
-        if k.endswith(".weight") and not any(f"{k[: -len('.weight')]}.{s}" in keys for s in SCALE_SUFFIXES)
-    }
+    return {k[: -len(".weight")] for k in keys if k.endswith(".weight") and not has_scale(k, keys)}
 
 
 def must_exclude(keys: Iterable[str]) -> set[str]:

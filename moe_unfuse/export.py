@@ -34,7 +34,7 @@ import shutil
 from contextlib import contextmanager, nullcontext, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ from .checkpoint import (
     SCALE_SUFFIXES,
     STACKED_SCALES,
     excluded,
+    has_scale,
     must_exclude,
     shard_files,
 )
@@ -56,7 +57,7 @@ from .layout import Narrow
 from .naming import ExpertsNaming, NamingContract, model_contract
 from .spec import Spec
 from .streaming import streaming_export
-from .verify import verify_checkpoint
+from .verify import Checkpoint, verify_checkpoint
 
 
 def engine_renames(specs: Iterable[Spec], engine: str) -> list[tuple[re.Pattern, str]]:
@@ -316,6 +317,7 @@ class ExportResult:
     fuse_skipped: list[str]
     exclusions_added: list[str]
     fused: list[str] = field(default_factory=list)  # quantized experts written in the hub's fused layout
+    source_dtypes: int = 0  # unquantized tensors written back in the source checkpoint's dtype
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(vars(self))
@@ -330,6 +332,8 @@ class ExportResult:
             parts.append(f"{len(self.fused)} quantized experts module(s) in the hub's fused layout")
         if self.fused_back:
             parts.append(f"{len(self.fused_back)} unquantized experts module(s) fused back")
+        if self.source_dtypes:
+            parts.append(f"{self.source_dtypes} unquantized tensor(s) kept in their source dtype (upcast on load)")
         if self.fuse_skipped:
             parts.append(f"not fused back: {', '.join(self.fuse_skipped)}")
         if self.exclusions_added:
@@ -363,11 +367,14 @@ def postprocess_checkpoint(
     targets: Sequence[Restack] = (),
     progress: bool = True,
     contract: NamingContract | None = None,
-) -> tuple[int, list[str], list[str]]:
+    dtypes: Mapping[str, torch.dtype] | None = None,
+) -> tuple[int, list[str], list[str], int]:
     """Name every key as the hub does (``contract.hub_key``: where modelopt's reverse conversion fell
-    back to in-memory names), re-stack ``targets``, apply ``renames``, and fix ``exclude_modules``/
-    ``ignore`` in place (each shard is rewritten through a temporary file, so an interrupted run
-    leaves no half-written shard). Returns (keys renamed, unquantized modules fused back, exclusions added)."""
+    back to in-memory names), re-stack ``targets``, apply ``renames``, write each unquantized tensor
+    named in ``dtypes`` (hub name -> the source checkpoint's dtype) in that dtype, and fix
+    ``exclude_modules``/``ignore`` in place (each shard is rewritten through a temporary file, so an
+    interrupted run leaves no half-written shard). Returns (keys renamed, unquantized modules fused
+    back, exclusions added, tensors written back in their source dtype)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -418,7 +425,23 @@ def postprocess_checkpoint(
         if not t.quantized:
             fused_back.append(t.naming.hub)
 
-    renamed = 0
+    renamed = restored = 0
+    dtypes = dtypes or {}
+    final_keys = {k for k in stored if k not in dropped} | {k for extra in added.values() for k in extra}
+    final_keys |= {n for groups in pending.values() for _, names in groups for n in names}
+
+    def source_dtype(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """An unquantized tensor in its source dtype: loading may upcast (transformers keeps some
+        modules in fp32, e.g. DeepSeek-V3's ``e_score_correction_bias``), the checkpoint must not."""
+        nonlocal restored
+        want = dtypes.get(name)
+        if want is None or tensor.dtype == want or not tensor.is_floating_point() or has_scale(name, final_keys):
+            return tensor
+        if tensor.dtype.itemsize < 2:  # an FP8 tensor without a scale next to it is no unquantized weight
+            return tensor
+        restored += 1
+        return tensor.to(want)
+
     new_map: dict[str, str] = {}
     fused_candidates: set[str] = set()  # 3-D+ tensors under an experts module, seen as the shards are rewritten
     mode = 0o666 & ~_umask()
@@ -430,10 +453,10 @@ def postprocess_checkpoint(
                     continue
                 new = rename_key(name, renames)
                 renamed += new != k
-                tensors[new] = fh.get_tensor(k)
-        tensors.update(added[f])
+                tensors[new] = source_dtype(name, fh.get_tensor(k))
+        tensors.update({k: source_dtype(k, t) for k, t in added[f].items()})
         for keys, _ in pending.get(f, ()):
-            tensors.update((n, t) for n, t in convert(keys).items() if n not in dropped)
+            tensors.update((n, source_dtype(n, t)) for n, t in convert(keys).items() if n not in dropped)
         tmp = f.with_name(f.name + ".tmp")
         save_file(tensors, str(tmp), metadata=meta[f] or {"format": "pt"})
         os.chmod(tmp, mode)
@@ -458,7 +481,45 @@ def postprocess_checkpoint(
         return key[: -len(".weight")] if key.endswith(".weight") else name
 
     exclusions = _fix_exclusions(path, renames, fused_back, new_map, unquantized_fused, hub_module)
-    return renamed, fused_back, exclusions
+    return renamed, fused_back, exclusions, restored
+
+
+#: The config.json entries an export changes: modelopt's ``quantization_config`` (written by its
+#: export, its exclude list fixed by :func:`_fix_exclusions`). Every other field is the source's.
+QUANT_CONFIG_KEYS = ("quantization_config",)
+#: Files of the source folder an export carries over as they are (transformers v5 would re-serialize them).
+SOURCE_CONFIG_FILES = ("generation_config.json",)
+
+
+def source_dtypes(source: Path, contract: NamingContract) -> dict[str, torch.dtype]:
+    """Each hub name's dtype in the source checkpoint's safetensors (headers only; empty when it
+    has none). Per-expert names an export expands from a fused hub tensor take that tensor's dtype."""
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    try:
+        stored = Checkpoint(source).dtype
+    except MoeUnfuseError:  # no safetensors (a .bin checkpoint): nothing to compare with
+        return {}
+    out = {k: names[d] for k, d in stored.items() if d in names}
+    for e in contract.experts.values():
+        fused = {out.get(k) for k, _ in e.hub_fused_names}
+        if len(fused) == 1 and None not in fused:
+            out.update(dict.fromkeys(e.names, fused.pop()))
+    return out
+
+
+def keep_source_config(path: Path, source: Path) -> None:
+    """Write the source's config.json back with only :data:`QUANT_CONFIG_KEYS` taken from the export:
+    transformers v5's ``save_pretrained`` (which modelopt's export calls) rewrites fields hub
+    checkpoints spell otherwise (``architectures``: the hub's ``PhiMoEForCausalLM`` becomes the class
+    name ``PhimoeForCausalLM``, which vLLM's registry does not know; ``torch_dtype``, ``auto_map`` ...)."""
+    src = source / "config.json"
+    exported = json.loads((path / "config.json").read_text())
+    config = {k: v for k, v in json.loads(src.read_text()).items() if k not in QUANT_CONFIG_KEYS}
+    config.update({k: exported[k] for k in QUANT_CONFIG_KEYS if k in exported})
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name in SOURCE_CONFIG_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, path / name)
 
 
 #: The decoder layer (or other numbered block) a key belongs to: the tensors one conversion rule
@@ -489,6 +550,11 @@ def _to_hub_names(
     pending: dict[Path, list[tuple[list[str], set[str]]]] = {}
     if not unknown:
         return pending
+    for k in list(unknown):  # experts the hub stores per expert: renamed one by one, as their converter names them
+        name = contract.per_expert_hub_key(k)
+        if name is not None and name not in stored and contract.base(name) is not None:
+            where[name], stored[name] = where.pop(k), stored.pop(k)
+            unknown.remove(k)
     scaled = {k.rsplit(".", 1)[0] for k in stored if k.rsplit(".", 1)[-1] in SCALE_SUFFIXES}
     plain = [k for k in unknown if k.rsplit(".", 1)[0] not in scaled and k.rsplit(".", 1)[-1] not in SCALE_SUFFIXES]
     groups: dict[str, list[str]] = {}
@@ -636,6 +702,62 @@ def _no_carried_expert_sources(contract: NamingContract) -> Iterator[None]:
         exporter.unplaced_keys_for = original
 
 
+def _modelopt_names_disagree(model: nn.Module, contract: NamingContract) -> bool:
+    """Whether modelopt's quant-aware reverse conversion would write a name the naming contract lacks
+    for a tensor the contract names. It renames with ``re.sub`` (every occurrence) where transformers
+    renames the first (HY-V4: ``hc_pre.hc_head.hc_pre.hc_head_base``), and applies renames meant for
+    hub per-expert modules to per-expert names of fused ones (HY-V4 ``experts.E.linear_gate``)."""
+    try:
+        from modelopt.torch.export.quant_aware_conversion import build_reverse_name_mapper
+    except ImportError:  # pragma: no cover - modelopt is a dependency
+        return False
+    try:
+        try:
+            mapper = build_reverse_name_mapper(model, tensor_keys=True)  # modelopt 0.48
+        except TypeError:
+            mapper = build_reverse_name_mapper(model)
+    except Exception:  # noqa: BLE001 - modelopt cannot reverse it: it falls back to in-memory names itself
+        return False
+    if mapper is None:
+        return False
+    for name, _ in model.named_parameters():
+        ours = contract.hub_key(name)
+        if contract.base(ours) is not None and contract.base(mapper(name)) is None:
+            return True
+    return False
+
+
+@contextmanager
+def _own_names_when_modelopt_disagrees(model: nn.Module, contract: NamingContract) -> Iterator[None]:
+    """For the export's duration, modelopt's reverse conversion is off when it would write names
+    the contract lacks (:func:`_modelopt_names_disagree`): it writes the in-memory names for
+    weights and config alike, as on its own fallback, and :func:`postprocess_checkpoint` names
+    every key through the contract (transformers' own reverse for unquantized tensors)."""
+    if not _modelopt_names_disagree(model, contract):
+        yield
+        return
+    import importlib
+
+    patched = []
+    for module in ("unified_export_hf", "unified_export_hf_streaming"):
+        try:
+            mod = importlib.import_module(f"modelopt.torch.export.{module}")
+        except ImportError:  # pragma: no cover - modelopt is a dependency
+            continue
+        for attr, stand_in in (
+            ("build_reverse_name_mapper", lambda model, **kwargs: None),
+            ("revert_weight_conversion_quant_aware", lambda model, state_dict: state_dict),
+        ):
+            if hasattr(mod, attr):
+                patched.append((mod, attr, getattr(mod, attr)))
+                setattr(mod, attr, stand_in)
+    try:
+        yield
+    finally:
+        for mod, attr, original in patched:
+            setattr(mod, attr, original)
+
+
 @contextmanager
 def _device_when_offloaded(model: nn.Module) -> Iterator[None]:
     """modelopt's export runs a dummy forward on ``model.device``: the first parameter's device, which
@@ -672,6 +794,7 @@ def export_checkpoint(
     overwrite: bool = False,
     max_shard_size: int | str | None = None,
     locked: bool = False,
+    source: Path | str | None = None,
 ) -> tuple[ExportResult, Any]:
     """Export ``model`` (quantized by :func:`moe_unfuse.quantize.quantize_model`) to ``out`` and verify it.
 
@@ -679,7 +802,10 @@ def export_checkpoint(
     ``fallbacks``: input amax substitutes (:class:`moe_unfuse.calibration.ScaleFallback`), each recorded in
     ``moe_unfuse.json``. ``max_shard_size``: modelopt's shard size (its default, 10GB, when None); an
     offloaded model is streamed one layer at a time, holding one shard in memory. ``locked``: the
-    caller already holds :func:`out_lock` on ``out`` (taken before the model was loaded).
+    caller already holds :func:`out_lock` on ``out`` (taken before the model was loaded). ``source``:
+    the folder ``model`` was loaded from; its config.json (and generation_config.json) are written
+    back with only the quantization entries changed (:data:`QUANT_CONFIG_KEYS`), and every unquantized
+    tensor keeps its dtype there.
 
     Returns (ExportResult, VerifyReport). On a failed verification the checkpoint is moved to
     ``<out>.invalid`` instead of ``out`` (``ExportResult.path`` says where). An error on the way
@@ -701,6 +827,7 @@ def export_checkpoint(
             list(fallbacks),
             progress,
             max_shard_size,
+            Path(source) if source is not None else None,
         )
 
 
@@ -716,6 +843,7 @@ def _export_locked(
     fallbacks: list[Any],
     progress: bool,
     max_shard_size: int | str | None,
+    source: Path | None,
 ) -> tuple[ExportResult, Any]:
     from modelopt.torch.export import export_hf_checkpoint
 
@@ -751,13 +879,19 @@ def _export_locked(
             quiet(),
             redirect_stdout(io.StringIO()),
             _no_carried_expert_sources(contract),
+            _own_names_when_modelopt_disagrees(model, contract),
             _device_when_offloaded(model),
             streaming_export(model),
         ):  # modelopt's prints say nothing the report does not
             shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
             export_hf_checkpoint(model, export_dir=staging, **shards)
         step = "post-processing"
-        renamed, fused_back, exclusions = postprocess_checkpoint(staging, renames, targets, progress, contract)
+        dtypes = source_dtypes(source, contract) if source is not None else {}
+        renamed, fused_back, exclusions, restored = postprocess_checkpoint(
+            staging, renames, targets, progress, contract, dtypes
+        )
+        if source is not None:
+            keep_source_config(staging, source)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         restacked = {t.naming.hub for t in targets}
@@ -816,5 +950,6 @@ def _export_locked(
         fuse_skipped=skipped,
         exclusions_added=exclusions,
         fused=sorted(h for h in restacked if h not in fused_back),
+        source_dtypes=restored,
     )
     return result, report

@@ -4,7 +4,7 @@ offloaded to disk for the layer-by-layer path), its tokenizer. Never the network
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -29,12 +29,36 @@ def model_class(path: Path | str) -> type:
             f"{path}/config.json: cannot be read by transformers ({first_line(exc, 160)}); fix: restore the model's config.json"
         ) from None
     archs = getattr(config, "architectures", None) or []
-    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
+    cls = transformers_class(archs, getattr(config, "model_type", None))
     if cls is None:
         raise MoeUnfuseError(
             f'{path}/config.json: architectures {archs or "(none)"} not in transformers {transformers.__version__}; fix: set "architectures" to the model class'
         )
     return cls
+
+
+def transformers_class(archs: Sequence[str], model_type: str | None = None) -> type | None:
+    """The transformers class a config's ``architectures`` names: the name itself, or else the class
+    transformers registers for the same ``model_type`` under a spelling that differs only in case
+    (the hub's Phi-3.5-MoE says ``PhiMoEForCausalLM``, transformers v5 names it ``PhimoeForCausalLM``,
+    and ``AutoModelForCausalLM`` loads it by ``model_type``). None when neither exists."""
+    import transformers
+
+    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
+    if cls is not None or not model_type:
+        return cls
+    from transformers.models.auto import modeling_auto
+
+    registered = {
+        name.lower(): name
+        for attr, mapping in vars(modeling_auto).items()
+        if attr.endswith("_MAPPING_NAMES") and isinstance(name := mapping.get(model_type), str)
+    }
+    for a in archs:
+        name = registered.get(a.lower())
+        if name is not None and hasattr(transformers, name):
+            return getattr(transformers, name)
+    return None
 
 
 def load_model(path: Path | str, device_map: str | None = "auto", dtype: str = "auto") -> nn.Module:

@@ -27,6 +27,7 @@ from torch import nn
 
 from .coverage import find_fused_params
 from .errors import MoeUnfuseError
+from .loading import transformers_class
 from .plan import resolve_dims
 from .spec import Spec
 
@@ -35,6 +36,8 @@ QUANT_SUFFIXES = ("weight_scale_2", "weight_scale", "input_scale", "pre_quant_sc
 _DIGITS = re.compile(r"(?<![A-Za-z_])\d+(?![A-Za-z_])")
 _HASH = re.compile("#")
 _EXPERT_INDEX = re.compile(r"^(\d+)\.")
+_HUB_EXPERT = re.compile(r"^(\d+)\.([^.]+)\.")  # "{E}.{proj}." under an experts module's hub path
+_IN_MEMORY_EXPERT = re.compile(r"^(.*)\.(\d+)\.([^.]+)\.(.+)$")  # "{module}.{E}.{proj}.{leaf}"
 _PROBE = "__moe_unfuse_probe__"  # a leaf no converter matches: reverting it shows a module's hub path
 #: Attention KV-cache scales modelopt writes on the attention module itself.
 KV_SUFFIXES = ("k_scale", "v_scale")
@@ -57,6 +60,9 @@ class ExpertsNaming:
     #: module may be written back in that form (``--fuse-unquantized``), and from_pretrained loads it.
     hub_fused_names: tuple[tuple[str, tuple[int, ...]], ...] = ()
     fused_back: bool = False  # written in the hub's fused form although its export layout is per_expert
+    #: For a module the hub stores per expert: each projection's name there (Mixtral-style
+    #: ``gate_proj`` -> ``w1``), so an in-memory per-expert key can be named as the hub does.
+    hub_projections: tuple[tuple[str, str], ...] = ()
 
     def per_expert_key(self, expert: int, proj: str, leaf: str) -> str:
         """A per-expert tensor's name, for a module the hub stores fused."""
@@ -163,6 +169,9 @@ class NamingContract:
         (digits abstracted), so a model of thousands of experts costs a few hundred reverses."""
         if self.base(key) is not None or self.model is None:
             return key
+        per_expert = self.per_expert_hub_key(key)
+        if per_expert is not None:
+            return per_expert
         numbers = _DIGITS.findall(key)
         template = _DIGITS.sub("#", key)
         if template not in self._hub_templates:
@@ -172,6 +181,17 @@ class NamingContract:
             return key
         it = iter(numbers)
         return _HASH.sub(lambda _: next(it), result)
+
+    def per_expert_hub_key(self, key: str) -> str | None:
+        """An in-memory per-expert key (``{module}.{E}.{proj}.{leaf}``) of a module the hub stores per
+        expert, under the hub's names (``block_sparse_moe.experts.E.w1.weight``: transformers cannot
+        reverse one key of a converter that merges many); None for any other key."""
+        m = _IN_MEMORY_EXPERT.match(key)
+        for e in self.experts.values() if m else ():
+            proj = dict(e.hub_projections).get(m.group(3)) if e.module == m.group(1) else None
+            if proj is not None:
+                return f"{e.hub}.{m.group(2)}.{proj}.{m.group(4)}"
+        return None
 
     def _hub_template(self, key: str, numbers: list[str]) -> str | None:
         import torch
@@ -243,6 +263,7 @@ def build_contract(model: nn.Module, specs: Iterable[Spec]) -> NamingContract:
         fused_keys: list[str] = []
         fused_shapes: dict[str, tuple[int, ...]] = {}
         hub_expert_keys: list[str] = []
+        hub_projections: dict[str, str] = {}
         params = []
         for p in spec.params:
             params.append((p.name, p.into, p.bias))
@@ -256,6 +277,11 @@ def build_contract(model: nn.Module, specs: Iterable[Spec]) -> NamingContract:
                     fused_shapes.update((k, tuple(t.shape)) for k, t in reverted.items())
                 else:  # the hub stores it per expert (a converter split it): those names are the contract's
                     hub_expert_keys.extend(reverted)
+                    # the converter's projections, in the order it concatenated them (the spec's ``into``)
+                    seen = [m.group(2) for k in reverted if (m := _HUB_EXPERT.match(k[len(hub) + 1 :]))]
+                    projections = list(dict.fromkeys(seen))
+                    if leaf == p.name and len(projections) == len(p.into):
+                        hub_projections.update(zip(p.into, projections))
                     optional.update(
                         k
                         for k in reverted
@@ -285,7 +311,17 @@ def build_contract(model: nn.Module, specs: Iterable[Spec]) -> NamingContract:
         weights = tuple(k for k in own if not k.endswith(".bias") and k not in biases and k not in optional)
         alternative = tuple(fused_shapes.items()) if hub_fused and spec.export_layout == "per_expert" else ()
         contract.experts[hub] = ExpertsNaming(
-            path, hub, spec.arch, n, layout, hub_fused, tuple(params), tuple(own), weights, alternative
+            path,
+            hub,
+            spec.arch,
+            n,
+            layout,
+            hub_fused,
+            tuple(params),
+            tuple(own),
+            weights,
+            alternative,
+            hub_projections=tuple(hub_projections.items()) if not hub_fused else (),
         )
     contract.names = {k: v for k, v in names.items() if k not in drop} | add
     contract.optional = frozenset(optional)
@@ -298,8 +334,7 @@ def meta_model_from_config(config_dict: dict, path: str | None = None) -> nn.Mod
     import torch
     import transformers
 
-    archs = config_dict.get("architectures") or []
-    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
+    cls = transformers_class(config_dict.get("architectures") or [], config_dict.get("model_type"))
     if cls is None:
         return None
     try:

@@ -618,6 +618,7 @@ def _quantize_and_export(
         overwrite=opts.overwrite,
         max_shard_size=LAYERWISE_SHARD_SIZE if offload is not None else None,
         locked=True,
+        source=opts.model,
     )
     samples = sum(b["input_ids"].shape[0] for b in batches)
     tokens = sum(b["input_ids"].numel() for b in batches)

@@ -246,7 +246,8 @@ def _round_sizes(kwargs: dict[str, Any]) -> dict[str, Any]:
 def tiny_model_for(spec: Any, dtype: torch.dtype = torch.bfloat16, seed: int = SEED) -> torch.nn.Module:
     """The whole tiny model of ``spec``'s ``golden.model``, sized for export: every size that is not a
     multiple of 16 rounded up (NVFP4 quantizes in blocks of 16 along the input features) and a
-    vocabulary that holds :func:`byte_tokenizer`'s ids, with seeded random weights."""
+    vocabulary that holds :func:`byte_tokenizer`'s ids, with seeded random weights. ``architectures``
+    is the class name unless the config names the hub's spelling (see :func:`save_hub_style`)."""
     import importlib
 
     model_cfg = spec.golden["model"]
@@ -256,9 +257,32 @@ def tiny_model_for(spec: Any, dtype: torch.dtype = torch.bfloat16, seed: int = S
     for key in {"vocab_size", *(k for k in kwargs if k.startswith("vocab_size"))}:
         kwargs[key] = max(kwargs.get(key, 0), VOCAB_SIZE)
     config = cls.config_class(**kwargs)
-    config.architectures = [cls.__name__]
+    config.architectures = list(kwargs.get("architectures") or [cls.__name__])
     torch.manual_seed(seed)
     return cls._from_config(config, dtype=dtype).eval()
+
+
+def save_hub_style(model: torch.nn.Module, path: Any, tokenizer: bool = True) -> Any:
+    """``model.save_pretrained(path)`` with config.json as the hub's checkpoint has it, and with
+    ``tokenizer`` the byte tokenizer beside it; returns ``path``. transformers v5 writes the class
+    name into ``architectures``, where a hub checkpoint may spell it otherwise: Phi-3.5-MoE's says
+    ``PhiMoEForCausalLM`` (as vLLM's registry does), transformers' class is ``PhimoeForCausalLM``. A
+    spec's tiny config names the hub's spelling in ``config_kwargs.architectures``; it is written back
+    here (save_pretrained overwrites it in the config too, which is restored)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    archs = list(getattr(model.config, "architectures", None) or [])
+    model.save_pretrained(path)
+    if archs and model.config.architectures != archs:
+        model.config.architectures = archs
+        config = json.loads((path / "config.json").read_text())
+        config["architectures"] = archs
+        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if tokenizer:
+        byte_tokenizer().save_pretrained(path)
+    return path
 
 
 def write_gemma4_checkpoint(

@@ -1,11 +1,15 @@
 """Export for every spec that builds a whole tiny model, as a user runs it: the model saved with
-``save_pretrained``, ``moe-unfuse quantize MODEL`` to NVFP4 and FP8, then the checkpoint verified
-for vLLM, SGLang and TensorRT-LLM and its names compared with what ``save_pretrained`` wrote; and
-``--qformat none --fuse-unquantized`` reloads through ``from_pretrained`` into the same model."""
+``save_pretrained`` (config.json as the hub has it, bf16), ``moe-unfuse quantize MODEL`` to NVFP4 and
+FP8, then the checkpoint verified for vLLM, SGLang and TensorRT-LLM, its names compared with what
+``save_pretrained`` wrote, its config.json with the source's (only the quantization entries differ)
+and every unquantized tensor's dtype with the source's; and ``--qformat none --fuse-unquantized``
+reloads through ``from_pretrained`` into the same model, config.json and dtypes unchanged."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,24 +18,63 @@ from helpers import installed_spec, spec_names, spec_raw
 from safetensors import safe_open
 
 import moe_unfuse
+from moe_unfuse.checkpoint import SCALE_SUFFIXES, has_scale
 from moe_unfuse.cli import main
 from moe_unfuse.export_table import KNOWN_EXPORT_GAPS
-from moe_unfuse.naming import build_contract
-from moe_unfuse.tiny import byte_tokenizer, tiny_model_for
+from moe_unfuse.naming import NamingContract, build_contract
+from moe_unfuse.tiny import save_hub_style, tiny_model_for
 
 ENGINES = ("vllm", "sglang", "trtllm")
 #: Every arch whose spec builds a whole tiny model (names and mappings read from the spec files; a
 #: spec whose class the installed transformers lacks is skipped by the test, saying so).
 WHOLE_MODEL_SPECS = [a for a in spec_names() if (spec_raw(a).get("golden") or {}).get("model")]
 pytestmark = pytest.mark.usefixtures("one_thread")
+#: The config.json entries a quantized export may change: modelopt's ``quantization_config`` (its
+#: ``ignore`` list as moe_unfuse fixes it). Everything else is the source's, field for field.
+QUANT_CONFIG_ENTRIES = {"quantization_config"}
 
 
 def _keys(path: Path) -> set[str]:
-    keys: set[str] = set()
+    return set(_dtypes(path))
+
+
+def _dtypes(path: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
     for f in path.glob("*.safetensors"):
         with safe_open(f, "pt") as fh:
-            keys.update(fh.keys())
-    return keys
+            out.update((k, fh.get_slice(k).get_dtype()) for k in fh.keys())
+    return out
+
+
+def assert_source_kept(source: Path, out: Path, contract: NamingContract) -> None:
+    """config.json is the source's but for :data:`QUANT_CONFIG_ENTRIES`, and every unquantized tensor
+    has the dtype of the source tensor it comes from (per-expert tensors: the hub's fused tensor)."""
+    config, exported = (json.loads((p / "config.json").read_text()) for p in (source, out))
+    drop = lambda c: {k: v for k, v in c.items() if k not in QUANT_CONFIG_ENTRIES}  # noqa: E731
+    assert drop(exported) == drop(config)
+    hub, written = _dtypes(source), _dtypes(out)
+    expanded = {n: e for e in contract.experts.values() for n in e.names if n not in hub}
+    wrong = []
+    for k, dtype in written.items():
+        if has_scale(k, written) or k.endswith(SCALE_SUFFIXES):
+            continue  # quantized, or a scale
+        if k in hub:
+            source_dtype = {hub[k]}
+        elif k in expanded:
+            source_dtype = {hub[f] for f, _ in expanded[k].hub_fused_names}
+        else:
+            wrong.append(f"{k} (no source tensor)")
+            continue
+        if source_dtype != {dtype}:
+            wrong.append(f"{k} {dtype} (source {'/'.join(sorted(source_dtype))})")
+    assert not wrong, wrong
+
+
+def _meta_contract(arch: str) -> NamingContract:
+    """The naming contract of ``arch``'s tiny model, built on the meta device."""
+    spec = moe_unfuse.get_spec(arch)
+    with torch.device("meta"):
+        return build_contract(tiny_model_for(spec), [spec])
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +84,9 @@ def saved(tmp_path_factory: pytest.TempPathFactory):
 
     def get(arch: str) -> Path:
         if arch not in cache:
-            path = tmp_path_factory.mktemp(arch) / "model"
-            tiny_model_for(moe_unfuse.get_spec(arch)).save_pretrained(path)
-            byte_tokenizer().save_pretrained(path)
-            cache[arch] = path
+            cache[arch] = save_hub_style(
+                tiny_model_for(moe_unfuse.get_spec(arch)), tmp_path_factory.mktemp(arch) / "model"
+            )
         return cache[arch]
 
     return get
@@ -77,11 +119,7 @@ def test_quantized_export_has_hub_names_and_verifies_for_every_engine(
         report = moe_unfuse.verify_checkpoint(out, engine=engine)
         assert report.ok, str(report)
     # The names: what save_pretrained wrote, with fused hub tensors expanded per the spec's layout.
-    with torch.device("meta"):
-        meta = type(tiny_model_for(moe_unfuse.get_spec(arch)))._from_config(
-            tiny_model_for(moe_unfuse.get_spec(arch)).config
-        )
-    contract = build_contract(meta, [moe_unfuse.get_spec(arch)])
+    contract = _meta_contract(arch)
     exported, hub = _keys(out), _keys(source)
     bases = {contract.base(k) for k in exported}
     assert set(contract.names) - contract.optional <= bases <= set(contract.names)
@@ -92,6 +130,8 @@ def test_quantized_export_has_hub_names_and_verifies_for_every_engine(
     assert all(re.search(r"\.\d+\.[a-z0-9_]+\.(weight|bias)$", n) for n in expanded)
     quantized = [k for k in exported if k.endswith(("weight_scale", "_weight_scale"))]
     assert quantized, "nothing was quantized"
+    assert_source_kept(source, out, contract)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"].startswith("modelopt")
 
 
 @pytest.mark.parametrize("arch", [p for a in WHOLE_MODEL_SPECS for p in _params(a)])
@@ -100,6 +140,8 @@ def test_unquantized_export_fused_back_reloads_identical(arch: str, saved, tmp_p
     source = saved(arch)
     out = tmp_path / "out"
     _quantize(source, out, "none", "--fuse-unquantized")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert_source_kept(source, out, _meta_contract(arch))
     cls = type(tiny_model_for(moe_unfuse.get_spec(arch)))
     original = cls.from_pretrained(source, dtype=torch.bfloat16).eval()
     reloaded = cls.from_pretrained(out, dtype=torch.bfloat16).eval()
@@ -126,3 +168,25 @@ def test_builtin_gemma4_exports_for_every_engine(qformat: str, multimodal: bool,
     keys = _keys(out)
     prefix = "model.language_model.layers" if multimodal else "model.layers"
     assert f"{prefix}.0.experts.7.gate_proj.weight_scale" in keys and not any(".moe." in k for k in keys)
+
+
+@pytest.mark.arch("phimoe")
+def test_hub_config_fields_are_kept(saved, tmp_path: Path) -> None:
+    """A config.json as Phi-3.5-MoE's on the hub writes it (``PhiMoEForCausalLM``, the name vLLM's
+    registry knows; ``auto_map``; ``torch_dtype`` where transformers v5 writes ``dtype``; an older
+    ``transformers_version``) loads, and the export keeps every field: only ``quantization_config`` is added."""
+    source = tmp_path / "model"
+    shutil.copytree(saved("phimoe"), source)
+    config = json.loads((source / "config.json").read_text())
+    config["torch_dtype"] = config.pop("dtype")
+    config["transformers_version"] = "4.43.3"
+    config["auto_map"] = {
+        "AutoConfig": "configuration_phimoe.PhiMoEConfig",
+        "AutoModelForCausalLM": "modeling_phimoe.PhiMoEForCausalLM",
+    }
+    (source / "config.json").write_text(json.dumps(config, indent=2))
+    out = tmp_path / "out"
+    _quantize(source, out, "fp8")
+    exported = json.loads((out / "config.json").read_text())
+    assert exported.pop("quantization_config")["quant_method"] == "modelopt"
+    assert exported == config and config["architectures"] == ["PhiMoEForCausalLM"]

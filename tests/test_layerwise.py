@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 import moe_unfuse
 from moe_unfuse.cli import main
-from moe_unfuse.tiny import byte_tokenizer, tiny_gemma4, tiny_model_for
+from moe_unfuse.tiny import save_hub_style, tiny_gemma4, tiny_model_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,10 +32,7 @@ CALIB = ["--calib-size", "4", "--seq-len", "32", "--batch-size", "2", "--no-prog
 
 
 def _save(arch: str, path: Path) -> Path:
-    model = tiny_gemma4() if arch == "gemma4" else tiny_model_for(moe_unfuse.get_spec(arch))
-    model.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
+    return save_hub_style(tiny_gemma4() if arch == "gemma4" else tiny_model_for(moe_unfuse.get_spec(arch)), path)
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -107,7 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "bfloat16", "float16", "float32"],
-        help="dtype to load MODEL in (default: the checkpoint's)",
+        help="dtype to load and calibrate MODEL in (default: the checkpoint's); the export writes every "
+        "unquantized tensor in MODEL's own dtype and keeps MODEL's config.json",
     )
     parser.add_argument(
         "--input-scale",
