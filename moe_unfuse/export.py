@@ -56,7 +56,7 @@ from .experts import unfuse_state
 from .layout import Narrow
 from .naming import ExpertsNaming, NamingContract, model_contract
 from .spec import Spec
-from .streaming import streaming_export
+from .streaming import has_split_rules, streaming_export
 from .verify import Checkpoint, verify_checkpoint
 
 
@@ -383,11 +383,13 @@ def postprocess_checkpoint(
     where: dict[str, Path] = {}
     stored: dict[str, str] = {}  # hub name -> the key modelopt wrote
     meta: dict[Path, dict[str, str]] = {}
+    shapes: dict[str, list[int]] = {}  # as modelopt wrote them (the shards are rewritten below)
     for f in files:
         with safe_open(f, "pt") as fh:
             meta[f] = fh.metadata() or {}
             for k in fh.keys():
                 where[k], stored[k] = f, k
+                shapes[k] = fh.get_slice(k).get_shape()
     added: dict[Path, dict[str, torch.Tensor]] = {f: {} for f in files}
     dropped: set[str] = set()
     pending = _to_hub_names(contract, where, stored, dropped, files) if contract is not None else {}
@@ -472,15 +474,23 @@ def postprocess_checkpoint(
         index["weight_map"] = dict(sorted(new_map.items()))
         index_path.write_text(json.dumps(index, indent=2) + "\n")
 
-    def hub_module(name: str) -> str:
+    def hub_modules(name: str) -> list[str]:
+        """The hub modules an exclude entry stands for: one, or each piece a split rule makes of it."""
         if contract is None or any(c in name for c in "*?["):
-            return name
+            return [name]
         if name in contract.linear_hubs:
-            return contract.linear_hubs[name][0]
+            return [contract.linear_hubs[name][0]]
         key = contract.hub_key(f"{name}.weight")
-        return key[: -len(".weight")] if key.endswith(".weight") else name
+        if contract.base(key) is not None or key not in shapes:
+            return [key[: -len(".weight")] if key.endswith(".weight") else name]
+        try:
+            pieces = contract.to_hub({key: torch.empty(shapes[key], device="meta")})
+        except Exception:  # noqa: BLE001 - transformers cannot reverse it: the entry stays as written
+            return [name]
+        hubs = [n[: -len(".weight")] for n in pieces if n.endswith(".weight") and contract.base(n) is not None]
+        return hubs or [name]
 
-    exclusions = _fix_exclusions(path, renames, fused_back, new_map, unquantized_fused, hub_module)
+    exclusions = _fix_exclusions(path, renames, fused_back, new_map, unquantized_fused, hub_modules)
     return renamed, fused_back, exclusions, restored
 
 
@@ -596,7 +606,7 @@ def _fix_exclusions(
     fused_back: Sequence[str],
     keys: Iterable[str],
     fused_modules: Iterable[str] = (),
-    hub_module: Callable[[str], str] = lambda m: m,
+    hub_modules: Callable[[str], list[str]] = lambda m: [m],
 ) -> list[str]:
     """Rename the exclude list, write each entry in a form every engine matches, and add what must be
     excluded but is not: fused back experts, fused expert tensors left unquantized (``--allow-uncovered``),
@@ -609,11 +619,12 @@ def _fix_exclusions(
     original = list(quant.get("exclude_modules") or [])
     final: list[str] = []
     for name in original:
-        n = rename_module(hub_module(name), renames)
-        if n.endswith(".*"):  # `a.experts.*` never matches the module `a.experts` in vLLM 0.22-0.26
-            n = n[:-2] + "*"
-        if n not in final:
-            final.append(n)
+        for hub in hub_modules(name):
+            n = rename_module(hub, renames)
+            if n.endswith(".*"):  # `a.experts.*` never matches the module `a.experts` in vLLM 0.22-0.26
+                n = n[:-2] + "*"
+            if n not in final:
+                final.append(n)
     for name in [*fused_back, *sorted(fused_modules)]:
         if not excluded(name, final):
             final.append(exclude_pattern(name))
@@ -730,16 +741,17 @@ def _modelopt_names_disagree(model: nn.Module, contract: NamingContract) -> bool
 @contextmanager
 def _own_names_when_modelopt_disagrees(model: nn.Module, contract: NamingContract) -> Iterator[None]:
     """For the export's duration, modelopt's reverse conversion is off when it would write names
-    the contract lacks (:func:`_modelopt_names_disagree`): it writes the in-memory names for
-    weights and config alike, as on its own fallback, and :func:`postprocess_checkpoint` names
-    every key through the contract (transformers' own reverse for unquantized tensors)."""
-    if not _modelopt_names_disagree(model, contract):
+    the contract lacks (:func:`_modelopt_names_disagree`) or the conversion mapping has split or
+    merge rules (which the layer-by-layer export cannot hand modelopt: both paths then name them
+    alike): it writes the in-memory names for weights and config alike, as on its own fallback, and
+    :func:`postprocess_checkpoint` names every key through the contract (transformers' own reverse)."""
+    if not (has_split_rules(model) or _modelopt_names_disagree(model, contract)):
         yield
         return
     import importlib
 
     patched = []
-    for module in ("unified_export_hf", "unified_export_hf_streaming"):
+    for module in ("unified_export_hf", "unified_export_hf_streaming", "quant_aware_conversion"):
         try:
             mod = importlib.import_module(f"modelopt.torch.export.{module}")
         except ImportError:  # pragma: no cover - modelopt is a dependency

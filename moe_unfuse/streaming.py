@@ -197,8 +197,9 @@ def _replaced(owner: Any, name: str, make: Callable[[Any], Any]) -> Iterator[Non
         setattr(owner, name, original)
 
 
-def _has_split_rules(model: nn.Module) -> bool:
-    """Whether modelopt's streaming export would refuse ``model``'s conversion mapping (split or merge rules)."""
+def has_split_rules(model: nn.Module) -> bool:
+    """Whether ``model``'s conversion mapping has split or merge rules (modelopt's streaming export
+    refuses them; its whole-model reverse regroups them with its own names)."""
     from modelopt.torch.export import unified_export_hf_streaming as streaming
 
     check = getattr(streaming, "_assert_no_split_rules", None)
@@ -219,7 +220,7 @@ def names_reversed_later(model: nn.Module) -> Iterator[None]:
     sentinel segment in it keeps its in-memory name (see the module docstring)."""
     from modelopt.torch.export import unified_export_hf_streaming as streaming
 
-    if _has_split_rules(model):
+    if has_split_rules(model):
         with (
             _replaced(streaming, "_assert_no_split_rules", lambda original: lambda model: None),
             _replaced(streaming, "build_reverse_name_mapper", lambda original: lambda model, **kwargs: None),
