@@ -12,7 +12,7 @@ import contextlib
 import io
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -73,6 +73,8 @@ class QuantizeResult:
     num_linears: int
     seconds: float
     input_quantized: bool = True  # False for weight-only formats: no input scales to set
+    #: experts modules left unquantized because the target engine's loader cannot serve them quantized, and why
+    kept_for_engine: dict[str, str] = field(default_factory=dict)
 
 
 def quantize_model(
@@ -90,6 +92,7 @@ def quantize_model(
     group: Group | None = None,
     layerwise: bool = False,
     spill_dir: Path | None = None,
+    engine: str | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` in place with modelopt: every expert becomes per-expert QuantLinears.
 
@@ -102,6 +105,8 @@ def quantize_model(
     ``layerwise``: calibrate one decoder layer at a time (:mod:`moe_unfuse.layerwise`; for a model
     offloaded to disk, whose memory then stays about one layer): the same amax and counts; its cached
     activations beyond what memory holds go to a temporary folder under ``spill_dir``.
+    ``engine``: experts modules whose spec says that engine's loader cannot serve them quantized
+    (``export.engines``, GPT-OSS in vLLM and SGLang) stay unquantized.
     """
 
     start = time.perf_counter()
@@ -110,7 +115,15 @@ def quantize_model(
     if layerwise:
         check_layerwise(model)
     sliced = _hub_sliced_linears(model, specs) if qformat != "none" else []
-    cfg = build_quant_config(qformat, [*exclude, *sliced])
+    by_arch = {s.arch: s for s in specs}
+    kept = {
+        path: why
+        for path, arch, _ in coverage.covered
+        if qformat != "none"
+        and arch in by_arch
+        and (why := by_arch[arch].experts_unquantized_for(engine or "")) is not None
+    }
+    cfg = build_quant_config(qformat, [*exclude, *sliced, *(f"{path}.*" for path in kept)])
     stats = RoutingStats()
     if cfg is None:
         unfuse(model, specs or None, allow_uncovered=allow_uncovered)
@@ -162,6 +175,7 @@ def quantize_model(
         num_linears,
         time.perf_counter() - start,
         input_quantized,
+        kept,
     )
 
 
@@ -294,6 +308,7 @@ class QuantizeReport:
             "input_scale": r.input_scale,
             "fallbacks": [vars(f) for f in r.fallbacks],
             "gate_up_synced": r.gate_up_synced,
+            "kept_for_engine": r.kept_for_engine,
             "layerwise": {"layers": self.layers} if self.layers else None,
             "bytes_before": self.bytes_before,
             "bytes_before_of": self.before_what,
@@ -317,6 +332,11 @@ class QuantizeReport:
             )
         elif not r.coverage.uncovered:
             lines.append("coverage   no fused expert modules in this model")
+        if r.kept_for_engine:
+            reasons = sorted(set(r.kept_for_engine.values()))
+            lines.append(
+                f"           {len(r.kept_for_engine)} left unquantized and excluded for --engine {self.options.engine} ({'; '.join(reasons)})"
+            )
         if r.coverage.uncovered:
             lines.append(
                 f"           NOT covered, left unquantized and excluded (--allow-uncovered): {', '.join(r.coverage.uncovered)}"
@@ -474,6 +494,7 @@ def _quantize_and_export(opts: QuantizeOptions, on_disk: int, offload: Path | No
         group=group,
         layerwise=offload is not None,
         spill_dir=offload,
+        engine=opts.engine,
     )
     if group is not None and not group.writer:
         return None  # rank 0 writes and reports

@@ -5,6 +5,7 @@ for vLLM, SGLang and TensorRT-LLM and its names compared with what ``save_pretra
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from helpers import installed_spec, spec_names, spec_raw
 from safetensors import safe_open
 
 import moe_unfuse
+from moe_unfuse.checkpoint import excluded, quantized_modules
 from moe_unfuse.cli import main
 from moe_unfuse.export_table import KNOWN_EXPORT_GAPS
 from moe_unfuse.naming import build_contract
@@ -57,6 +59,16 @@ def _quantize(model: Path | None, out: Path, qformat: str, *extra: str) -> None:
     assert main(["quantize", *source, "--qformat", qformat, "--out", str(out), *quick, *extra]) == 0
 
 
+def _excludes(path: Path) -> list[str]:
+    return json.loads((path / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+
+
+def _quantized_yet_excluded(path: Path) -> list[str]:
+    """Modules that carry scales (per-expert or fused) and are excluded: an engine would build them unquantized."""
+    excludes = _excludes(path)
+    return sorted(m for m in quantized_modules(_keys(path)) if excluded(m, excludes))
+
+
 def _params(arch: str) -> list:
     marks = [pytest.mark.arch(arch)]
     if arch in KNOWN_EXPORT_GAPS:
@@ -92,6 +104,7 @@ def test_quantized_export_has_hub_names_and_verifies_for_every_engine(
     assert all(re.search(r"\.\d+\.[a-z0-9_]+\.(weight|bias)$", n) for n in expanded)
     quantized = [k for k in exported if k.endswith(("weight_scale", "_weight_scale"))]
     assert quantized, "nothing was quantized"
+    assert _quantized_yet_excluded(out) == []
 
 
 @pytest.mark.parametrize("arch", [p for a in WHOLE_MODEL_SPECS for p in _params(a)])
@@ -126,3 +139,52 @@ def test_builtin_gemma4_exports_for_every_engine(qformat: str, multimodal: bool,
     keys = _keys(out)
     prefix = "model.language_model.layers" if multimodal else "model.layers"
     assert f"{prefix}.0.experts.7.gate_proj.weight_scale" in keys and not any(".moe." in k for k in keys)
+
+
+@pytest.mark.arch("gpt_oss")
+@pytest.mark.parametrize("qformat", ["fp8", "nvfp4", "w4a16_nvfp4"])
+def test_gpt_oss_quantized_experts_never_excluded_and_refused_for_vllm_sglang(
+    qformat: str, saved, tmp_path: Path
+) -> None:
+    """``--engine hf``: the experts quantized in the hub's fused layout, their 3-D block scales never
+    taken for unquantized fused tensors (which listed the experts as excluded); vLLM's and SGLang's
+    loaders cannot serve them (the spec's ``export.engines``), so ``verify`` refuses it for those two."""
+    installed_spec("gpt_oss")
+    out = tmp_path / "out"
+    _quantize(saved("gpt_oss"), out, qformat, "--engine", "hf")
+    assert "model.layers.0.mlp.experts.gate_up_proj_weight_scale" in _keys(out)
+    assert _quantized_yet_excluded(out) == []
+    assert not excluded("model.layers.0.mlp.experts", _excludes(out))
+    for engine in ("hf", "trtllm"):
+        assert moe_unfuse.verify_checkpoint(out, engine=engine).ok
+    for engine in ("vllm", "sglang"):
+        report = moe_unfuse.verify_checkpoint(out, engine=engine)
+        failed = {c.name: c.keys for c in report.checks if not c.ok}
+        assert list(failed) == ["engine-loads"], str(report)
+        assert "model.layers.0.mlp.experts, model.layers.1.mlp.experts quantized" in failed["engine-loads"][0]
+        assert "gpt_oss.py:" in failed["engine-loads"][0]
+
+
+@pytest.mark.arch("gpt_oss")
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_gpt_oss_default_for_vllm_and_sglang_keeps_experts_bf16(engine: str, saved, tmp_path: Path) -> None:
+    """What those loaders serve: the experts as the hub's fused BF16 tensors and biases, excluded;
+    attention quantized (vLLM 0.33's own loader takes it: ``tests_vllm/``)."""
+    installed_spec("gpt_oss")
+    out = tmp_path / "out"
+    _quantize(saved("gpt_oss"), out, "nvfp4", "--engine", engine)
+    keys = _keys(out)
+    with safe_open(out / "model.safetensors", "pt") as fh:
+        fused = fh.get_slice("model.layers.0.mlp.experts.gate_up_proj")
+        assert (fused.get_dtype(), fused.get_shape()) == (
+            "BF16",
+            [4, 64, 96],
+        )  # intermediate 40 rounded to 48 (tiny_model_for)
+    assert "model.layers.0.mlp.experts.gate_up_proj_bias" in keys
+    assert not any(k.startswith("model.layers.0.mlp.experts.") and "scale" in k for k in keys)
+    assert "model.layers.0.self_attn.q_proj.weight_scale" in keys
+    assert excluded("model.layers.0.mlp.experts", _excludes(out))
+    for e in ("vllm", "sglang", "hf"):
+        assert moe_unfuse.verify_checkpoint(out, engine=e).ok
+    meta = json.loads((out / "moe_unfuse.json").read_text())
+    assert meta["engine"] == engine
