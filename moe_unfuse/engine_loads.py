@@ -2,8 +2,9 @@
 
 ``engine_loads.json`` is written by the engine loader tests (``tests_vllm/``: vLLM's real model classes
 and weight loading on CPU, run in CI in their own environment, which fails when a result changes) and
-read by ``verify --engine`` (an export of a family whose recorded load failed is refused, naming why)
-and by the README's export table (:mod:`moe_unfuse.export_table`). Nothing here is written by hand.
+read by the README's export table (:mod:`moe_unfuse.export_table`). Nothing here is written by hand.
+``verify --engine`` refuses what a spec's ``export.engines`` records (GPT-OSS); the recorded "fails" here
+are open items, not refused yet (which are export defects and which engine limits is not triaged).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 LOADS_PATH = Path(__file__).with_name("engine_loads.json")
-#: A recorded outcome: every tensor consumed and every parameter written; a failure; or an architecture
-#: the engine's registry does not know (it is not loaded: no result either way).
-LOADS, FAILS, NOT_REGISTERED = "loads", "fails", "not registered"
+#: A recorded outcome: every tensor consumed and every parameter written; the loader failed on the
+#: checkpoint's tensors; the engine could not build the model
+#: from the tiny config on a CPU (a config field the hub's config has and the tiny one lacks, or a CPU or
+#: kernel limit: says nothing about the export); or an architecture its registry does not know.
+LOADS, FAILS, NOT_BUILT, NOT_REGISTERED = "loads", "fails", "model not built", "not registered"
 
 
 @lru_cache(maxsize=1)
@@ -41,4 +44,4 @@ def table_cell(engine: str, arch: str) -> str:
             r["status"] + (f": {r['reason']}" if r.get("reason") else "") + (f" ({r['note']})" if r.get("note") else "")
         )
         by_text.setdefault(text, []).append(qformat)
-    return "; ".join(f"{', '.join(q)}: {t}" for t, q in by_text.items())
+    return "; ".join(f"{', '.join(q)}: {t}" for t, q in by_text.items()).replace("|", "\\|")

@@ -38,7 +38,6 @@ from typing import Any, Callable, Iterable
 from .catalog import get_spec, select_specs, specs_for
 from .catalog import specs as catalog_specs
 from .checkpoint import METADATA_FILE, SCALE_SUFFIXES, excluded, fused_scale_base, must_exclude, quantized_modules
-from .engine_loads import FAILS, engine_loads, load_result
 from .errors import MoeUnfuseError, first_line
 from .naming import QUANT_SUFFIXES, NamingContract, build_contract, meta_model_from_config
 from .options import ENGINES
@@ -276,10 +275,9 @@ def _gpt_oss_not_fused(ctx: Context) -> list[str]:
 
 
 def _engine_cannot_load(engine: str) -> Callable[[Context], list[str]]:
-    """What ``engine``'s own loader was seen to fail on: quantized experts of a family whose spec says
-    that loader drops or misreads them (``export.engines``, its ``why`` naming the loader's file:line),
-    and a family whose tiny export of this format failed in the loader (:mod:`moe_unfuse.engine_loads`,
-    written by ``tests_vllm/``)."""
+    """Quantized experts of a family whose spec says ``engine``'s own loader drops or misreads them
+    (``export.engines``, its ``why`` naming the loader's file:line; for vLLM, seen in its real loader by
+    ``tests_vllm/``)."""
 
     def check(ctx: Context) -> list[str]:
         scaled = quantized_modules(ctx.ckpt.where)
@@ -289,13 +287,7 @@ def _engine_cannot_load(engine: str) -> Callable[[Context], list[str]]:
             why = get_spec(e.arch).experts_unquantized_for(engine)
             if why and any(m == hub or m.startswith(hub + ".") for m in scaled):
                 bad.setdefault(why, []).append(hub)
-        out = [f"{', '.join(hubs)} quantized ({why}); fix: export with --engine {engine}" for why, hubs in bad.items()]
-        qformat = {"FP8": "fp8", "NVFP4": "nvfp4"}.get(str(ctx.algo).upper())
-        for arch in sorted({e.arch for e in experts.values()}) if qformat else ():
-            result = load_result(engine, arch, qformat)
-            if result and result["status"] == FAILS:
-                out.append(f"{arch} {qformat}: {engine_loads()[engine]['version']} loader fails ({result['reason']})")
-        return out
+        return [f"{', '.join(hubs)} quantized ({why}); fix: export with --engine {engine}" for why, hubs in bad.items()]
 
     return check
 
@@ -346,9 +338,9 @@ ENGINE_RULES: tuple[EngineRule, ...] = (
         EngineRule(
             "engine-loads",
             (engine,),
-            f"{engine} as tests_vllm/ and the spec's export.engines record it",
-            "moe_unfuse/engine_loads.json; the spec's export.engines.<engine>.why",
-            "nothing this engine's own loader was seen to drop, misread or fail on",
+            "the spec's export.engines.<engine>.versions",
+            "the spec's export.engines.<engine>.why",
+            "no quantized experts of a family whose spec says this engine's loader drops or misreads them",
             _engine_cannot_load(engine),
         )
         for engine in ("vllm", "sglang")

@@ -96,6 +96,9 @@ class LoadResult:
     architecture: str
     quantization: str | None = None
     error: str | None = None  # the exception, one line, with the deepest vllm frame's file:line
+    #: where it stopped: "config" (create_engine_config), "model" (create_model: the model class and the
+    #: quant methods' create_weights), "weights" (load_weights and the checks on what it wrote and read)
+    phase: str = "config"
     not_consumed: list[str] = field(default_factory=list)
     not_written: list[str] = field(default_factory=list)
     converted: list[str] = field(default_factory=list)
@@ -265,7 +268,9 @@ def load(path: Path) -> LoadResult:
             cpu_kernel_selection(),
         ):
             _init_distributed()
+            result.phase = "model"
             model = loader.create_model(vllm_config=cfg, model_config=cfg.model_config)
+            result.phase = "weights"
             _fill(model, 0xFF)
             with mock.patch.object(loader, "get_all_weights", tracked):
                 loader.load_weights(model, cfg.model_config)
