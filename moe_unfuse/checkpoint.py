@@ -8,7 +8,7 @@ import fnmatch
 import json
 import re
 from pathlib import Path
-from typing import Collection, Iterable
+from typing import Collection, Container, Iterable
 
 from .errors import MoeUnfuseError
 from .policy import KEEP_UNQUANTIZED_RE
@@ -59,6 +59,27 @@ def unquantized_modules(keys: Iterable[str]) -> set[str]:
     """Module names whose ``weight`` is in ``keys`` without any scale next to it."""
     keys = set(keys)
     return {k[: -len(".weight")] for k in keys if k.endswith(".weight") and not has_scale(k, keys)}
+
+
+def fused_scale_base(key: str, keys: Container[str]) -> str | None:
+    """The tensor ``key`` is a scale of when written fused (``m.gate_up_proj_weight_scale`` next to
+    ``m.gate_up_proj``, as GPT-OSS exports are), else None: such a 3-D scale is not a fused weight."""
+    for suffix in sorted(STACKED_SCALES, key=len, reverse=True):
+        base = key[: -len(suffix) - 1]
+        if key.endswith("_" + suffix) and base in keys:
+            return base
+    return None
+
+
+def quantized_modules(keys: Iterable[str]) -> set[str]:
+    """Modules that carry a quantization scale: ``m.weight_scale`` ..., or a fused one (``m.p_weight_scale``
+    next to ``m.p``), whose module is ``m`` (the experts module an engine builds quantized or not)."""
+    keys = set(keys)
+    return {
+        k.rsplit(".", 1)[0]
+        for k in keys
+        if "." in k and (k.rsplit(".", 1)[1] in SCALE_SUFFIXES or fused_scale_base(k, keys) is not None)
+    }
 
 
 def must_exclude(keys: Iterable[str]) -> set[str]:

@@ -47,6 +47,7 @@ from .checkpoint import (
     STACKED_SCALES,
     excluded,
     has_scale,
+    fused_scale_base,
     must_exclude,
     shard_files,
 )
@@ -466,7 +467,9 @@ def postprocess_checkpoint(
         new_map.update({k: f.name for k in tensors})
         fused_candidates.update(k for k, v in tensors.items() if v.dim() >= 3 and FUSED_EXPERT_KEY_RE.search(k))
     unquantized_fused = {
-        k.rsplit(".", 1)[0] for k in fused_candidates if not any(f"{k}_{s}" in new_map for s in STACKED_SCALES)
+        k.rsplit(".", 1)[0]
+        for k in fused_candidates
+        if fused_scale_base(k, new_map) is None and not any(f"{k}_{s}" in new_map for s in STACKED_SCALES)
     }
     if weight_map is not None:
         index_path = path / "model.safetensors.index.json"

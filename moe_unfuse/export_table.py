@@ -12,6 +12,7 @@ import re
 import sys
 from pathlib import Path
 
+from .engine_loads import engine_loads, table_cell
 from .naming import build_contract
 from .tiny import tiny_model_for
 
@@ -21,8 +22,8 @@ KNOWN_EXPORT_GAPS: dict[str, str] = {}
 ENGINES_CHECKED = "vllm, sglang, trtllm"
 
 
-def rows() -> list[tuple[str, str, str, str, str]]:
-    """(arch, export layout, two sample expert keys, engines checked, export test) per spec."""
+def rows() -> list[tuple[str, ...]]:
+    """(arch, export layout, two sample expert keys, engines checked, export test, vLLM loader) per spec."""
     import torch
 
     import moe_unfuse
@@ -31,7 +32,14 @@ def rows() -> list[tuple[str, str, str, str, str]]:
     for arch, spec in sorted(moe_unfuse.list_specs().items()):
         if not (spec.golden or {}).get("model") or spec.resolve_class() is None:
             out.append(
-                (arch, spec.export_layout.replace("_", "-"), "(no whole tiny model in the spec)", ENGINES_CHECKED, "no")
+                (
+                    arch,
+                    spec.export_layout.replace("_", "-"),
+                    "(no whole tiny model in the spec)",
+                    ENGINES_CHECKED,
+                    "no",
+                    table_cell("vllm", arch),
+                )
             )
             continue
         with torch.device("meta"):
@@ -39,24 +47,33 @@ def rows() -> list[tuple[str, str, str, str, str]]:
         experts = next(iter(build_contract(model, [spec]).experts.values()))
         if experts.layout == "fused":
             layout = "fused (hub layout)"
+            unquantized = [e for e in ("vllm", "sglang") if spec.experts_unquantized_for(e)]
+            if unquantized:
+                layout += f"; experts BF16 for {', '.join(unquantized)}"
             samples = [experts.weights[0], f"{experts.weights[0]}_weight_scale"]
         else:
             layout = "per-expert" + (" (hub is fused)" if experts.hub_fused else "")
             samples = [experts.weights[0], re.sub(r"\.weight$", ".weight_scale", experts.weights[-1])]
         test = f"xfail: {KNOWN_EXPORT_GAPS[arch]}" if arch in KNOWN_EXPORT_GAPS else "nvfp4, fp8, none + reload"
-        out.append((arch, layout, ", ".join(f"`{s}`" for s in samples), ENGINES_CHECKED, test))
+        out.append(
+            (arch, layout, ", ".join(f"`{s}`" for s in samples), ENGINES_CHECKED, test, table_cell("vllm", arch))
+        )
     return out
 
 
 def markdown() -> str:
+    version = engine_loads().get("vllm", {}).get("version", "?")
     lines = [
         START,
         "Generated from `specs/` by `python -m moe_unfuse.export_table --write README.md`; do not edit by hand. Sample keys are "
         'those of the spec\'s whole tiny model (a real checkpoint has more layers and experts). "Engines checked" are the '
-        "engines whose loader rules `verify` checks (see the export contract above), not engines this family was served on.",
+        "engines whose loader rules `verify` checks (see the export contract above), not engines this family was served on. "
+        f'"vLLM {version} loader" is what vLLM\'s own model classes and weight loading did '
+        "with the tiny FP8 and NVFP4 exports on a CPU (`tests_vllm/`, in CI; `moe_unfuse/engine_loads.json`).",
         "",
-        "| arch | export layout | sample expert keys | engines checked | export test (`tests/test_export_families.py`) |",
-        "|---|---|---|---|---|",
+        "| arch | export layout | sample expert keys | engines checked | export test (`tests/test_export_families.py`) "
+        f"| vLLM {version} loader |",
+        "|---|---|---|---|---|---|",
     ]
     lines += [f"| {' | '.join(r)} |" for r in rows()]
     lines.append(END)

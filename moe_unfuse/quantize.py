@@ -83,6 +83,8 @@ class QuantizeResult:
     num_linears: int
     seconds: float
     input_quantized: bool = True  # False for weight-only formats: no input scales to set
+    #: experts modules left unquantized because the target engine's loader cannot serve them quantized, and why
+    kept_for_engine: dict[str, str] = field(default_factory=dict)
 
 
 def quantize_model(
@@ -101,6 +103,7 @@ def quantize_model(
     layerwise: bool = False,
     spill_dir: Path | None = None,
     resume: ResumeState | None = None,
+    engine: str | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` in place with modelopt: every expert becomes per-expert QuantLinears.
 
@@ -114,6 +117,8 @@ def quantize_model(
     offloaded to disk, whose memory then stays about one layer): the same amax and counts; its cached
     activations beyond what memory holds go to a temporary folder under ``spill_dir``; ``resume``
     restores the layers a killed run committed and commits each new one (:mod:`moe_unfuse.resume`).
+    ``engine``: experts modules whose spec says that engine's loader cannot serve them quantized
+    (``export.engines``, GPT-OSS in vLLM and SGLang) stay unquantized.
     """
 
     start = time.perf_counter()
@@ -122,7 +127,15 @@ def quantize_model(
     if layerwise:
         check_layerwise(model)
     sliced = _hub_sliced_linears(model, specs) if qformat != "none" else []
-    cfg = build_quant_config(qformat, [*exclude, *sliced])
+    by_arch = {s.arch: s for s in specs}
+    kept = {
+        path: why
+        for path, arch, _ in coverage.covered
+        if qformat != "none"
+        and arch in by_arch
+        and (why := by_arch[arch].experts_unquantized_for(engine or "")) is not None
+    }
+    cfg = build_quant_config(qformat, [*exclude, *sliced, *(f"{path}.*" for path in kept)])
     stats = RoutingStats()
     if cfg is None:
         unfuse(model, specs or None, allow_uncovered=allow_uncovered)
@@ -175,6 +188,7 @@ def quantize_model(
         num_linears,
         time.perf_counter() - start,
         input_quantized,
+        kept,
     )
 
 
@@ -318,6 +332,7 @@ class QuantizeReport:
             "input_scale": r.input_scale,
             "fallbacks": [vars(f) for f in r.fallbacks],
             "gate_up_synced": r.gate_up_synced,
+            "kept_for_engine": r.kept_for_engine,
             "layerwise": {"layers": self.layers, "resumed": self.resumed} if self.layers else None,
             "device": self.device,
             "offloaded_to_disk": self.spilled,
@@ -352,6 +367,11 @@ class QuantizeReport:
             )
         elif not r.coverage.uncovered:
             lines.append("coverage   no fused expert modules in this model")
+        if r.kept_for_engine:
+            reasons = sorted(set(r.kept_for_engine.values()))
+            lines.append(
+                f"           {len(r.kept_for_engine)} left unquantized and excluded for --engine {self.options.engine} ({'; '.join(reasons)})"
+            )
         if r.coverage.uncovered:
             lines.append(
                 f"           NOT covered, left unquantized and excluded (--allow-uncovered): {', '.join(r.coverage.uncovered)}"
@@ -600,6 +620,7 @@ def _quantize_and_export(
         layerwise=offload is not None,
         spill_dir=offload,
         resume=resume,
+        engine=opts.engine,
     )
     if group is not None and not group.writer:
         return None  # rank 0 writes and reports

@@ -100,6 +100,9 @@ class Spec:
     post_expert_norm: str | None = None
     #: ``export.layout``: how an export stores these experts, ``per_expert`` keys or ``fused`` tensors.
     export_layout: str = "per_expert"
+    #: ``export.engines``: engine -> ``{experts: unquantized, versions, why}``, where that engine's loader
+    #: cannot serve these experts quantized (the export for ``--engine`` leaves them unquantized).
+    export_engines: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return f"Spec(arch={self.arch!r}, target={self.target_class!r}, source={self.source!r})"
@@ -107,6 +110,11 @@ class Spec:
     @property
     def class_name(self) -> str:
         return self.target_class.rsplit(".", 1)[1]
+
+    def experts_unquantized_for(self, engine: str) -> str | None:
+        """Why ``engine``'s loader needs these experts unquantized (versions and loader file:line), or None."""
+        rule = self.export_engines.get(engine)
+        return f"{engine} {rule['versions']}: {rule['why']}" if rule else None
 
     def param(self, name: str) -> ParamSpec:
         return next(p for p in self.params if p.name == name)
@@ -977,6 +985,7 @@ def parse(raw: dict, source: str, check_import: bool = True) -> Spec:
         linear=dict(raw.get("linear", {})),
         post_expert_norm=raw.get("post_expert_norm", {}).get("attribute"),
         export_layout=raw.get("export", {}).get("layout", "per_expert"),
+        export_engines={k: dict(v) for k, v in raw.get("export", {}).get("engines", {}).items()},
     )
 
 

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable
 
 from .catalog import get_spec, select_specs, specs_for
 from .catalog import specs as catalog_specs
-from .checkpoint import METADATA_FILE, SCALE_SUFFIXES, excluded, must_exclude
+from .checkpoint import METADATA_FILE, SCALE_SUFFIXES, excluded, fused_scale_base, must_exclude, quantized_modules
 from .checkpoint_input import (
     QuantMetadata,
     check_config_bounds,
@@ -278,6 +278,24 @@ def _gpt_oss_not_fused(ctx: Context) -> list[str]:
     )
 
 
+def _engine_cannot_load(engine: str) -> Callable[[Context], list[str]]:
+    """Quantized experts of a family whose spec says ``engine``'s own loader drops or misreads them
+    (``export.engines``, its ``why`` naming the loader's file:line; for vLLM, seen in its real loader by
+    ``tests_vllm/``)."""
+
+    def check(ctx: Context) -> list[str]:
+        scaled = quantized_modules(ctx.ckpt.where)
+        experts = ctx.contract.experts if ctx.contract else {}
+        bad: dict[str, list[str]] = {}
+        for hub, e in sorted(experts.items()):
+            why = get_spec(e.arch).experts_unquantized_for(engine)
+            if why and any(m == hub or m.startswith(hub + ".") for m in scaled):
+                bad.setdefault(why, []).append(hub)
+        return [f"{', '.join(hubs)} quantized ({why}); fix: export with --engine {engine}" for why, hubs in bad.items()]
+
+    return check
+
+
 #: Each rule names the engine versions whose loader source it was read from.
 ENGINE_RULES: tuple[EngineRule, ...] = (
     EngineRule(
@@ -319,6 +337,17 @@ ENGINE_RULES: tuple[EngineRule, ...] = (
         "vllm models/gpt_oss.py:73-82, 1250, 1393",
         "GPT-OSS experts are the fused gate_up_proj/down_proj (per-expert keys are dropped silently)",
         _gpt_oss_not_fused,
+    ),
+    *(
+        EngineRule(
+            "engine-loads",
+            (engine,),
+            "the spec's export.engines.<engine>.versions",
+            "the spec's export.engines.<engine>.why",
+            "no quantized experts of a family whose spec says this engine's loader drops or misreads them",
+            _engine_cannot_load(engine),
+        )
+        for engine in ("vllm", "sglang")
     ),
 )
 
@@ -507,7 +536,7 @@ def _check_no_fused(ckpt: Checkpoint, contract: NamingContract | None, excludes:
             key.startswith(module + ".") and PER_EXPERT_RE.match(key) and key.endswith(".weight") for key in ckpt.where
         ):
             bad.append(f"{k} (and per-expert weights of {module})")
-        elif quantized and k not in fused_ok and not excluded(module, excludes):
+        elif quantized and (fused_scale_base(k, ckpt.where) or k) not in fused_ok and not excluded(module, excludes):
             bad.append(f"{k} {ckpt.shape[k]}")
     detail = (
         "fused expert tensors that are neither the spec's fused export nor unquantized and excluded"
@@ -615,8 +644,7 @@ def _check_scales(ckpt: Checkpoint, keys: list[str]) -> Check:
 def _check_excluded(ckpt: Checkpoint, keys: list[str], excludes: list[str], quantized: bool) -> Check:
     if not quantized:
         return Check("unquantized-excluded", True, "checkpoint is unquantized (nothing to exclude)")
-    module_of = {k: k.rsplit(".", 1)[0] for k in keys}
-    scaled = sorted({module_of[k] for k in keys if k.rsplit(".", 1)[-1] in SCALE_SUFFIXES})
+    scaled = sorted(quantized_modules(keys))
     bad = [
         f"{m} (unquantized, not in exclude_modules)" for m in sorted(must_exclude(keys)) if not excluded(m, excludes)
     ]

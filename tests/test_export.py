@@ -104,13 +104,13 @@ def test_exports_pass(fp8_ckpt: Path, nvfp4_mm_ckpt: Path, capsys: pytest.Captur
         for engine in ("vllm", "sglang", "trtllm"):
             report = verify_checkpoint(path, engine=engine)
             assert report.ok, str(report)
-        assert len(verify_checkpoint(path).checks) == 16
+        assert len(verify_checkpoint(path).checks) == 17
     gate_up = next(c for c in verify_checkpoint(nvfp4_mm_ckpt).checks if c.name == "gate-up-global-scale")
     assert gate_up.detail.startswith("24 expert(s) share")
     from moe_unfuse.cli import main
 
     assert main(["verify", str(nvfp4_mm_ckpt)]) == 0
-    assert "ok: 16 checks passed (NVFP4, engine vllm" in capsys.readouterr().out
+    assert "ok: 17 checks passed (NVFP4, engine vllm" in capsys.readouterr().out
 
 
 def test_hub_names_not_moe_prefixed(fp8_ckpt: Path) -> None:

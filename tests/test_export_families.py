@@ -18,7 +18,7 @@ from helpers import installed_spec, spec_names, spec_raw
 from safetensors import safe_open
 
 import moe_unfuse
-from moe_unfuse.checkpoint import SCALE_SUFFIXES, has_scale
+from moe_unfuse.checkpoint import SCALE_SUFFIXES, excluded, has_scale, quantized_modules
 from moe_unfuse.cli import main
 from moe_unfuse.export_table import KNOWN_EXPORT_GAPS
 from moe_unfuse.naming import NamingContract, build_contract
@@ -99,6 +99,16 @@ def _quantize(model: Path | None, out: Path, qformat: str, *extra: str) -> None:
     assert main(["quantize", *source, "--qformat", qformat, "--out", str(out), *quick, *extra]) == 0
 
 
+def _excludes(path: Path) -> list[str]:
+    return json.loads((path / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+
+
+def _quantized_yet_excluded(path: Path) -> list[str]:
+    """Modules that carry scales (per-expert or fused) and are excluded: an engine would build them unquantized."""
+    excludes = _excludes(path)
+    return sorted(m for m in quantized_modules(_keys(path)) if excluded(m, excludes))
+
+
 def _params(arch: str) -> list:
     marks = [pytest.mark.arch(arch)]
     if arch in KNOWN_EXPORT_GAPS:
@@ -132,6 +142,7 @@ def test_quantized_export_has_hub_names_and_verifies_for_every_engine(
     assert quantized, "nothing was quantized"
     assert_source_kept(source, out, contract)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"].startswith("modelopt")
+    assert _quantized_yet_excluded(out) == []
 
 
 @pytest.mark.parametrize("arch", [p for a in WHOLE_MODEL_SPECS for p in _params(a)])
@@ -190,3 +201,52 @@ def test_hub_config_fields_are_kept(saved, tmp_path: Path) -> None:
     exported = json.loads((out / "config.json").read_text())
     assert exported.pop("quantization_config")["quant_method"] == "modelopt"
     assert exported == config and config["architectures"] == ["PhiMoEForCausalLM"]
+
+
+@pytest.mark.arch("gpt_oss")
+@pytest.mark.parametrize("qformat", ["fp8", "nvfp4", "w4a16_nvfp4"])
+def test_gpt_oss_quantized_experts_never_excluded_and_refused_for_vllm_sglang(
+    qformat: str, saved, tmp_path: Path
+) -> None:
+    """``--engine hf``: the experts quantized in the hub's fused layout, their 3-D block scales never
+    taken for unquantized fused tensors (which listed the experts as excluded); vLLM's and SGLang's
+    loaders cannot serve them (the spec's ``export.engines``), so ``verify`` refuses it for those two."""
+    installed_spec("gpt_oss")
+    out = tmp_path / "out"
+    _quantize(saved("gpt_oss"), out, qformat, "--engine", "hf")
+    assert "model.layers.0.mlp.experts.gate_up_proj_weight_scale" in _keys(out)
+    assert _quantized_yet_excluded(out) == []
+    assert not excluded("model.layers.0.mlp.experts", _excludes(out))
+    for engine in ("hf", "trtllm"):
+        assert moe_unfuse.verify_checkpoint(out, engine=engine).ok
+    for engine in ("vllm", "sglang"):
+        report = moe_unfuse.verify_checkpoint(out, engine=engine)
+        failed = {c.name: c.keys for c in report.checks if not c.ok}
+        assert list(failed) == ["engine-loads"], str(report)
+        assert "model.layers.0.mlp.experts, model.layers.1.mlp.experts quantized" in failed["engine-loads"][0]
+        assert "gpt_oss.py:" in failed["engine-loads"][0]
+
+
+@pytest.mark.arch("gpt_oss")
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_gpt_oss_default_for_vllm_and_sglang_keeps_experts_bf16(engine: str, saved, tmp_path: Path) -> None:
+    """What those loaders serve: the experts as the hub's fused BF16 tensors and biases, excluded;
+    attention quantized (vLLM 0.33's own loader takes it: ``tests_vllm/``)."""
+    installed_spec("gpt_oss")
+    out = tmp_path / "out"
+    _quantize(saved("gpt_oss"), out, "nvfp4", "--engine", engine)
+    keys = _keys(out)
+    with safe_open(out / "model.safetensors", "pt") as fh:
+        fused = fh.get_slice("model.layers.0.mlp.experts.gate_up_proj")
+        assert (fused.get_dtype(), fused.get_shape()) == (
+            "BF16",
+            [4, 64, 96],
+        )  # intermediate 40 rounded to 48 (tiny_model_for)
+    assert "model.layers.0.mlp.experts.gate_up_proj_bias" in keys
+    assert not any(k.startswith("model.layers.0.mlp.experts.") and "scale" in k for k in keys)
+    assert "model.layers.0.self_attn.q_proj.weight_scale" in keys
+    assert excluded("model.layers.0.mlp.experts", _excludes(out))
+    for e in ("vllm", "sglang", "hf"):
+        assert moe_unfuse.verify_checkpoint(out, engine=e).ok
+    meta = json.loads((out / "moe_unfuse.json").read_text())
+    assert meta["engine"] == engine

@@ -28,5 +28,8 @@ def test_readme_export_table_is_current() -> None:
     stale = [arch for arch in installed if current[arch] != generated[arch]]
     assert not stale, f"stale rows {stale}: run `python -m moe_unfuse.export_table --write README.md`"
     assert "| gemma4 | per-expert (hub is fused) | `model.layers.0.experts.0.gate_proj.weight`" in section
-    assert "| gpt_oss | fused (hub layout) | `model.layers.0.mlp.experts.gate_up_proj`" in section
+    assert (
+        "| gpt_oss | fused (hub layout); experts BF16 for vllm, sglang | `model.layers.0.mlp.experts.gate_up_proj`"
+        in section
+    )
     assert "| mixtral | per-expert | `model.layers.0.block_sparse_moe.experts.0.w1.weight`" in section

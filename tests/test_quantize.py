@@ -76,7 +76,7 @@ def test_readme_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli("quantize", "--qformat", "fp8", "--out", str(out)) == 0
     printed = capsys.readouterr().out
     assert "all covered (gemma4" in printed and "every expert received tokens" in printed
-    assert "verify     ok: 16 checks passed" in printed and f"checkpoint {out}" in printed
+    assert "verify     ok: 17 checks passed" in printed and f"checkpoint {out}" in printed
     report = verify_checkpoint(out)
     assert report.ok and report.quant_algo == "FP8" and report.engine == "vllm"
     keys = json.loads((out / "moe_unfuse.json").read_text())["experts"]
