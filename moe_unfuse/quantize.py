@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -47,7 +47,7 @@ from .layerwise import (
 from .loading import checkpoint_bytes, load_model, load_offloaded, load_tokenizer
 from .memory import map_large_allocations
 from .naming import model_contract
-from .options import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SIZE, DEFAULT_CHUNK_TOKENS, DEFAULT_SEQ_LEN
+from .options import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SIZE, DEFAULT_CHUNK_TOKENS, DEFAULT_SEQ_LEN, check_algorithm
 from .policy import build_quant_config
 from .registration import register
 from .spec import Spec
@@ -73,6 +73,7 @@ class QuantizeResult:
     num_linears: int
     seconds: float
     input_quantized: bool = True  # False for weight-only formats: no input scales to set
+    algorithm: str = "max"  # modelopt's calibration algorithm (options.ALGORITHMS)
 
 
 def quantize_model(
@@ -90,6 +91,7 @@ def quantize_model(
     group: Group | None = None,
     layerwise: bool = False,
     spill_dir: Path | None = None,
+    algorithm: str = "max",
 ) -> QuantizeResult:
     """Quantize ``model`` in place with modelopt: every expert becomes per-expert QuantLinears.
 
@@ -102,6 +104,7 @@ def quantize_model(
     ``layerwise``: calibrate one decoder layer at a time (:mod:`moe_unfuse.layerwise`; for a model
     offloaded to disk, whose memory then stays about one layer): the same amax and counts; its cached
     activations beyond what memory holds go to a temporary folder under ``spill_dir``.
+    ``algorithm``: modelopt's calibration algorithm (``max``, or ``mse``: each expert weight's amax searched).
     """
 
     start = time.perf_counter()
@@ -110,7 +113,7 @@ def quantize_model(
     if layerwise:
         check_layerwise(model)
     sliced = _hub_sliced_linears(model, specs) if qformat != "none" else []
-    cfg = build_quant_config(qformat, [*exclude, *sliced])
+    cfg = build_quant_config(qformat, [*exclude, *sliced], algorithm)
     stats = RoutingStats()
     if cfg is None:
         unfuse(model, specs or None, allow_uncovered=allow_uncovered)
@@ -132,6 +135,7 @@ def quantize_model(
         with (
             contextlib.redirect_stdout(io.StringIO()),
             no_offload_writeback() if layerwise else contextlib.nullcontext(),
+            contextlib.nullcontext() if progress else _no_modelopt_bars(),
         ):
             mtq.quantize(model, cfg, forward_loop=forward_loop)
     left = [name for name, _ in fused_expert_params(model, specs)]
@@ -162,7 +166,23 @@ def quantize_model(
         num_linears,
         time.perf_counter() - start,
         input_quantized,
+        algorithm if cfg is not None else "none",
     )
+
+
+@contextlib.contextmanager
+def _no_modelopt_bars() -> Iterator[None]:
+    """modelopt's calibration progress bars (mse: "MSE weight calibration", on stderr) off, as ours are."""
+    import functools
+
+    from modelopt.torch.quantization import model_calib
+
+    original = model_calib.tqdm
+    model_calib.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        model_calib.tqdm = original
 
 
 def _hub_sliced_linears(model: nn.Module, specs: Sequence[Spec]) -> list[str]:
@@ -258,6 +278,7 @@ class QuantizeOptions:
     multimodal: bool = False
     progress: bool = True
     layerwise: bool | None = None  # None: layer by layer when the whole model would not fit in memory
+    algorithm: str = "max"  # modelopt calibration algorithm (options.ALGORITHMS)
 
 
 @dataclass
@@ -284,6 +305,7 @@ class QuantizeReport:
         return {
             "source": self.source,
             "qformat": r.qformat,
+            "algorithm": r.algorithm,
             "engine": self.options.engine,
             "specs": [s.arch for s in r.specs],
             "coverage": {
@@ -367,7 +389,10 @@ class QuantizeReport:
                 if r.input_quantized
                 else "input: none (weight-only format)"
             )
-            lines.append(f"scales     {inputs}; gate/up weight amax shared ({r.gate_up_synced} pair(s) adjusted)")
+            weights = "weight amax searched for least squared error (mse); " if r.algorithm == "mse" else ""
+            lines.append(
+                f"scales     {inputs}; {weights}gate/up weight amax shared ({r.gate_up_synced} pair(s) adjusted)"
+            )
             lines.extend(f"           {line}" for line in fallback_lines(r.fallbacks))
         lines.append(f"export     {ex.summary()}")
         ratio = ex.bytes_after / self.bytes_before if self.bytes_before else float("nan")
@@ -415,6 +440,8 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeReport | None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    if opts.qformat != "none":
+        check_algorithm(opts.qformat, opts.algorithm)  # before anything at --out is touched
     prepare_out_dir(Path(opts.out), opts.overwrite, Path(opts.model) if opts.model is not None else None)
     with quiet():
         return _run_quantize(opts)
@@ -474,6 +501,7 @@ def _quantize_and_export(opts: QuantizeOptions, on_disk: int, offload: Path | No
         group=group,
         layerwise=offload is not None,
         spill_dir=offload,
+        algorithm=opts.algorithm,
     )
     if group is not None and not group.writer:
         return None  # rank 0 writes and reports

@@ -8,18 +8,15 @@ default when the whole model would not fit in memory."""
 
 from __future__ import annotations
 
-import json
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import spec_names, spec_raw
-from safetensors import safe_open
+from helpers import assert_same_checkpoint, save_tiny, spec_names, spec_raw
 
 import moe_unfuse
 from moe_unfuse.cli import main
-from moe_unfuse.tiny import byte_tokenizer, tiny_gemma4, tiny_model_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,36 +52,7 @@ def _family(arch: str) -> list:
 CALIB = ["--calib-size", "4", "--seq-len", "32", "--batch-size", "2", "--no-progress", "--force-routing"]
 
 
-def _save(arch: str, path: Path) -> Path:
-    model = tiny_gemma4() if arch == "gemma4" else tiny_model_for(moe_unfuse.get_spec(arch))
-    model.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
-
-
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, "pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return out
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def assert_same_checkpoint(a: Path, b: Path) -> None:
-    ta, tb = _tensors(a), _tensors(b)
-    assert set(ta) == set(tb)
-    differ = [
-        k
-        for k in ta
-        if ta[k].dtype != tb[k].dtype or ta[k].shape != tb[k].shape or not torch.equal(_bits(ta[k]), _bits(tb[k]))
-    ]
-    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:5]}"
-    for name in ("hf_quant_config.json", "config.json", "moe_unfuse.json"):
-        assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name
+_save = save_tiny
 
 
 @pytest.mark.parametrize("arch", [p for a in FAMILIES if a not in REFUSED for p in _family(a)])
