@@ -33,6 +33,7 @@ from torch import nn
 
 from .errors import MoeUnfuseError, first_line
 from .experts import UnfusedExpertsMixin, unfuse_state
+from .offload import offload_hook
 from .options import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SIZE, DEFAULT_CHUNK_TOKENS, DEFAULT_SEQ_LEN, INPUT_SCALE_POLICIES
 from .tiny import CALIBRATION_TEXT
 
@@ -190,11 +191,15 @@ def calibration_batches(
 
 
 def input_device(model: nn.Module) -> torch.device:
-    """Where the token ids go: the input embedding's device (first device under a device_map)."""
+    """Where the token ids go: the input embedding's device, or the device its offload hook runs it on
+    (first device under a device_map)."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(emb, "weight", None)
     if weight is not None and weight.device.type != "meta":
         return weight.device
+    hook = offload_hook(emb) if isinstance(emb, nn.Module) else None
+    if hook is not None and hook.execution_device is not None:
+        return torch.device(hook.execution_device)
     hf_map = getattr(model, "hf_device_map", None) or {}
     for dev in hf_map.values():
         if isinstance(dev, int) or (isinstance(dev, str) and dev not in ("cpu", "disk")):

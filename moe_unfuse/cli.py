@@ -13,7 +13,7 @@ import sys
 
 from .errors import MoeUnfuseError
 
-COMMANDS = ("quantize", "verify", "list", "show", "check", "audit", "draft", "coverage")
+COMMANDS = ("quantize", "verify", "eval", "list", "show", "check", "audit", "draft", "coverage")
 #: Old command names kept for one release: alias -> command.
 ALIASES = {"draft": ["infer"]}
 

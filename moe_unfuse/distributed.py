@@ -5,7 +5,8 @@ reduced with MAX and every expert's token count with SUM, so each rank holds wha
 calibrating on all batches would: max and sum do not depend on the order or the split, and the
 export rank 0 writes is bit-identical to the single-process one on the same data (tested). Forced
 routing, decided on the summed counts, runs on rank 0 alone over its first batch, which is the
-whole run's first batch, as in a single process. gloo on CPU, NCCL on GPU.
+whole run's first batch, as in a single process. gloo on CPU, NCCL on GPU (each rank on its
+``LOCAL_RANK``'s GPU: :func:`execution_device`).
 
 modelopt's own max calibration syncs amax over the default group too, but skips a quantizer whose
 amax is missing on one rank (an expert that rank never routed to) while the others call the
@@ -39,17 +40,49 @@ class Group:
         return list(batches[self.rank :: self.world])
 
 
-def from_env() -> Group | None:
+def execution_device(requested: str | torch.device | None = None) -> torch.device:
+    """Where this process computes: ``requested`` (``cuda`` without an index: this rank's GPU), else
+    this rank's GPU (``LOCAL_RANK`` under torchrun, else the first) when CUDA is available, else the CPU."""
+    from .errors import MoeUnfuseError
+
+    if requested is None:
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise MoeUnfuseError(f"--device {requested}: not a device; fix: pass cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda" and (not torch.cuda.is_available() or device.index >= torch.cuda.device_count()):
+        raise MoeUnfuseError(
+            f"--device {requested}: no such CUDA GPU here ({torch.cuda.device_count()} visible); fix: pass --device cpu or a GPU that exists"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise MoeUnfuseError(f"--device {requested}: only cpu and cuda are supported; fix: pass cpu, cuda or cuda:N")
+    return device
+
+
+def from_env(device: torch.device | None = None) -> Group | None:
     """The process group torchrun describes in the environment (``WORLD_SIZE`` > 1), joined on first
-    use; None for a single process."""
+    use (NCCL when this rank computes on a GPU, ``device``, else gloo); None for a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return None
     import torch.distributed as dist
 
+    device = device if device is not None else execution_device()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Group(dist.get_rank(), dist.get_world_size())
+
+
+def _collective_device() -> torch.device:
+    """Where collectives' tensors must be: this rank's GPU under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def sum_counts(table: dict[str, list[int]]) -> None:
@@ -58,7 +91,7 @@ def sum_counts(table: dict[str, list[int]]) -> None:
     import torch.distributed as dist
 
     paths = sorted(table)
-    flat = torch.tensor([c for p in paths for c in table[p]], dtype=torch.int64)
+    flat = torch.tensor([c for p in paths for c in table[p]], dtype=torch.int64, device=_collective_device())
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     values = flat.tolist()
     for p in paths:
@@ -88,10 +121,11 @@ def reduce_amax(model: nn.Module) -> int:
         if shape is None:
             continue
         amax = getattr(q, "_amax", None)
-        device = amax.device if amax is not None else torch.device("cpu")
-        value = amax.detach().float().clone() if amax is not None else torch.full(shape, float("-inf"), device=device)
+        home = amax.device if amax is not None else _collective_device()
+        value = amax.detach().float().clone() if amax is not None else torch.full(shape, float("-inf"))
+        value = value.to(_collective_device())
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        q.amax = value.to(amax.dtype) if amax is not None else value
+        q.amax = value.to(home, amax.dtype if amax is not None else value.dtype)
         reduced += 1
     return reduced
 

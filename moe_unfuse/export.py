@@ -236,7 +236,7 @@ def _stack_scalars(values: list[list[torch.Tensor]], name: str) -> torch.Tensor:
     )
 
 
-def _restack_tensors(
+def restack_tensors(
     target: Restack, get: Callable[[str], torch.Tensor], has: Callable[[str], bool]
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The fused tensors of ``target`` from its exported per-expert tensors; and the keys used."""
@@ -385,7 +385,7 @@ def postprocess_checkpoint(
 
     fused_back: list[str] = []
     for t in targets:
-        fused, used = _restack_tensors(t, get, lambda k: k in where or any(k in extra for extra in added.values()))
+        fused, used = restack_tensors(t, get, lambda k: k in where or any(k in extra for extra in added.values()))
         home = next((f for f, extra in added.items() if used[0] in extra), None) or where[used[0]]
         for extra in added.values():
             for k in used:

@@ -19,9 +19,14 @@ then streams the offloaded model to disk one decoder layer at a time.
 
 from __future__ import annotations
 
+import copy
+import json
+import os
 import pickle
 import tempfile
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -31,6 +36,7 @@ from torch import nn
 from .calibration import RoutingStats, calibrate
 from .errors import MoeUnfuseError
 from .memory import available_memory, release_free_memory
+from .resume import ResumeState, load_calibration, save_calibration
 
 #: Shard size of a layer-by-layer export: modelopt's streaming writer holds one shard in memory.
 LAYERWISE_SHARD_SIZE = "256MB"
@@ -40,52 +46,152 @@ class _Stop(Exception):
     """Ends a capture forward once the layer being captured has its inputs."""
 
 
-#: Bytes of one layer's cached inputs (and, apart, of its outputs) kept in memory; beyond that each
-#: batch's values go to a file (calibration sets of thousands of long samples: tens of GB per layer).
-ACTIVATIONS_IN_MEMORY = 512 << 20
+#: Bytes of cached layer inputs and outputs kept on the execution device when it is the CPU (a GPU
+#: keeps a quarter of its free memory); ``MOE_UNFUSE_ACTIVATIONS_DEVICE_BYTES`` overrides either.
+ACTIVATIONS_ON_CPU_DEVICE = 1 << 30
+TIERS = ("device", "host", "disk")
+
+
+@dataclass
+class ActivationBudget:
+    """Where one run's cached layer inputs and outputs go (calibration sets of thousands of long
+    samples are tens of GB per layer): on the execution ``device`` up to ``device_bytes``, then in
+    (pinned, when CUDA) host memory up to ``host_bytes``, then one file per batch under ``folder``.
+    On a CPU both memory tiers are host memory; the code is the same on every device."""
+
+    device: torch.device
+    device_bytes: int
+    host_bytes: int
+    folder: Path
+    used: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+
+    @classmethod
+    def default(cls, device: torch.device, folder: Path) -> "ActivationBudget":
+        """A quarter of the GPU's free memory and a quarter of the host memory left (CUDA), or
+        ``ACTIVATIONS_ON_CPU_DEVICE`` and nothing more in memory (CPU: both tiers are the same memory);
+        ``MOE_UNFUSE_ACTIVATIONS_DEVICE_BYTES`` / ``MOE_UNFUSE_ACTIVATIONS_HOST_BYTES`` override them."""
+        if device.type == "cuda":
+            on_device, on_host = torch.cuda.mem_get_info(device)[0] // 4, available_memory() // 4
+        else:
+            on_device, on_host = ACTIVATIONS_ON_CPU_DEVICE, 0
+        on_device = int(os.environ.get("MOE_UNFUSE_ACTIVATIONS_DEVICE_BYTES", on_device))
+        on_host = int(os.environ.get("MOE_UNFUSE_ACTIVATIONS_HOST_BYTES", on_host))
+        return cls(device, on_device, on_host, folder)
+
+    def take(self, size: int) -> str:
+        """The tier a value of ``size`` bytes goes to (its bytes counted there until :meth:`give`)."""
+        for tier, room in (("device", self.device_bytes), ("host", self.host_bytes)):
+            if self.used[tier] + size <= room:
+                self.used[tier] += size
+                return tier
+        return "disk"
+
+    def give(self, tier: str, size: int) -> None:
+        if tier != "disk":
+            self.used[tier] -= size
+
+
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` (a layer's (args, kwargs) or its output: nested tuples, lists, dicts) with ``fn``
+    applied to every tensor; a tensor reached twice maps to one result; other objects stay as they are."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            if id(v) not in memo:
+                memo[id(v)] = fn(v)
+            return memo[id(v)]
+        if isinstance(v, tuple):
+            items = [walk(x) for x in v]
+            return type(v)(*items) if hasattr(v, "_fields") else type(v)(items)
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        if isinstance(v, dict):
+            out = copy.copy(v)
+            for k, x in v.items():
+                out[k] = walk(x)
+            return out
+        return v
+
+    return walk(value)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of a device tensor (pinned, so copying it back is a DMA), or the tensor itself on a CPU."""
+    if t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+    return host.copy_(t)
 
 
 class _Activations:
-    """One layer's per-batch values (captured inputs, or outputs): in memory up to
-    ``ACTIVATIONS_IN_MEMORY`` bytes, then each further batch in its own file under ``folder``
-    (``torch.save``: read back bit for bit). A value pickle cannot write stays in memory."""
+    """One layer's per-batch values (captured inputs, or outputs), each in the first tier of ``budget``
+    with room: the execution device, host memory, or a file (``torch.save``: read back bit for bit;
+    a value pickle cannot write stays in host memory). :meth:`get` returns it on the execution device."""
 
-    def __init__(self, folder: Path, name: str, count: int):
-        self.folder, self.name = folder, name
+    def __init__(self, budget: ActivationBudget, name: str, count: int):
+        self.budget, self.name = budget, name
         self.items: list[Any] = [None] * count
-        self.files: set[int] = set()
-        self.bytes = 0
+        self.where: list[str | None] = [None] * count
+        self.sizes = [0] * count
+        self.borrowed: set[int] = set()  # files another owner keeps (a resumed run's saved outputs)
+
+    def _free(self, b: int) -> None:
+        if self.where[b] == "disk" and b not in self.borrowed:
+            Path(self.items[b]).unlink(missing_ok=True)
+        elif self.where[b] is not None:
+            self.budget.give(self.where[b], self.sizes[b])
+        self.items[b], self.where[b] = None, None
+        self.borrowed.discard(b)
 
     def put(self, b: int, value: Any) -> None:
         """Batch ``b``'s value; a second put (the forced-routing pass recomputes batch 0) replaces it."""
-        if b in self.files:
-            self.files.discard(b)
-            Path(self.items[b]).unlink(missing_ok=True)
-        elif self.items[b] is not None:
-            self.bytes -= _nbytes(self.items[b])
+        self._free(b)
         size = _nbytes(value)
-        if self.bytes + size > ACTIVATIONS_IN_MEMORY:
-            path = self.folder / f"{self.name}-{b}.pt"
+        tier = self.budget.take(size)
+        if tier == "disk":
+            path = self.budget.folder / f"{self.name}-{b}.pt"
             try:
-                torch.save(value, path)
+                torch.save(map_tensors(value, lambda t: t.cpu()), path)
             except (pickle.PicklingError, TypeError, AttributeError):
                 path.unlink(missing_ok=True)
+                tier, value = "host", map_tensors(value, _to_host)
+                self.budget.used["host"] += size
             else:
-                self.items[b] = path
-                self.files.add(b)
+                self.items[b], self.where[b] = path, "disk"
                 return
-        self.items[b] = value
-        self.bytes += size
+        elif tier == "host":
+            value = map_tensors(value, _to_host)
+        self.items[b], self.where[b], self.sizes[b] = value, tier, size
+
+    def borrow(self, b: int, path: Path) -> None:
+        """Batch ``b``'s value is in ``path``, a file this store reads but never removes."""
+        self._free(b)
+        self.items[b], self.where[b] = path, "disk"
+        self.borrowed.add(b)
 
     def get(self, b: int) -> Any:
-        if b in self.files:
-            return torch.load(self.items[b], weights_only=False)  # written by this process just now
+        device = self.budget.device
+        if self.where[b] == "disk":
+            return torch.load(self.items[b], map_location=device, weights_only=False)  # written by moe_unfuse
+        if self.where[b] == "host":
+            return map_tensors(self.items[b], lambda t: t.to(device, non_blocking=True))
         return self.items[b]
 
+    def save(self, b: int, path: Path) -> None:
+        """Write batch ``b``'s value to ``path`` (a hard link when it already is a file)."""
+        if self.where[b] == "disk":
+            try:
+                os.link(self.items[b], path)
+                return
+            except OSError:
+                pass
+        torch.save(map_tensors(self.get(b), lambda t: t.cpu()), path)
+
     def drop(self) -> None:
-        for b in self.files:
-            Path(self.items[b]).unlink(missing_ok=True)
-        self.items, self.files = [], set()
+        for b in range(len(self.items)):
+            self._free(b)
+        self.items, self.where, self.sizes = [], [], []
 
 
 def _nbytes(value: Any) -> int:
@@ -238,32 +344,47 @@ def calibrate_layerwise(
     sum_counts: Callable[[dict[str, list[int]]], None] | None = None,
     forced_here: bool = True,
     spill_dir: Path | None = None,
+    budget: ActivationBudget | None = None,
+    resume: ResumeState | None = None,
 ) -> RoutingStats:
     """:func:`moe_unfuse.calibration.calibrate`, one decoder layer at a time (see the module docstring).
 
     Modules outside the decoder layers see the model's forward up to each layer (the embeddings:
     once per layer, the same tensors each time, so max calibration gives the same amax); modules
     after the last layer (lm_head, excluded by default) get one more forward per batch only when
-    one of them has an enabled quantizer that is still uncalibrated. Cached inputs and outputs beyond
-    ``ACTIVATIONS_IN_MEMORY`` go to files in a temporary folder under ``spill_dir`` (default: the
-    system's), removed at the end.
+    one of them has an enabled quantizer that is still uncalibrated. Everything runs on the device
+    the model's offload hooks execute on (:func:`moe_unfuse.offload.set_execution_device`). Cached
+    inputs and outputs go to the tiers of ``budget`` (default :meth:`ActivationBudget.default`, its
+    files in a temporary folder under ``spill_dir``, removed at the end). ``resume``: layers it has
+    committed are restored instead of calibrated, and each new one is committed (:mod:`moe_unfuse.resume`).
     """
     from modelopt.torch.quantization.utils.core_utils import persistent_materialization
     from tqdm.auto import tqdm
 
+    from .calibration import input_device
+
     layers = decoder_layers(model)
     names = {id(m): n for n, m in model.named_modules()}
+    device = input_device(model)
     stats = RoutingStats()
     previous: _Activations | None = None
-    bar = tqdm(range(len(layers)), desc="layer by layer", unit="layer", disable=not progress, leave=False)
+    tokens = sum(b["input_ids"].numel() for b in batches if "input_ids" in b)
     with tempfile.TemporaryDirectory(prefix="moe-unfuse-activations-", dir=spill_dir) as folder:
-        for i in bar:
+        budget = budget or ActivationBudget.default(device, Path(folder))
+        start = 0
+        if resume is not None:
+            start = min(resume.completed(), len(layers))
+            resume.restored(start, len(layers))
+            previous = _restore(model, layers, start, resume, stats, budget, len(batches), device)
+        bar = tqdm(total=len(layers), initial=start, desc="layer by layer", unit="layer", disable=not progress)
+        began = time.perf_counter()
+        for i in range(start, len(layers)):
             path = names[id(layers[i])]
-            inputs = _Activations(Path(folder), f"in{i}", len(batches))
+            inputs = _Activations(budget, f"in{i}", len(batches))
             _forward_standing_in(model, layers, i, batches, previous, inputs)
             if previous is not None:
                 previous.drop()
-            outputs = _Activations(Path(folder), f"out{i}", len(batches))
+            outputs = _Activations(budget, f"out{i}", len(batches))
             replay = _Replay(path, layers[i], inputs, outputs)
             with persistent_materialization(layers[i], writeback=False):
                 layer_stats = calibrate(
@@ -281,11 +402,61 @@ def calibrate_layerwise(
             release_free_memory()
             stats.counts.update(layer_stats.counts)
             stats.forced.update(layer_stats.forced)
+            if resume is not None:
+                resume.commit(i, lambda d, i=i: _write_layer(d, model, layers, i, layer_stats, outputs))
+            bar.update(1)
+            rate = tokens * (i + 1 - start) / max(time.perf_counter() - began, 1e-9)
+            bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=True)
+        bar.close()
         if previous is not None and _uncalibrated_after_layers(model, layers):
             # modules after the layers (a final projection, an MTP head) calibrate on what they see
             # in a whole-model pass
             _forward_standing_in(model, layers, len(layers), batches, previous)
+        if previous is not None:
+            previous.drop()
     return stats
+
+
+def _layer_quantizers(model: nn.Module, layers: nn.ModuleList, i: int) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the quantizers layer ``i`` holds, and of those outside every decoder layer."""
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    own = {id(m) for m in layers[i].modules()}
+    return [(n, m) for n, m in model.named_modules() if id(m) in own or id(m) not in inside]
+
+
+def _write_layer(
+    folder: Path, model: nn.Module, layers: nn.ModuleList, i: int, stats: RoutingStats, outputs: _Activations
+) -> None:
+    save_calibration(folder / "calibration.pt", _layer_quantizers(model, layers, i))
+    (folder / "routing.json").write_text(json.dumps({"counts": stats.counts, "forced": stats.forced}) + "\n")
+    (folder / "outputs").mkdir()
+    for b in range(len(outputs.items)):
+        outputs.save(b, folder / "outputs" / f"{b}.pt")
+
+
+def _restore(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    count: int,
+    resume: ResumeState,
+    stats: RoutingStats,
+    budget: ActivationBudget,
+    num_batches: int,
+    device: torch.device,
+) -> _Activations | None:
+    """Layers ``0..count-1`` as ``resume`` committed them: their calibration state and token counts
+    (the modules outside the layers as of the last one); the last one's outputs, returned."""
+    for j in range(count):
+        load_calibration(resume.layer(j) / "calibration.pt", _layer_quantizers(model, layers, j), device)
+        routing = json.loads((resume.layer(j) / "routing.json").read_text())
+        stats.counts.update(routing["counts"])
+        stats.forced.update(routing["forced"])
+    if not count:
+        return None
+    outputs = _Activations(budget, f"out{count - 1}", num_batches)
+    for b in range(num_batches):
+        outputs.borrow(b, resume.layer(count - 1) / "outputs" / f"{b}.pt")
+    return outputs
 
 
 def _quantizers_outside(model: nn.Module, layers: nn.ModuleList) -> list[tuple[str, nn.Module]]:

@@ -42,13 +42,19 @@ def load_model(path: Path | str, device_map: str | None = "auto", dtype: str = "
     return _from_pretrained(path, dtype, placement, f"with device_map={device_map!r}", "or pass --device-map cpu")
 
 
-def load_offloaded(path: Path | str, offload_dir: Path | str, dtype: str = "auto") -> nn.Module:
+def load_offloaded(
+    path: Path | str, offload_dir: Path | str, dtype: str = "auto", device: torch.device | str = "cpu"
+) -> nn.Module:
     """A transformers model from a local folder with every module offloaded to disk: accelerate reads
-    a module's weights from the checkpoint's safetensors files only for its forward. ``offload_dir``
-    receives only the tensors a load-time conversion rewrote (e.g. per-expert hub tensors fused)."""
+    a module's weights from the checkpoint's safetensors files only for its forward, straight onto
+    ``device``, where the forward runs. ``offload_dir`` receives only the tensors a load-time
+    conversion rewrote (e.g. per-expert hub tensors fused)."""
+    from .offload import set_execution_device
+
     placement = {"device_map": {"": "disk"}, "offload_folder": str(offload_dir)}
     model = _from_pretrained(path, dtype, placement, "offloaded to disk", "or pass --no-layerwise")
     _keep_in_fp32_as_loaded(model)
+    set_execution_device(model, device)
     return model
 
 

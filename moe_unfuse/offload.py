@@ -51,6 +51,39 @@ def offload_hook(module: nn.Module) -> Any | None:
     return None
 
 
+def set_execution_device(model: nn.Module, device: torch.device | str) -> None:
+    """Make ``model``'s accelerate offload hooks compute on ``device``, as ``dispatch_model`` does for a
+    ``main_device``: each hook's execution device, the buffers its ``init_hook`` placed there, and the
+    offloaded-weights loader's device (safetensors tensors are then read straight onto it). transformers
+    dispatches a model offloaded whole to disk with the CPU as main device; this moves it, on a CPU
+    a no-op, so the layer-by-layer path is the same code on every device."""
+    from accelerate.hooks import AlignDevicesHook, SequentialHook
+    from accelerate.utils import set_module_tensor_to_device
+    from accelerate.utils.offload import OffloadedWeightsLoader, PrefixedDataset
+
+    device = torch.device(device)
+    loaders: dict[int, OffloadedWeightsLoader] = {}
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in hook.hooks if isinstance(hook, SequentialHook) else (hook,):
+            if not isinstance(h, AlignDevicesHook) or h.execution_device is None:
+                continue
+            h.execution_device = device
+            store = h.weights_map
+            while isinstance(store, PrefixedDataset):
+                store = store.dataset
+            if isinstance(store, OffloadedWeightsLoader):
+                loaders[id(store)] = store
+            resident = list(module.named_buffers(recurse=h.place_submodules))
+            if not h.offload:
+                resident += list(module.named_parameters(recurse=h.place_submodules))
+            for name, tensor in resident:
+                if tensor is not None and not tensor.is_meta and tensor.device != device:
+                    set_module_tensor_to_device(module, name, device)
+    for store in loaders.values():
+        store.device = str(device)  # safetensors takes a device name
+
+
 def _resolve(source: Mapping, key: str) -> tuple[Mapping, str]:
     """Unwrap accelerate's ``PrefixedDataset`` layers down to the real store and its full key."""
     from accelerate.utils.offload import PrefixedDataset

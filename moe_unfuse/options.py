@@ -45,3 +45,14 @@ DEFAULT_SEQ_LEN = 256
 DEFAULT_CALIB_SIZE = 64
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_CHUNK_TOKENS = 1024
+#: Held-out samples ``quantize`` evaluates the checkpoint on (0: no evaluation).
+DEFAULT_EVAL_SIZE = 4
+
+
+def default_eval_size() -> int:
+    """``DEFAULT_EVAL_SIZE``, or ``MOE_UNFUSE_EVAL_SIZE`` when set (the test suite sets 0: its hundreds
+    of quantize runs are about the export; the evaluation has its own tests)."""
+    import os
+
+    value = os.environ.get("MOE_UNFUSE_EVAL_SIZE", "")
+    return int(value) if value.isdigit() else DEFAULT_EVAL_SIZE

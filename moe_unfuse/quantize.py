@@ -12,7 +12,7 @@ import contextlib
 import io
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -34,8 +34,9 @@ from .catalog import select_specs
 from .coverage import Coverage, check_coverage, fused_expert_params
 from .distributed import Group
 from .errors import MoeUnfuseError, UncoveredExpertsError, first_line
+from .evaluate import evaluate, held_out_batches
 from .experts import unfuse_state
-from .export import export_checkpoint, prepare_out_dir, quiet
+from .export import export_checkpoint, out_lock, prepare_out_dir, quiet
 from .layerwise import (
     LAYERWISE_SHARD_SIZE,
     calibrate_layerwise,
@@ -47,9 +48,17 @@ from .layerwise import (
 from .loading import checkpoint_bytes, load_model, load_offloaded, load_tokenizer
 from .memory import map_large_allocations
 from .naming import model_contract
-from .options import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SIZE, DEFAULT_CHUNK_TOKENS, DEFAULT_SEQ_LEN, check_algorithm
+from .options import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CALIB_SIZE,
+    DEFAULT_CHUNK_TOKENS,
+    DEFAULT_SEQ_LEN,
+    check_algorithm,
+    default_eval_size,
+)
 from .policy import build_quant_config
 from .registration import register
+from .resume import ResumeState, fingerprint, kill_point, resume_dir
 from .spec import Spec
 from .tiny import byte_tokenizer, tiny_gemma4
 from .unfusing import unfuse
@@ -92,6 +101,7 @@ def quantize_model(
     layerwise: bool = False,
     spill_dir: Path | None = None,
     algorithm: str = "max",
+    resume: ResumeState | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` in place with modelopt: every expert becomes per-expert QuantLinears.
 
@@ -103,7 +113,8 @@ def quantize_model(
     process's share, and amax and token counts come out as one process on all batches would get.
     ``layerwise``: calibrate one decoder layer at a time (:mod:`moe_unfuse.layerwise`; for a model
     offloaded to disk, whose memory then stays about one layer): the same amax and counts; its cached
-    activations beyond what memory holds go to a temporary folder under ``spill_dir``.
+    activations beyond what memory holds go to a temporary folder under ``spill_dir``; ``resume``
+    restores the layers a killed run committed and commits each new one (:mod:`moe_unfuse.resume`).
     ``algorithm``: modelopt's calibration algorithm (``max``, or ``mse``: each expert weight's amax searched).
     """
 
@@ -117,7 +128,7 @@ def quantize_model(
     stats = RoutingStats()
     if cfg is None:
         unfuse(model, specs or None, allow_uncovered=allow_uncovered)
-        stats = _calibrate(model, batches, False, chunk_tokens, progress, group, layerwise, spill_dir)
+        stats = _calibrate(model, batches, False, chunk_tokens, progress, group, layerwise, spill_dir, resume)
     else:
         import modelopt.torch.quantization as mtq
 
@@ -126,7 +137,7 @@ def quantize_model(
 
         def forward_loop(m: nn.Module) -> None:
             nonlocal stats
-            stats = _calibrate(m, batches, force_routing, chunk_tokens, progress, group, layerwise, spill_dir)
+            stats = _calibrate(m, batches, force_routing, chunk_tokens, progress, group, layerwise, spill_dir, resume)
 
         if group is not None:
             cfg = distributed.without_modelopt_sync(cfg)
@@ -207,6 +218,7 @@ def _calibrate(
     group: Group | None = None,
     layerwise: bool = False,
     spill_dir: Path | None = None,
+    resume: ResumeState | None = None,
 ) -> RoutingStats:
     """:func:`calibrate` (or :func:`calibrate_layerwise`), with a model whose forward fails named in one
     line instead of a traceback."""
@@ -220,6 +232,7 @@ def _calibrate(
                 chunk_tokens=chunk_tokens,
                 progress=progress,
                 spill_dir=spill_dir,
+                resume=resume,
                 **parallel,
             )
         return calibrate(
@@ -279,6 +292,9 @@ class QuantizeOptions:
     progress: bool = True
     layerwise: bool | None = None  # None: layer by layer when the whole model would not fit in memory
     algorithm: str = "max"  # modelopt calibration algorithm (options.ALGORITHMS)
+    device: str | None = None  # where to compute; None: this rank's GPU when there is one, else the CPU
+    eval_size: int = field(default_factory=default_eval_size)  # held-out samples evaluated (0: none)
+    max_kl: float | None = None  # a larger KL(original || quantized) fails the run
 
 
 @dataclass
@@ -295,10 +311,14 @@ class QuantizeReport:
     verify: Any  # verify.VerifyReport
     before_what: str = "in memory"
     layers: int = 0  # decoder layers quantized one at a time (0: the whole model at once)
+    device: str = "cpu"
+    resumed: int = 0  # decoder layers a killed run had calibrated, restored from OUT.resume
+    evaluation: Any = None  # evaluate.EvalReport, or None when not evaluated
+    eval_failed: str = ""  # why the evaluation failed the run
 
     @property
     def ok(self) -> bool:
-        return self.verify.ok
+        return self.verify.ok and not self.eval_failed
 
     def to_dict(self) -> dict[str, Any]:
         r = self.result
@@ -316,19 +336,22 @@ class QuantizeReport:
             "input_scale": r.input_scale,
             "fallbacks": [vars(f) for f in r.fallbacks],
             "gate_up_synced": r.gate_up_synced,
-            "layerwise": {"layers": self.layers} if self.layers else None,
+            "layerwise": {"layers": self.layers, "resumed": self.resumed} if self.layers else None,
+            "device": self.device,
             "bytes_before": self.bytes_before,
             "bytes_before_of": self.before_what,
             "export": self.export.to_dict(),
             "verify": self.verify.to_dict(),
+            "evaluation": self.evaluation.to_dict() if self.evaluation is not None else None,
         }
 
     def __str__(self) -> str:
         r, ex = self.result, self.export
         lines = [f"model      {self.source}"]
         if self.layers:
+            resumed = f"; layers 0-{self.resumed - 1} resumed from a killed run's state" if self.resumed else ""
             lines.append(
-                f"mode       layer by layer: {self.layers} decoder layers, each loaded from disk, calibrated and exported in turn"
+                f"mode       layer by layer: {self.layers} decoder layers, each loaded from disk, calibrated and exported in turn, on {self.device}{resumed}"
             )
         if r.coverage.covered:
             archs = sorted({a for _, a, _ in r.coverage.covered})
@@ -353,9 +376,12 @@ class QuantizeReport:
                 if len(counts) <= 16
                 else f"min {min(counts)} median {sorted(counts)[len(counts) // 2]} max {max(counts)}"
             )
+            pushed = [(e, c) for e, c in enumerate(forced or []) if c]
             extra = (
-                f"  forced: {', '.join(f'#{e} {c}' for e, c in enumerate(forced) if c)}"
-                if forced and any(forced)
+                f"  forced: {', '.join(f'#{e} {c}' for e, c in pushed)}"
+                if 0 < len(pushed) <= EXPERTS_LISTED
+                else f"  forced: {expert_list([e for e, _ in pushed], len(counts))}, {sum(c for _, c in pushed)} tokens"
+                if pushed
                 else ""
             )
             lines.append(f"           {path:<36} {shown}{extra}")
@@ -366,13 +392,16 @@ class QuantizeReport:
         elif not before:
             lines.append("           every expert received tokens")
         else:
-            idle = "; ".join(f"{p} #{','.join(map(str, es))}" for p, es in before.items())
-            lines.append(f"           no routed tokens: {idle}")
+            lines.extend(
+                f"           no routed tokens: {p} {expert_list(es, len(r.routing.counts[p]))}"
+                for p, es in before.items()
+            )
             if not r.force_routing:
                 lines.append("           (rerun with --force-routing to calibrate them on their layer's inputs)")
             elif after:
-                lines.append(
-                    f"           still no data after forced routing: {'; '.join(f'{p} #{e}' for p, e in after.items())}"
+                lines.extend(
+                    f"           still no data after forced routing: {p} {expert_list(es, len(r.routing.counts[p]))}"
+                    for p, es in after.items()
                 )
             else:
                 lines.append("           forced routing calibrated them on their layer's inputs")
@@ -402,8 +431,34 @@ class QuantizeReport:
         lines.append(f"verify     {self.verify.summary()}")
         for line in self.verify.problem_lines():
             lines.append(f"           {line}")
+        if self.evaluation is not None:
+            block = self.evaluation.lines() + ([f"FAILED {self.eval_failed}"] if self.eval_failed else [])
+            lines.extend(f"{'evaluate' if i == 0 else '':<10} {line}" for i, line in enumerate(block))
         lines.append(f"checkpoint {ex.path}" if self.ok else f"FAILED     checkpoint kept for inspection at {ex.path}")
         return "\n".join(lines)
+
+
+#: Expert numbers listed one by one on screen up to this many; beyond, a count and ranges.
+EXPERTS_LISTED = 16
+_RANGES_SHOWN = 6
+
+
+def expert_list(experts: Sequence[int], total: int | None = None) -> str:
+    """``#3,7,9`` up to ``EXPERTS_LISTED`` experts; beyond, a count and the first ranges:
+    ``37 of 128 experts (0-3, 7, 9-40, ...)`` (every number stays in ``moe_unfuse.json``)."""
+    experts = sorted(experts)
+    if len(experts) <= EXPERTS_LISTED:
+        return "#" + ",".join(map(str, experts))
+    runs: list[list[int]] = []
+    for e in experts:
+        if runs and e == runs[-1][1] + 1:
+            runs[-1][1] = e
+        else:
+            runs.append([e, e])
+    shown = [f"{a}-{b}" if b > a else str(a) for a, b in runs[:_RANGES_SHOWN]]
+    more = ", ..." if len(runs) > _RANGES_SHOWN else ""
+    of = f" of {total}" if total else ""
+    return f"{len(experts)}{of} experts ({', '.join(shown)}{more})"
 
 
 def fallback_lines(fallbacks: Sequence[ScaleFallback]) -> list[str]:
@@ -419,8 +474,7 @@ def fallback_lines(fallbacks: Sequence[ScaleFallback]) -> list[str]:
             continue
         experts = sorted({fb.expert for fb in fbs})
         sources = " / ".join(sorted({fb.source for fb in fbs}))
-        shown = ",".join(map(str, experts[:12])) + (f",... ({len(experts)} experts)" if len(experts) > 12 else "")
-        lines.append(f"fallback {path} #{shown}: {len(fbs)} input amax without data took the {sources}")
+        lines.append(f"fallback {path} {expert_list(experts)}: {len(fbs)} input amax without data took the {sources}")
     if len(fallbacks) > 1:
         lines.append("(each fallback's value: input_scale_fallbacks in the checkpoint's moe_unfuse.json)")
     return lines
@@ -449,45 +503,77 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeReport | None:
 
 def _run_quantize(opts: QuantizeOptions) -> QuantizeReport | None:
     on_disk = checkpoint_bytes(opts.model) if opts.model is not None else 0
+    device = distributed.execution_device(opts.device)
     layerwise = opts.layerwise
     if layerwise is None:
         layerwise = opts.model is not None and needs_layerwise(on_disk, opts.device_map)
     if layerwise and opts.model is None:
         raise MoeUnfuseError("--layerwise reads a model folder; fix: pass MODEL, or drop --layerwise")
     if not layerwise:
-        return _quantize_and_export(opts, on_disk, None)
+        return _quantize_and_export(opts, on_disk, device)
     import shutil
-    import tempfile
 
     map_large_allocations()  # one layer's tensors freed per step: their memory goes back at once
-    out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    offload = Path(tempfile.mkdtemp(prefix=f".{out.name}.offload-", dir=out.parent))
-    try:
-        return _quantize_and_export(opts, on_disk, offload)
-    finally:
-        shutil.rmtree(offload, ignore_errors=True)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    root = resume_dir(Path(opts.out))
+    if world > 1:  # each rank its own scratch; resuming is for a single process
+        root = root / f"rank{os.environ.get('RANK', '0')}"
+    root.mkdir(parents=True, exist_ok=True)
+    report = None
+    with out_lock(root):
+        scratch = root / "scratch"  # offloaded conversions and spilled activations: never reused
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir()
+        state = root / "state" if world == 1 else None
+        try:
+            report = _quantize_and_export(opts, on_disk, device, scratch, state)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+            if (report is not None and report.ok) or state is None or not (state / "layer-0").is_dir():
+                shutil.rmtree(root, ignore_errors=True)
+    if world > 1:
+        with contextlib.suppress(OSError):
+            root.parent.rmdir()  # the last rank out removes OUT.resume
+    return report
 
 
-def _quantize_and_export(opts: QuantizeOptions, on_disk: int, offload: Path | None) -> QuantizeReport | None:
-    """The job; ``offload``: layer by layer, every module offloaded to disk (tensors a load-time
-    conversion rewrote go to that folder)."""
+def _quantize_and_export(
+    opts: QuantizeOptions, on_disk: int, device: torch.device, offload: Path | None = None, state: Path | None = None
+) -> QuantizeReport | None:
+    """The job on ``device``; ``offload``: layer by layer, every module offloaded to disk (tensors a
+    load-time conversion rewrote go to that folder); ``state``: where its per-layer state is committed."""
     if opts.model is None:
-        model = tiny_gemma4(multimodal=opts.multimodal)
+        model = tiny_gemma4(multimodal=opts.multimodal).to(device)
         tokenizer = byte_tokenizer()
         source = f"built-in tiny Gemma 4 ({_describe(model)}, seeded random weights)"
     else:
+        device_map = str(device) if opts.device is not None and opts.device_map == "auto" else opts.device_map
         model = (
-            load_offloaded(opts.model, offload, opts.dtype)
+            load_offloaded(opts.model, offload, opts.dtype, device)
             if offload is not None
-            else load_model(opts.model, opts.device_map, opts.dtype)
+            else load_model(opts.model, device_map, opts.dtype)
         )
         tokenizer = load_tokenizer(opts.model)
         source = f"{opts.model} ({_describe(model)})"
     texts = read_calibration_texts(opts.calib_dataset, tokenizer)
     batches = calibration_batches(tokenizer, texts, opts.calib_size, opts.seq_len, opts.batch_size)
-    group = distributed.from_env()  # torchrun: this process calibrates on its share of the batches
+    evaluating = opts.eval_size > 0 and opts.qformat != "none"
+    held_out = held_out_batches(tokenizer, texts, opts.eval_size, opts.seq_len) if evaluating else ([], "")
+    group = distributed.from_env(device)  # torchrun: this process calibrates on its share of the batches
     bytes_before, before_what = (on_disk, "source checkpoint") if on_disk else (param_bytes(model), "in memory")
+    resume = None
+    if state is not None and opts.model is not None:
+        options = {
+            "qformat": opts.qformat,
+            "algorithm": opts.algorithm,
+            "exclude": list(opts.exclude),
+            "force_routing": opts.force_routing,
+            "chunk_tokens": opts.chunk_tokens,
+            "allow_uncovered": opts.allow_uncovered,
+            "dtype": opts.dtype,
+            "device": device.type,
+        }
+        resume = ResumeState(state, fingerprint(Path(opts.model), batches, options))
     result = quantize_model(
         model,
         opts.qformat,
@@ -502,9 +588,11 @@ def _quantize_and_export(opts: QuantizeOptions, on_disk: int, offload: Path | No
         layerwise=offload is not None,
         spill_dir=offload,
         algorithm=opts.algorithm,
+        resume=resume,
     )
     if group is not None and not group.writer:
         return None  # rank 0 writes and reports
+    kill_point("before-export")
     exported, verified = export_checkpoint(
         model,
         Path(opts.out),
@@ -522,4 +610,52 @@ def _quantize_and_export(opts: QuantizeOptions, on_disk: int, offload: Path | No
     samples = sum(b["input_ids"].shape[0] for b in batches)
     tokens = sum(b["input_ids"].numel() for b in batches)
     layers = len(decoder_layers(model)) if offload is not None else 0
-    return QuantizeReport(source, opts, result, samples, tokens, bytes_before, exported, verified, before_what, layers)
+    resumed = resume.resumed if resume is not None else 0
+    report = QuantizeReport(
+        source,
+        opts,
+        result,
+        samples,
+        tokens,
+        bytes_before,
+        exported,
+        verified,
+        before_what,
+        layers,
+        str(device),
+        resumed,
+    )
+    if evaluating and verified.ok:
+        del model  # the evaluation loads the original and the checkpoint's own bytes
+        original = opts.model if opts.model is not None else tiny_gemma4(multimodal=opts.multimodal)
+        evaluate_export(report, original, *held_out)
+    return report
+
+
+def evaluate_export(report: QuantizeReport, original: Any, batches: Sequence[dict], held_out: str) -> None:
+    """Measure the written checkpoint against ``original`` (:func:`moe_unfuse.evaluate.evaluate`), record
+    every figure in its ``moe_unfuse.json``, and move it to ``OUT.invalid`` when a module fails its
+    format's limit or the KL passes ``--max-kl``."""
+    import json
+    import shutil
+
+    from .checkpoint import METADATA_FILE
+
+    path = Path(report.export.path)
+    ev = evaluate(path, original, batches, held_out=held_out, work_dir=path.parent, progress=report.options.progress)
+    report.evaluation = ev
+    max_kl = report.options.max_kl
+    if ev.failures:
+        report.eval_failed = f"{len(ev.failures)} check(s) of the evaluation failed"
+    elif max_kl is not None and not ev.kl <= max_kl:
+        report.eval_failed = f"KL {ev.kl:.4g} over --max-kl {max_kl:g}"
+    meta_path = path / METADATA_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta["evaluation"] = ev.to_dict() | {"failed": report.eval_failed or None}
+    meta_path.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    if report.eval_failed:
+        invalid = path.with_name(path.name + ".invalid")
+        if invalid.exists():
+            shutil.rmtree(invalid)
+        path.rename(invalid)
+        report.export.path = invalid

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Third-party plugins installed on the machine must not change what the suite sees.
 os.environ.setdefault("MOE_UNFUSE_NO_ENTRY_POINTS", "1")
+# quantize evaluates what it wrote by default; the suite's hundreds of quantize runs are about the
+# export, and tests/test_evaluate.py runs the evaluation itself (with --eval-size).
+os.environ.setdefault("MOE_UNFUSE_EVAL_SIZE", "0")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import assert_same_checkpoint, save_tiny, spec_names, spec_raw
 
 import moe_unfuse
@@ -142,30 +141,6 @@ def test_report_summarizes_fallbacks_per_experts_module() -> None:
     one = [ScaleFallback("model.layers.1.experts", 3, ("down_proj",), 0.25, "model max")]
     lines = fallback_lines(many + one)
     assert len(lines) == 3
-    assert lines[0].startswith("fallback model.layers.0.experts #0,1,2") and "(40 experts)" in lines[0]
+    assert lines[0].startswith("fallback model.layers.0.experts 40 experts (0-39)")
     assert "40 input amax without data took the layer max" in lines[0]
     assert lines[1] == f"fallback {one[0]}" and "moe_unfuse.json" in lines[2]
-
-
-@pytest.mark.arch("gemma4")
-def test_activations_spilled_to_disk_give_the_same_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Cached layer inputs and outputs beyond ``ACTIVATIONS_IN_MEMORY`` go through files: with none kept
-    in memory (forced routing recomputing batch 0 included) the checkpoint is the whole-model one, and
-    the files are gone afterwards."""
-    import moe_unfuse.layerwise as layerwise
-
-    model = _save("gemma4", tmp_path / "model")
-    assert (
-        main(["quantize", str(model), "--qformat", "nvfp4", "--out", str(tmp_path / "whole"), "--no-layerwise", *CALIB])
-        == 0
-    )
-    monkeypatch.setattr(layerwise, "ACTIVATIONS_IN_MEMORY", 0)
-    spilled: list[Path] = []
-    save = torch.save
-    monkeypatch.setattr(layerwise.torch, "save", lambda value, path: (spilled.append(Path(path)), save(value, path))[1])
-    assert (
-        main(["quantize", str(model), "--qformat", "nvfp4", "--out", str(tmp_path / "lw"), "--layerwise", *CALIB]) == 0
-    )
-    assert len(spilled) >= 2 * 4 * 2  # inputs and outputs, 4 layers, 2 batches
-    assert not any(p.exists() for p in spilled)
-    assert_same_checkpoint(tmp_path / "whole", tmp_path / "lw")

@@ -13,7 +13,8 @@ else it fails naming them), register them with modelopt, calibrate (tokens count
 modelopt's HF export under the hub checkpoint's names (fused where the spec's export layout says),
 verify the export contract and --engine's loader rules, swap the checkpoint into OUT atomically, report.
 --layerwise (the default when the whole model would not fit in memory) does the same one decoder
-layer at a time, reading each layer's weights from disk when it runs.
+layer at a time, reading each layer's weights from disk onto --device when it runs; killed, the same
+command resumes after the last completed layer.
 Exit status: 0 ok, 1 the export failed verification (kept at OUT.invalid), 2 bad input or an export
 error (one line; OUT.invalid/moe_unfuse.json says why), 130 interrupted.
 """
@@ -31,10 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         DEFAULT_BATCH_SIZE,
         DEFAULT_CALIB_SIZE,
         DEFAULT_CHUNK_TOKENS,
+        DEFAULT_EVAL_SIZE,
         DEFAULT_SEQ_LEN,
         ENGINES,
         INPUT_SCALE_POLICIES,
         QFORMATS,
+        default_eval_size,
     )
 
     parser.add_argument(
@@ -92,12 +95,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="accelerate device_map for MODEL: auto, cpu, cuda, balanced, sequential, none (default auto)",
     )
     parser.add_argument(
+        "--device",
+        metavar="DEV",
+        help="where to compute: cpu, cuda, cuda:N (default: the first GPU when there is one, else the CPU; under "
+        "torchrun each rank's LOCAL_RANK GPU). Layer by layer reads each layer's weights from disk onto it; "
+        "with --device-map auto, the whole model is placed there",
+    )
+    parser.add_argument(
         "--layerwise",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="quantize MODEL one decoder layer at a time, every weight read from disk when its layer runs: "
         "peak memory about one layer, the same checkpoint (default: only when the whole model would not "
-        "fit in the memory left to this process)",
+        "fit in the memory left to this process). A killed run started again with the same command resumes after "
+        "its last completed layer (state in OUT.resume)",
     )
     parser.add_argument(
         "--dtype",
@@ -147,6 +158,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="built-in model only: Gemma4ForConditionalGeneration with vision and audio towers",
     )
+    parser.add_argument(
+        "--eval-size",
+        type=int,
+        default=default_eval_size(),
+        metavar="N",
+        help=f"held-out samples (--seq-len tokens each, not used by calibration) on which the written checkpoint is measured against the original (default {DEFAULT_EVAL_SIZE}; 0: no evaluation)",
+    )
+    parser.add_argument(
+        "--max-kl",
+        type=float,
+        metavar="X",
+        help="fail (exit 1, checkpoint kept at OUT.invalid) when KL(original || quantized) per token exceeds X",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     parser.add_argument("--report", type=Path, metavar="FILE", help="also write the report as JSON to FILE")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -180,6 +204,9 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         layerwise=args.layerwise,
         algorithm=args.algorithm,
+        device=args.device,
+        eval_size=args.eval_size,
+        max_kl=args.max_kl,
     )
     report = run_quantize(opts)
     if report is None:  # a torchrun rank other than 0: rank 0 reports

@@ -3,7 +3,8 @@
 Checks: no fused expert tensor left quantizable; every expert has weight and scales; gate/up share
 the NVFP4 global scale; every input_scale is finite and > 0; routers, towers, projectors, lm_head
 and unquantized experts are excluded under their final names; the two quantization configs agree;
-expert keys are in the engine's naming. Exit status 0 when all hold, 1 otherwise (with the keys).
+expert keys are in the engine's naming. With ``--against MODEL``, also the numeric check of
+``moe-unfuse eval`` (every module's output against the original's, named when off). Exit status 0 when all hold, 1 otherwise (with the keys).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="spec(s) whose renames define the naming, comma-separated (default: moe_unfuse.json, else inferred from config.json)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    from .eval import add_eval_arguments
+
+    add_eval_arguments(parser, required=False)  # --against MODEL: the numeric check too
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,5 +38,10 @@ def run(args: argparse.Namespace) -> int:
 
     arch = args.arch.split(",") if args.arch else None
     report = verify_checkpoint(args.path, engine=args.engine, arch=arch)
+    if args.against is not None:
+        from ..evaluate import numeric_check
+        from .eval import evaluate_args
+
+        report.checks.append(numeric_check(evaluate_args(args, False), args.max_kl))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return 0 if report.ok else 1
