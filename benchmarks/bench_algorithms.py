@@ -8,7 +8,7 @@ runs for it on a CPU (``options.ALGORITHM_QFORMATS``; NVFP4's MSE search needs a
 formats run ``max`` only): quantize (the same calibration batches), export, then the evaluator
 (:func:`moe_unfuse.evaluate.evaluate`) on held-out samples: KL(original || quantized), top-1
 agreement and the experts modules' median output relative error; and the seconds ``quantize_model``
-took (calibration and, for mse, the weight-scale search), single-threaded.
+took (calibration and, for mse, the weight-scale search; CPU time, single-threaded: a busy machine does not inflate it).
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ def measure(families: list[str]) -> list[tuple[str, str, str, float, float, floa
     samples, _ = held_out_batches(tokenizer, EVAL_TEXT.split("\n\n"), EVAL["size"], EVAL["seq_len"])
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-algorithms-") as tmp, quiet():
+        for (
+            algorithm
+        ) in ALGORITHMS:  # warm-up, not timed: first-call costs (imports, registration) would land on one row
+            moe_unfuse.quantize_model(tiny_gemma4(), "fp8", batches[:1], algorithm=algorithm, progress=False)
         for arch in families:
 
             def build() -> torch.nn.Module:
@@ -54,9 +58,9 @@ def measure(families: list[str]) -> list[tuple[str, str, str, float, float, floa
                     if qformat not in ALGORITHM_QFORMATS.get(algorithm, FORMATS):
                         continue
                     model = build()
-                    start = time.perf_counter()
+                    start = time.process_time()
                     result = moe_unfuse.quantize_model(model, qformat, batches, algorithm=algorithm, progress=False)
-                    seconds = time.perf_counter() - start
+                    seconds = time.process_time() - start
                     out = Path(tmp) / arch / f"{qformat}-{algorithm}"
                     _, verified = moe_unfuse.export_checkpoint(
                         model, out, specs=result.specs, qformat=qformat, progress=False
@@ -81,7 +85,7 @@ def markdown(rows: list[tuple[str, str, str, float, float, float, float]]) -> st
         "weights**: the figures compare algorithms and formats with each other, they say nothing of a trained "
         f"model's quality. {CALIB['calib_size']} calibration samples of {CALIB['seq_len']} tokens; KL(original || "
         f"quantized), top-1 agreement and the experts modules' median output relative error on {EVAL['size']} held-out "
-        f"samples of {EVAL['seq_len']} tokens (`moe_unfuse.evaluate`); seconds: `quantize_model` (calibration, and "
+        f"samples of {EVAL['seq_len']} tokens (`moe_unfuse.evaluate`); CPU seconds of `quantize_model` (calibration, and "
         "the MSE search), and what the algorithm adds over `max`. NVFP4 formats: `max` only here (modelopt's NVFP4 "
         "scale search runs only on a GPU).",
         "",
