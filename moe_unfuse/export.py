@@ -46,8 +46,8 @@ from .checkpoint import (
     SCALE_SUFFIXES,
     STACKED_SCALES,
     excluded,
-    has_scale,
     fused_scale_base,
+    has_scale,
     must_exclude,
     shard_files,
 )

@@ -11,6 +11,32 @@ QFORMATS: dict[str, str | None] = {
     "w4a16_nvfp4": "W4A16_NVFP4_CFG",
     "none": None,
 }
+#: modelopt calibration algorithms ``--algorithm`` passes through (modelopt's ``algorithm`` field).
+#: max: amax = the max of each tensor; mse: each expert weight's amax searched (modelopt's multiplier
+#: sweep, 0.25x-4x in 0.1 steps) for the least squared error of its fake-quantized weight.
+ALGORITHMS = ("max", "mse")
+#: qformat -> the algorithms it can run here, and why not the others (modelopt 0.47-0.48): the NVFP4
+#: weight-scale search fake-quantizes static NVFP4 blocks, which modelopt does only with triton on a GPU.
+ALGORITHM_QFORMATS: dict[str, tuple[str, ...]] = {"mse": ("fp8",)}
+ALGORITHM_REFUSED_WHY = {
+    "mse": "modelopt's NVFP4 weight-scale search fake-quantizes static NVFP4 blocks with triton on a GPU only"
+}
+
+
+def check_algorithm(qformat: str, algorithm: str) -> None:
+    """Refuse, in one line and before anything runs, an algorithm modelopt cannot run for ``qformat``."""
+    from .errors import MoeUnfuseError
+
+    if algorithm not in ALGORITHMS:
+        raise MoeUnfuseError(f"unknown --algorithm {algorithm!r}; fix: use one of {', '.join(ALGORITHMS)}")
+    allowed = ALGORITHM_QFORMATS.get(algorithm)
+    if allowed is not None and qformat not in allowed:
+        raise MoeUnfuseError(
+            f"--algorithm {algorithm} is available for --qformat {'/'.join(allowed)} only, not {qformat} "
+            f"({ALGORITHM_REFUSED_WHY[algorithm]}); fix: use --algorithm max"
+        )
+
+
 #: Serving engines whose key naming an export can target (a spec's ``export.renames`` per engine).
 ENGINES = ("vllm", "sglang", "trtllm", "hf")
 #: shared: one input scale per layer and input (max over experts), as fused-MoE kernels apply; per-expert: each its own.

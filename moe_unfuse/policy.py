@@ -19,7 +19,7 @@ from torch import nn
 
 from .coverage import expert_count, find_fused_params
 from .errors import MoeUnfuseError
-from .options import QFORMATS
+from .options import QFORMATS, check_algorithm
 
 KEEP_UNQUANTIZED_MODULES = (
     "router",
@@ -55,9 +55,9 @@ def disable_entries(exclude: Iterable[str] = ()) -> list[dict]:
     ]
 
 
-def build_quant_config(qformat: str, exclude: Iterable[str] = ()) -> dict | None:
+def build_quant_config(qformat: str, exclude: Iterable[str] = (), algorithm: str = "max") -> dict | None:
     """The modelopt config for ``qformat`` with :mod:`moe_unfuse.policy`'s modules and ``exclude``
-    (module-name globs) disabled; None for ``none``."""
+    (module-name globs) disabled, calibrated by modelopt's ``algorithm``; None for ``none``."""
     import modelopt.torch.quantization as mtq
 
     if qformat not in QFORMATS:
@@ -65,7 +65,10 @@ def build_quant_config(qformat: str, exclude: Iterable[str] = ()) -> dict | None
     name = QFORMATS[qformat]
     if name is None:
         return None
+    check_algorithm(qformat, algorithm)
     cfg = copy.deepcopy(getattr(mtq, name))
+    if algorithm != "max":
+        cfg["algorithm"] = {"method": algorithm}  # modelopt's own defaults for the method's options
     entries = disable_entries(exclude)
     quant_cfg = cfg["quant_cfg"]
     if isinstance(quant_cfg, list):

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -55,6 +55,7 @@ from .options import (
     DEFAULT_CALIB_SIZE,
     DEFAULT_CHUNK_TOKENS,
     DEFAULT_SEQ_LEN,
+    check_algorithm,
     default_eval_size,
 )
 from .policy import build_quant_config
@@ -85,6 +86,7 @@ class QuantizeResult:
     input_quantized: bool = True  # False for weight-only formats: no input scales to set
     #: experts modules left unquantized because the target engine's loader cannot serve them quantized, and why
     kept_for_engine: dict[str, str] = field(default_factory=dict)
+    algorithm: str = "max"  # modelopt's calibration algorithm (options.ALGORITHMS)
 
 
 def quantize_model(
@@ -102,6 +104,7 @@ def quantize_model(
     group: Group | None = None,
     layerwise: bool = False,
     spill_dir: Path | None = None,
+    algorithm: str = "max",
     resume: ResumeState | None = None,
     engine: str | None = None,
 ) -> QuantizeResult:
@@ -119,6 +122,7 @@ def quantize_model(
     restores the layers a killed run committed and commits each new one (:mod:`moe_unfuse.resume`).
     ``engine``: experts modules whose spec says that engine's loader cannot serve them quantized
     (``export.engines``, GPT-OSS in vLLM and SGLang) stay unquantized.
+    ``algorithm``: modelopt's calibration algorithm (``max``, or ``mse``: each expert weight's amax searched).
     """
 
     start = time.perf_counter()
@@ -135,7 +139,7 @@ def quantize_model(
         and arch in by_arch
         and (why := by_arch[arch].experts_unquantized_for(engine or "")) is not None
     }
-    cfg = build_quant_config(qformat, [*exclude, *sliced, *(f"{path}.*" for path in kept)])
+    cfg = build_quant_config(qformat, [*exclude, *sliced, *(f"{path}.*" for path in kept)], algorithm)
     stats = RoutingStats()
     if cfg is None:
         unfuse(model, specs or None, allow_uncovered=allow_uncovered)
@@ -157,6 +161,7 @@ def quantize_model(
         with (
             contextlib.redirect_stdout(io.StringIO()),
             no_offload_writeback() if layerwise else contextlib.nullcontext(),
+            contextlib.nullcontext() if progress else _no_modelopt_bars(),
         ):
             mtq.quantize(model, cfg, forward_loop=forward_loop)
     left = [name for name, _ in fused_expert_params(model, specs)]
@@ -188,8 +193,24 @@ def quantize_model(
         num_linears,
         time.perf_counter() - start,
         input_quantized,
-        kept,
+        kept_for_engine=kept,
+        algorithm=algorithm if cfg is not None else "none",
     )
+
+
+@contextlib.contextmanager
+def _no_modelopt_bars() -> Iterator[None]:
+    """modelopt's calibration progress bars (mse: "MSE weight calibration", on stderr) off, as ours are."""
+    import functools
+
+    from modelopt.torch.quantization import model_calib
+
+    original = model_calib.tqdm
+    model_calib.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        model_calib.tqdm = original
 
 
 def _hub_sliced_linears(model: nn.Module, specs: Sequence[Spec]) -> list[str]:
@@ -288,6 +309,7 @@ class QuantizeOptions:
     progress: bool = True
     layerwise: bool | None = None  # None: layer by layer when the whole model would not fit in memory
     trust_modules: tuple[str, ...] = ()  # modules of the user's own that specs may import (--trust-module)
+    algorithm: str = "max"  # modelopt calibration algorithm (options.ALGORITHMS)
     device: str | None = None  # where to compute; None: this rank's GPU when there is one, else the CPU
     eval_size: int = field(default_factory=default_eval_size)  # held-out samples evaluated (0: none)
     max_kl: float | None = None  # a larger KL(original || quantized) fails the run
@@ -322,6 +344,7 @@ class QuantizeReport:
         return {
             "source": self.source,
             "qformat": r.qformat,
+            "algorithm": r.algorithm,
             "engine": self.options.engine,
             "specs": [s.arch for s in r.specs],
             "coverage": {
@@ -428,7 +451,10 @@ class QuantizeReport:
                 if r.input_quantized
                 else "input: none (weight-only format)"
             )
-            lines.append(f"scales     {inputs}; gate/up weight amax shared ({r.gate_up_synced} pair(s) adjusted)")
+            weights = "weight amax searched for least squared error (mse); " if r.algorithm == "mse" else ""
+            lines.append(
+                f"scales     {inputs}; {weights}gate/up weight amax shared ({r.gate_up_synced} pair(s) adjusted)"
+            )
             lines.extend(f"           {line}" for line in fallback_lines(r.fallbacks))
         lines.append(f"export     {ex.summary()}")
         ratio = ex.bytes_after / self.bytes_before if self.bytes_before else float("nan")
@@ -501,6 +527,8 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeReport | None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    if opts.qformat != "none":
+        check_algorithm(opts.qformat, opts.algorithm)  # before anything at --out is touched
     prepare_out_dir(Path(opts.out), opts.overwrite, Path(opts.model) if opts.model is not None else None)
     # The lock on --out before anything is loaded: a second run to the same --out fails now, not
     # after calibrating. Under torchrun the rank that writes holds it.
@@ -598,6 +626,7 @@ def _quantize_and_export(
     if state is not None and opts.model is not None:
         options = {
             "qformat": opts.qformat,
+            "algorithm": opts.algorithm,
             "exclude": list(opts.exclude),
             "force_routing": opts.force_routing,
             "chunk_tokens": opts.chunk_tokens,
@@ -619,6 +648,7 @@ def _quantize_and_export(
         group=group,
         layerwise=offload is not None,
         spill_dir=offload,
+        algorithm=opts.algorithm,
         resume=resume,
         engine=opts.engine,
     )

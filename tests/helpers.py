@@ -124,3 +124,47 @@ def decorated_classes() -> tuple[str, ...]:
             if isinstance(node, ast.ClassDef) and any(_decorator_name(d) == DECORATOR for d in node.decorator_list):
                 found.append(f"transformers.models.{f.parent.name}.{f.stem}.{node.name}")
     return tuple(found)
+
+
+def save_tiny(arch: str, path: Path) -> Path:
+    """``arch``'s whole tiny model (the built-in one for gemma4) and the byte tokenizer, saved as a model
+    folder with config.json as the hub has it (:func:`moe_unfuse.tiny.save_hub_style`)."""
+    import moe_unfuse
+    from moe_unfuse.tiny import save_hub_style, tiny_gemma4, tiny_model_for
+
+    return save_hub_style(tiny_gemma4() if arch == "gemma4" else tiny_model_for(moe_unfuse.get_spec(arch)), path)
+
+
+def checkpoint_tensors(path: Path) -> dict[str, Any]:
+    """Every tensor of a checkpoint folder's safetensors files, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return out
+
+
+def tensor_bits(t: Any) -> Any:
+    """A tensor's bytes, to compare bit for bit (NaNs and -0.0 included)."""
+    return t.contiguous().reshape(-1).view(__import__("torch").uint8)
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    """Two checkpoint folders hold the same tensors bit for bit and the same configs and ``moe_unfuse.json``."""
+    import json
+
+    import torch
+
+    bits = tensor_bits
+    ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
+    assert set(ta) == set(tb)
+    differ = [
+        k
+        for k in ta
+        if ta[k].dtype != tb[k].dtype or ta[k].shape != tb[k].shape or not torch.equal(bits(ta[k]), bits(tb[k]))
+    ]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:5]}"
+    for name in ("hf_quant_config.json", "config.json", "moe_unfuse.json"):
+        assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name

@@ -11,18 +11,16 @@ default when the whole model would not fit in memory."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import spec_names, spec_raw
-from safetensors import safe_open
+from helpers import assert_same_checkpoint, checkpoint_tensors, save_tiny, spec_names, spec_raw, tensor_bits
 
 import moe_unfuse
 from moe_unfuse.cli import main
-from moe_unfuse.tiny import save_hub_style, tiny_gemma4, tiny_model_for
+from moe_unfuse.tiny import tiny_model_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,40 +29,11 @@ FAMILIES = [a for a in spec_names() if (spec_raw(a).get("golden") or {}).get("mo
 CALIB = ["--calib-size", "4", "--seq-len", "32", "--batch-size", "2", "--no-progress", "--force-routing"]
 
 
-def _save(arch: str, path: Path) -> Path:
-    return save_hub_style(tiny_gemma4() if arch == "gemma4" else tiny_model_for(moe_unfuse.get_spec(arch)), path)
-
-
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, "pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return out
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def assert_same_checkpoint(a: Path, b: Path) -> None:
-    ta, tb = _tensors(a), _tensors(b)
-    assert set(ta) == set(tb)
-    differ = [
-        k
-        for k in ta
-        if ta[k].dtype != tb[k].dtype or ta[k].shape != tb[k].shape or not torch.equal(_bits(ta[k]), _bits(tb[k]))
-    ]
-    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:5]}"
-    for name in ("hf_quant_config.json", "config.json", "moe_unfuse.json"):
-        assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name
-
-
 @pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.arch(a), id=a) for a in FAMILIES])
 def test_layerwise_checkpoint_equals_whole_model(arch: str, tmp_path: Path) -> None:
     if moe_unfuse.get_spec(arch).resolve_class() is None:
         pytest.skip(f"{arch}: not in the installed transformers")
-    model = _save(arch, tmp_path / "model")
+    model = save_tiny(arch, tmp_path / "model")
     for mode in ("--no-layerwise", "--layerwise"):
         out = tmp_path / mode.strip("-")
         assert main(["quantize", str(model), "--qformat", "nvfp4", "--out", str(out), mode, *CALIB]) == 0
@@ -74,7 +43,7 @@ def test_layerwise_checkpoint_equals_whole_model(arch: str, tmp_path: Path) -> N
 
 @pytest.mark.arch("gemma4")
 def test_layerwise_fp8_and_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    model = _save("gemma4", tmp_path / "model")
+    model = save_tiny("gemma4", tmp_path / "model")
     for mode in ("--no-layerwise", "--layerwise"):
         out = tmp_path / mode.strip("-")
         assert main(["quantize", str(model), "--qformat", "fp8", "--out", str(out), mode, *CALIB]) == 0
@@ -90,7 +59,7 @@ def test_layerwise_refused_in_one_line_before_anything_is_written(
     """A model with no decoder layer list to walk (neither modelopt nor the config finds one)."""
     import moe_unfuse.layerwise as layerwise
 
-    model = _save("gemma4", tmp_path / "model")
+    model = save_tiny("gemma4", tmp_path / "model")
     monkeypatch.setattr(layerwise, "decoder_layer_list", lambda m: None)
     capsys.readouterr()
     before = {f: f.stat().st_mtime_ns for f in model.iterdir()}
@@ -108,7 +77,7 @@ def test_layerwise_is_the_default_when_the_model_does_not_fit(
 ) -> None:
     import moe_unfuse.layerwise as layerwise
 
-    model = _save("gemma4", tmp_path / "model")
+    model = save_tiny("gemma4", tmp_path / "model")
     size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     monkeypatch.setattr(layerwise.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(layerwise, "available_memory", lambda: size)  # about 1x: the whole model needs ~2.5x
@@ -172,7 +141,7 @@ def test_split_rules_are_reversed_one_decoder_layer_at_a_time(tmp_path: Path, mo
         pytest.skip("bailing_hybrid: not in the installed transformers")
     model = tiny_model_for(spec)
     model.save_pretrained(tmp_path / "hub")
-    hub = {k: v for k, v in _tensors(tmp_path / "hub").items() if ".experts." not in k}
+    hub = {k: v for k, v in checkpoint_tensors(tmp_path / "hub").items() if ".experts." not in k}
     state = remove_tied_weights_from_state_dict(model.state_dict(), model)
     written = {k: v.contiguous() for k, v in state.items() if ".experts." not in k}
     assert any(k.endswith(".conv1d.weight") for k in written) and set(written) != set(hub)
@@ -188,9 +157,9 @@ def test_split_rules_are_reversed_one_decoder_layer_at_a_time(tmp_path: Path, mo
 
     monkeypatch.setattr(contract, "to_hub", recorded)
     postprocess_checkpoint(tmp_path / "export", [], [], False, contract)
-    out = _tensors(tmp_path / "export")
+    out = checkpoint_tensors(tmp_path / "export")
     assert set(out) == set(hub)
-    assert all(torch.equal(_bits(out[k]), _bits(hub[k])) for k in hub)
+    assert all(torch.equal(tensor_bits(out[k]), tensor_bits(hub[k])) for k in hub)
     assert len(calls) >= 2 * 2 and all(len(layers) == 1 for layers in calls)  # meta check, then values
 
 
@@ -206,7 +175,7 @@ def test_whole_model_that_would_spill_to_disk_goes_layer_by_layer(
     import moe_unfuse.layerwise as layerwise
     import moe_unfuse.loading as loading
 
-    model = _save("gemma4", tmp_path / "model")
+    model = save_tiny("gemma4", tmp_path / "model")
     size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     monkeypatch.setattr(layerwise.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: False)

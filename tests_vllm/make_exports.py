@@ -2,7 +2,7 @@
 main environment: moe_unfuse needs its own torch and modelopt; the engines bring theirs).
 
 ``python tests_vllm/make_exports.py DIR`` writes ``DIR/ARCH/QFORMAT[-engine-E]`` checkpoints, as
-``moe-unfuse quantize MODEL --engine vllm`` writes them from the tiny model saved by ``save_pretrained``,
+``moe-unfuse quantize MODEL --engine vllm`` writes them from the tiny model saved as the hub has it (``save_hub_style``),
 and ``DIR/manifest.json``: one entry per export with what ``verify --engine vllm`` said of it, and
 every spec without an export with the reason. A family whose spec says vLLM cannot serve its experts
 quantized (``export.engines``) is also exported for ``--engine hf`` (experts quantized), which vLLM's
@@ -47,12 +47,11 @@ def export_arch(root: Path, arch: str) -> list[dict]:
     """The exports of one spec's tiny model (one worker process runs several of these in turn)."""
     import moe_unfuse
     from moe_unfuse.cli import main
-    from moe_unfuse.tiny import byte_tokenizer, tiny_model_for
+    from moe_unfuse.tiny import save_hub_style, tiny_model_for
 
     spec = moe_unfuse.get_spec(arch)
     source = root / "_source" / arch
-    tiny_model_for(spec).save_pretrained(source)
-    byte_tokenizer().save_pretrained(source)
+    save_hub_style(tiny_model_for(spec), source)
     engines = ["vllm"] + (["hf"] if spec.experts_unquantized_for("vllm") else [])
     entries = []
     for qformat in QFORMATS:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..options import (
+        ALGORITHMS,
         DEFAULT_BATCH_SIZE,
         DEFAULT_CALIB_SIZE,
         DEFAULT_CHUNK_TOKENS,
@@ -45,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--qformat", required=True, choices=list(QFORMATS), help="quantization format (none: unfuse and re-export only)"
+    )
+    parser.add_argument(
+        "--algorithm",
+        default="max",
+        choices=ALGORITHMS,
+        help="modelopt calibration algorithm: max (default) or mse (each expert weight's amax searched for the "
+        "least squared error; fp8 only: modelopt's NVFP4 search needs a GPU)",
     )
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="checkpoint folder to write")
     parser.add_argument(
@@ -201,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         layerwise=args.layerwise,
         trust_modules=tuple(args.trust_modules),
+        algorithm=args.algorithm,
         device=args.device,
         eval_size=args.eval_size,
         max_kl=args.max_kl,
