@@ -286,10 +286,15 @@ def _dequantize_fused(
     return layout.refuse(out)
 
 
-def write_dequantized(checkpoint: Path, out: Path, dtype: torch.dtype | None = None) -> tuple[_Quantized, Any, list]:
+def write_dequantized(
+    checkpoint: Path, out: Path, dtype: torch.dtype | None = None, original: Path | None = None
+) -> tuple[_Quantized, Any, list]:
     """Write ``checkpoint`` dequantized into ``out`` as a plain checkpoint under the hub's names (what
-    ``save_pretrained`` writes for the model), one tensor at a time into 256 MB shards. Returns the
-    quantized weights found, the naming contract and the specs."""
+    ``save_pretrained`` writes for the model), one tensor at a time into 256 MB shards. ``original``:
+    the source model's folder, whose tensors the contract marks optional and no export carries (slots
+    past the routed experts, e.g. LongCat-Flash's identity experts) are copied, so that transformers
+    builds the twin with the original's shapes. Returns the quantized weights found, the naming
+    contract and the specs."""
     from safetensors.torch import save_file
 
     from .catalog import select_specs
@@ -363,6 +368,11 @@ def write_dequantized(checkpoint: Path, out: Path, dtype: torch.dtype | None = N
         t = _dequantized(reader, key, dtype, q)
         if t is not None:
             put(key, t)
+    if original is not None:
+        source = _Reader(original)
+        for key in sorted(contract.optional):
+            if key in source and key not in reader:
+                put(key, source.get(key).to(dtype))
     flush()
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     config.pop("quantization_config", None)
@@ -538,7 +548,7 @@ def evaluate(
             raise MoeUnfuseError(f"{source}: no config.json; fix: pass --against the original model's folder")
         deq = work / "dequantized"
         with quiet():
-            q, contract, specs = write_dequantized(checkpoint, deq, torch.float32)
+            q, contract, specs = write_dequantized(checkpoint, deq, torch.float32, source)
             if offload is None:
                 offload = needs_layerwise(2 * checkpoint_bytes(source), "cpu")
             ref = _load(source, work / "offload-a" if offload else None)
