@@ -111,8 +111,8 @@ class EvalReport:
     modules: list[ModuleFigures]
     kl: float
     top1: float
-    ppl_original: float
-    ppl_quantized: float
+    ppl_original: float | None  # None: the model has no next-token head (a token classifier)
+    ppl_quantized: float | None
     seconds: float
     held_out: str = ""
     failures: list[str] = field(default_factory=list)
@@ -148,7 +148,12 @@ class EvalReport:
         """The report block (one line per figure family; every module's figures are in ``to_dict``)."""
         out = [
             f"{self.samples} held-out samples, {self.tokens} tokens ({self.held_out}; {self.seconds:.0f} s); KL(original || quantized) "
-            f"{self.kl:.4f}, top-1 agreement {self.top1:.1%}, perplexity {self.ppl_original:.2f} -> {self.ppl_quantized:.2f}"
+            f"{self.kl:.4f}, top-1 agreement {self.top1:.1%}, "
+            + (
+                f"perplexity {self.ppl_original:.2f} -> {self.ppl_quantized:.2f}"
+                if self.ppl_original is not None and self.ppl_quantized is not None
+                else "no perplexity (the outputs are not next-token logits)"
+            )
         ]
         for kind, label in (
             ("experts", "experts modules"),
@@ -491,12 +496,16 @@ def _install_input_quantizers(
     return formats
 
 
-def _kl_top1_nll(lo: torch.Tensor, lq: torch.Tensor, ids: torch.Tensor) -> tuple[float, float, float, float, int]:
+def _kl_top1_nll(
+    lo: torch.Tensor, lq: torch.Tensor, ids: torch.Tensor, next_token: bool = True
+) -> tuple[float, float, float, float, int]:
     """Sums over the tokens of one batch: KL(original || quantized), top-1 matches, both NLLs of the
-    next token (its count last)."""
+    next token (its count last; none unless ``next_token``: the outputs are logits over the vocabulary)."""
     po, pq = torch.log_softmax(lo.float(), -1), torch.log_softmax(lq.float(), -1)
     kl = float((po.exp() * (po - pq)).sum(-1).sum())
     top1 = float((lo.argmax(-1) == lq.argmax(-1)).sum())
+    if not next_token:
+        return kl, top1, 0.0, 0.0, 0
     nxt = ids[:, 1:].unsqueeze(-1)
     nll_o = float(-po[:, :-1].gather(-1, nxt).sum())
     nll_q = float(-pq[:, :-1].gather(-1, nxt).sum())
@@ -625,13 +634,15 @@ def _compare(
     kl = top1 = nll_o = nll_q = 0.0
     tokens = predicted = 0
     device = input_device(ref)
+    # A token classifier (OpenAI's privacy filter) scores labels, not the next token: no perplexity.
+    next_token = ref.get_output_embeddings() is not None
     try:
         with torch.no_grad():
             for batch in tqdm(samples, desc="evaluate", unit="batch", disable=not progress, leave=False):
                 inputs = {k: v.to(device) for k, v in batch.items()}
                 lo = ref(**inputs, use_cache=False).logits
                 lq = twin(**inputs, use_cache=False).logits
-                a, b, c, d, n = _kl_top1_nll(lo, lq, inputs["input_ids"].to(lo.device))
+                a, b, c, d, n = _kl_top1_nll(lo, lq, inputs["input_ids"].to(lo.device), next_token)
                 kl, top1, nll_o, nll_q = kl + a, top1 + b, nll_o + c, nll_q + d
                 tokens += lo.shape[0] * lo.shape[1]
                 predicted += n
@@ -651,8 +662,8 @@ def _compare(
         modules,
         kl / max(tokens, 1),
         top1 / max(tokens, 1),
-        math.exp(nll_o / max(predicted, 1)),
-        math.exp(min(nll_q / max(predicted, 1), 700.0)),
+        math.exp(nll_o / predicted) if predicted else None,
+        math.exp(min(nll_q / predicted, 700.0)) if predicted else None,
         0.0,
     )
     report.failures = failures(modules, report)
@@ -670,7 +681,9 @@ def failures(modules: Sequence[ModuleFigures], report: EvalReport | None = None)
             out.append(
                 f"{m.name}: relative error {m.rel_error:.3g} over the {m.fmt or 'unquantized'} limit {limit(m):.3g} ({m.kind})"
             )
-    if report is not None and not (math.isfinite(report.kl) and math.isfinite(report.ppl_quantized)):
+    if report is not None and not (
+        math.isfinite(report.kl) and (report.ppl_quantized is None or math.isfinite(report.ppl_quantized))
+    ):
         out.append(f"logits: KL {report.kl} / perplexity {report.ppl_quantized} not finite")
     return out
 

@@ -29,8 +29,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 WHOLE_MODEL_SPECS = [a for a in spec_names() if (spec_raw(a).get("golden") or {}).get("model")]
 #: Families in the default suite: per-expert with a fused hub (Gemma 4), per-expert hub (Mixtral),
 #: fused export (GPT-OSS), expert slots no export carries (LongCat-Flash's identity experts: the twin
-#: takes them from the original, or transformers refuses the checkpoint's expert count).
-DEFAULT_ARCHS = ("gemma4", "gpt_oss", "mixtral", "longcat_flash")
+#: takes them from the original, or transformers refuses the checkpoint's expert count), a token
+#: classifier (OpenAI's privacy filter: no perplexity, its labels are not the vocabulary).
+DEFAULT_ARCHS = ("gemma4", "gpt_oss", "mixtral", "longcat_flash", "openai_privacy_filter")
 EVAL = ["--eval-size", "2", "--seq-len", "16"]
 
 
