@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_layerwise import CALIB, _save, assert_same_checkpoint
+from helpers import assert_same_checkpoint, save_tiny
+from test_layerwise import CALIB
 
 from moe_unfuse.cli import main
 from moe_unfuse.resume import KILL_ENV
@@ -44,7 +45,7 @@ def _same_files(a: Path, b: Path) -> None:
 
 
 def test_killed_runs_resume_to_the_uninterrupted_checkpoint(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
-    model = _save("gemma4", tmp_path / "model")
+    model = save_tiny("gemma4", tmp_path / "model")
     run = ["quantize", str(model), "--qformat", "nvfp4", "--layerwise", *CALIB]
     assert main([*run, "--out", str(tmp_path / "ref")]) == 0
     out = tmp_path / "out"
@@ -71,7 +72,7 @@ def test_killed_runs_resume_to_the_uninterrupted_checkpoint(tmp_path: Path, capf
 
 
 def test_state_of_other_data_is_discarded_in_one_line(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
-    model = _save("gemma4", tmp_path / "model")
+    model = save_tiny("gemma4", tmp_path / "model")
     out = tmp_path / "out"
     base = ["quantize", str(model), "--qformat", "fp8", "--layerwise", "--out", str(out), "--no-progress"]
     _killed_at("after-layer:0", [*base, "--calib-size", "4", "--seq-len", "32"])
@@ -90,7 +91,7 @@ def test_activations_through_every_tier_give_the_whole_model_checkpoint(
     and no file left."""
     import moe_unfuse.layerwise as layerwise
 
-    model = _save("gemma4", tmp_path / "model")
+    model = save_tiny("gemma4", tmp_path / "model")
     whole = ["quantize", str(model), "--qformat", "nvfp4", "--out", str(tmp_path / "whole"), "--no-layerwise"]
     assert main([*whole, *CALIB]) == 0
     monkeypatch.setenv("MOE_UNFUSE_ACTIVATIONS_DEVICE_BYTES", "30000")  # one captured input of 29 kB fits
