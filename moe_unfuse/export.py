@@ -416,10 +416,14 @@ def postprocess_checkpoint(
         with safe_open(where[key], "pt") as fh:
             return fh.get_tensor(stored[key])
 
+    converted_in = {n: f for f, groups in pending.items() for _, names in groups for n in names}
     fused_back: list[str] = []
     for t in targets:
-        fused, used = restack_tensors(t, get, lambda k: k in where or any(k in extra for extra in added.values()))
-        home = next((f for f, extra in added.items() if used[0] in extra), None) or where[used[0]]
+        fused, used = restack_tensors(
+            t, get, lambda k: k in where or k in converted_in or any(k in extra for extra in added.values())
+        )
+        home = next((f for f, extra in added.items() if used[0] in extra), None) or where.get(used[0])
+        home = home or converted_in[used[0]]
         for extra in added.values():
             for k in used:
                 extra.pop(k, None)

@@ -162,8 +162,10 @@ def measure(archs: list[str] | None = None, work: Path | None = None) -> list[Ro
                 model = load_model(str(root / arch / "model"), "cpu", "auto")
                 result = quantize_model(model, QFORMAT, batches, progress=False)
                 contracts[arch] = model_contract(model, result.specs)
+                # engine trtllm: every family's experts quantized, as plain modelopt quantizes them
+                # (for vLLM and SGLang, GPT-OSS's stay BF16: its spec's export.engines)
                 _, report = export_checkpoint(
-                    model, root / arch / "ours", specs=result.specs, qformat=QFORMAT, progress=False
+                    model, root / arch / "ours", specs=result.specs, qformat=QFORMAT, progress=False, engine="trtllm"
                 )
                 if not report.ok:
                     raise AssertionError(f"{arch}: moe_unfuse's export fails verification: {report.summary()}")

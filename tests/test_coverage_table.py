@@ -89,9 +89,7 @@ def test_layout_kind_is_derived_from_the_spec(arch, kind):
 
 def test_golden_scope_follows_the_golden_section():
     assert coverage.golden_scope(moe_unfuse.get_spec("mixtral")) == "exact, grouped/batched, modelopt, whole model"
-    assert (
-        coverage.golden_scope(moe_unfuse.get_spec("kimi_linear")) == "exact, grouped/batched, modelopt"
-    )  # no whole model
+    assert coverage.golden_scope(moe_unfuse.get_spec("inkling")) == "exact, grouped/batched, modelopt"  # no whole model
     assert coverage.golden_scope(moe_unfuse.get_spec("step3p7")) == "exact, modelopt, whole model"  # undecorated
 
 

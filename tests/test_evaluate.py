@@ -49,6 +49,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], t
             byte_tokenizer().save_pretrained(src)
             quick = ["--calib-size", "4", "--seq-len", "16", "--batch-size", "2", "--no-progress", "--force-routing"]
             args = [str(src), "--device-map", "cpu", "--qformat", qformat, "--out", str(out), *quick]
+            if moe_unfuse.get_spec(arch).experts_unquantized_for("vllm") is not None:
+                args += ["--engine", "trtllm"]  # GPT-OSS: experts quantized (vLLM's default keeps them BF16)
             rc = main(["quantize", *args, "--eval-size", "2", "--report", str(report)])
             cache[arch, qformat] = (src, out, {**json.loads(report.read_text()), "rc": rc})
         return cache[arch, qformat]
