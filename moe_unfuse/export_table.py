@@ -80,11 +80,12 @@ def markdown() -> str:
     return "\n".join(lines)
 
 
-def replace_section(text: str, section: str) -> str:
-    if START not in text or END not in text:
-        raise ValueError(f"no {START} ... {END} section")
-    head, rest = text.split(START, 1)
-    return head + section + rest.split(END, 1)[1]
+def replace_section(text: str, section: str, start: str = START, end: str = END) -> str:
+    """``text`` with what lies between the ``start`` and ``end`` markers (both included) replaced by ``section``."""
+    if start not in text or end not in text:
+        raise ValueError(f"no {start} ... {end} section")
+    head, rest = text.split(start, 1)
+    return head + section + rest.split(end, 1)[1]
 
 
 def main(argv: list[str] | None = None) -> int:

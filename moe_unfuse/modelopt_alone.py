@@ -210,13 +210,6 @@ def markdown(rows: list[Row], modelopt_version: str) -> str:
     return "\n".join(lines)
 
 
-def replace_section(text: str, section: str) -> str:
-    if START not in text or END not in text:
-        raise ValueError(f"no {START} ... {END} section")
-    head, rest = text.split(START, 1)
-    return head + section + rest.split(END, 1)[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     from importlib.metadata import version
 
@@ -228,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from .export import quiet
+    from .export_table import replace_section
 
     hf_logging.disable_progress_bar()
     with quiet():
@@ -238,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write is None:
         print(section)
         return 0
-    args.write.write_text(replace_section(args.write.read_text(), section))
+    args.write.write_text(replace_section(args.write.read_text(), section, START, END))
     return 0
 
 
