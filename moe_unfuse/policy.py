@@ -1,7 +1,7 @@
 """What is quantized and what stays unquantized, written once for ``quantize``, ``audit``,
 ``export`` and ``verify``: the modelopt config of a format, and the checkpoint size it gives.
 
-Routers, the output head, and every non-text tower and projector stay in their original dtype:
+Routers, the output head (or a classifier's label head), and every non-text tower and projector stay in their original dtype:
 engines load them unquantized (``../shared/reference/field_notes.md``). A module stays unquantized
 when one component of its path is one of :data:`KEEP_UNQUANTIZED_MODULES` (``model.visual.blocks``
 does, ``model.visual_proj`` does not), both as modelopt ``quant_cfg`` globs and as a regex on names.
@@ -32,6 +32,8 @@ KEEP_UNQUANTIZED_MODULES = (
     "vision_model",
     "visual",
     "mm_projector",
+    "score",  # the label head of *ForSequenceClassification / *ForTokenClassification (vLLM builds it unquantized)
+    "classifier",
 )
 #: Searched in a module name: one path component is a module that stays unquantized.
 KEEP_UNQUANTIZED_RE = re.compile(r"(^|\.)(" + "|".join(KEEP_UNQUANTIZED_MODULES) + r")(\.|$)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +120,16 @@ class LoadResult:
             if names:
                 parts.append(f"{what}: {', '.join(sorted(names)[:4])}" + (" ..." if len(names) > 4 else ""))
         return "; ".join(parts)
+
+
+def _sorted_sets(message: str) -> str:
+    """A message with each set of quoted names vLLM prints (``{'b', 'a'}``, in hash order) sorted, so a
+    recorded reason is the same on every run."""
+    return re.sub(
+        r"\{('[^']*'(?:, '[^']*')*)\}",
+        lambda m: "{" + ", ".join(sorted(m.group(1).split(", "))) + "}",
+        message,
+    )
 
 
 def _vllm_frame(exc: BaseException) -> str:
@@ -282,7 +293,8 @@ def load(path: Path) -> LoadResult:
                 loader.load_weights(model, cfg.model_config)
             result.not_written = _unwritten(model, first)
     except Exception as exc:  # noqa: BLE001 - the loader's failure is the result
-        result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}{_vllm_frame(exc)}"
+        first = _sorted_sets(str(exc).splitlines()[0]) if str(exc) else ""
+        result.error = f"{type(exc).__name__}: {first[:300]}{_vllm_frame(exc)}"
         return result
     result.not_consumed = sorted(set(log.read) - log.consumed)
     result.converted = sorted(set(log.converted))
