@@ -35,15 +35,20 @@ NOTE_UNQUANTIZED = "experts left BF16 for vLLM (the spec's export.engines), the 
 
 @pytest.fixture(scope="session")
 def results(request: pytest.FixtureRequest):
-    """arch -> qformat -> outcome, written to engine_loads.json at the end under ``--update-results``."""
+    """arch -> qformat -> outcome, written to engine_loads.json at the end under ``--update-results``
+    (families this run did not export, ``make_exports.py --arch``, keep their recorded outcomes when
+    the vLLM version is the same)."""
     found: dict[str, dict[str, dict[str, str]]] = {}
     yield found
     if request.config.getoption("--update-results"):
         data = json.loads(engine_loads.LOADS_PATH.read_text()) if engine_loads.LOADS_PATH.is_file() else {}
+        old = data.get("vllm") or {}
+        archs = dict(old.get("archs") or {}) if old.get("version") == vllm.__version__ else {}
+        archs.update({a: dict(sorted(found[a].items())) for a in found})
         data["vllm"] = {
             "version": vllm.__version__,
             "written_by": "tests_vllm/test_vllm_loader.py --update-results",
-            "archs": {a: dict(sorted(found[a].items())) for a in sorted(found)},
+            "archs": dict(sorted(archs.items())),
         }
         engine_loads.LOADS_PATH.write_text(json.dumps(data, indent=1) + "\n")
 
