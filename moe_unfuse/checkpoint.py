@@ -8,7 +8,7 @@ import fnmatch
 import json
 import re
 from pathlib import Path
-from typing import Collection, Container, Iterable
+from typing import Any, Collection, Container, Iterable
 
 from .errors import MoeUnfuseError
 from .policy import KEEP_UNQUANTIZED_RE
@@ -45,6 +45,17 @@ def shard_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
             f"{path}: no *.safetensors files; fix: point at a checkpoint folder written by save_pretrained/export"
         )
     return files, None
+
+
+def read_tensors(path: Path) -> dict[str, Any]:
+    """Every tensor of a checkpoint folder's safetensors files, by name (small checkpoints: all in memory)."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return out
 
 
 def has_scale(key: str, keys: Collection[str]) -> bool:

@@ -54,16 +54,6 @@ def _bits(t: Any) -> Any:
     return t.contiguous().reshape(-1).view(__import__("torch").uint8)
 
 
-def _tensors(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, "pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return out
-
-
 def _scale_names(weight: str, fused: bool) -> list[str]:
     stem = weight if fused else weight.removesuffix(".weight")
     sep = "_" if fused else "."
@@ -83,8 +73,10 @@ def _projections(experts: Any, weight: str) -> int:
 
 def compare(arch: str, contract: Any, ours: Path, plain: Path, found: dict[str, Any]) -> Row:
     """One row from the two checkpoint folders and what the child found."""
-    mine = _tensors(ours)
-    theirs = _tensors(plain) if found.get("error") is None else {}
+    from .checkpoint import read_tensors
+
+    mine = read_tensors(ours)
+    theirs = read_tensors(plain) if found.get("error") is None else {}
     projections = quantized = identical = 0
     for experts in contract.experts.values():
         fused = experts.layout == "fused"

@@ -137,13 +137,9 @@ def save_tiny(arch: str, path: Path) -> Path:
 
 def checkpoint_tensors(path: Path) -> dict[str, Any]:
     """Every tensor of a checkpoint folder's safetensors files, by name."""
-    from safetensors import safe_open
+    from moe_unfuse.checkpoint import read_tensors
 
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, "pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return out
+    return read_tensors(path)
 
 
 def tensor_bits(t: Any) -> Any:
