@@ -402,13 +402,17 @@ def postprocess_checkpoint(
                 values[k] = fh.get_tensor(stored[k])
         return contract.to_hub(values) if contract is not None else values
 
+    last: list[Any] = [None, {}]  # the group of keys converted last, and what it converted to
+
     def get(key: str) -> torch.Tensor:
         for extra in added.values():
             if key in extra:
                 return extra[key]
         for keys, names in (g for groups in pending.values() for g in groups):
             if key in names:
-                return convert(keys)[key]
+                if last[0] is not keys:  # a re-stack reads one layer's keys in a row: convert it once
+                    last[:] = [keys, convert(keys)]
+                return last[1][key]
         if key not in where:
             raise MoeUnfuseError(
                 f"{path}: cannot re-stack, {key} is missing from the export; fix: export without --fuse-unquantized and report this"
