@@ -530,8 +530,8 @@ def evaluate(
 ) -> EvalReport:
     """Measure ``checkpoint`` (modelopt FP8/NVFP4, any exporter) against ``original`` (a model folder,
     or a model in memory, saved to a temporary folder first) on ``samples`` (batches with
-    ``input_ids``). ``offload``: load both models offloaded to disk (default: when twice the
-    checkpoint would not fit in memory). Temporary files go under ``work_dir`` (default: the system's)."""
+    ``input_ids``). ``offload``: load both models offloaded to disk (default: when both, in
+    float32, would not fit in memory: four times a 16-bit source's bytes, by the whole-model peak rule). Temporary files go under ``work_dir`` (default: the system's)."""
     from tqdm.auto import tqdm
 
     from .export import quiet
@@ -559,7 +559,8 @@ def evaluate(
         with quiet():
             q, contract, specs = write_dequantized(checkpoint, deq, torch.float32, source)
             if offload is None:
-                offload = needs_layerwise(2 * checkpoint_bytes(source), "cpu")
+                # both models in float32: each up to twice a 16-bit checkpoint's bytes
+                offload = needs_layerwise(2 * 2 * checkpoint_bytes(source), "cpu")
             ref = _load(source, work / "offload-a" if offload else None)
             twin = _load(deq, work / "offload-b" if offload else None)
             for m in (ref, twin):
