@@ -49,6 +49,7 @@ from .checkpoint import (
     fused_scale_base,
     has_scale,
     must_exclude,
+    quantized_modules,
     shard_files,
 )
 from .default_plugins.modelopt_backend import install_export_handlers
@@ -621,7 +622,7 @@ def _fix_exclusions(
 ) -> list[str]:
     """Rename the exclude list, write each entry in a form every engine matches, and add what must be
     excluded but is not: fused back experts, fused expert tensors left unquantized (``--allow-uncovered``),
-    lm_head, and every module :func:`must_exclude` finds. Writes both configs; returns the entries added."""
+    lm_head (unless quantized), and every module :func:`must_exclude` finds. Writes both configs; returns the entries added."""
     hf_path, cfg_path = path / "hf_quant_config.json", path / "config.json"
     if not hf_path.is_file():
         return []  # not quantized: nothing is excluded from anything
@@ -639,7 +640,9 @@ def _fix_exclusions(
     for name in [*fused_back, *sorted(fused_modules)]:
         if not excluded(name, final):
             final.append(exclude_pattern(name))
-    if not excluded("lm_head", final):
+    keys = set(keys)
+    head_quantized = "lm_head" in quantized_modules(keys)  # for an engine that builds it quantized
+    if not excluded("lm_head", final) and not head_quantized:
         final.append("lm_head")
     missing = sorted(m for m in must_exclude(keys) if not excluded(m, final))
     added = _collapse_expert_names(missing)

@@ -57,9 +57,13 @@ def disable_entries(exclude: Iterable[str] = ()) -> list[dict]:
     ]
 
 
-def build_quant_config(qformat: str, exclude: Iterable[str] = (), algorithm: str = "max") -> dict | None:
+def build_quant_config(
+    qformat: str, exclude: Iterable[str] = (), algorithm: str = "max", quantize: Iterable[str] = ()
+) -> dict | None:
     """The modelopt config for ``qformat`` with :mod:`moe_unfuse.policy`'s modules and ``exclude``
-    (module-name globs) disabled, calibrated by modelopt's ``algorithm``; None for ``none``."""
+    (module-name globs) disabled, calibrated by modelopt's ``algorithm``; None for ``none``.
+    ``quantize``: names of :data:`KEEP_UNQUANTIZED_MODULES` whose weight and input quantizers stay on
+    (an engine that builds them quantized, a spec's ``export.engines.E.quantized``)."""
     import modelopt.torch.quantization as mtq
 
     if qformat not in QFORMATS:
@@ -72,6 +76,16 @@ def build_quant_config(qformat: str, exclude: Iterable[str] = (), algorithm: str
     if algorithm != "max":
         cfg["algorithm"] = {"method": algorithm}  # modelopt's own defaults for the method's options
     entries = disable_entries(exclude)
+    for name in quantize:
+        if name not in KEEP_UNQUANTIZED_MODULES:
+            raise MoeUnfuseError(
+                f"quantize {name!r}: not a module kept unquantized; fix: use one of {', '.join(KEEP_UNQUANTIZED_MODULES)}"
+            )
+        entries.extend(
+            {"quantizer_name": f"{prefix}{name}.{q}_quantizer", "enable": True}
+            for prefix in ("", "*.")
+            for q in ("weight", "input")
+        )
     quant_cfg = cfg["quant_cfg"]
     if isinstance(quant_cfg, list):
         quant_cfg.extend(entries)

@@ -9,6 +9,7 @@ policy and gate/up weight-scale sharing). ``run_quantize`` is the whole job behi
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import gc
 import io
 import os
@@ -84,9 +85,24 @@ class QuantizeResult:
     num_linears: int
     seconds: float
     input_quantized: bool = True  # False for weight-only formats: no input scales to set
-    #: experts modules left unquantized because the target engine's loader cannot serve them quantized, and why
+    #: experts modules, and other modules, left unquantized because the target engine's loader cannot serve
+    #: them quantized (a spec's ``export.engines``), and why
     kept_for_engine: dict[str, str] = field(default_factory=dict)
+    #: modules kept unquantized by default (lm_head) that the target engine builds quantized, and why
+    quantized_for_engine: dict[str, str] = field(default_factory=dict)
     algorithm: str = "max"  # modelopt's calibration algorithm (options.ALGORITHMS)
+
+
+def _modules_kept_for_engine(model: nn.Module, specs: Sequence[Spec], engine: str | None) -> dict[str, str]:
+    """Modules with weights that ``engine``'s model class builds unquantized (a spec's
+    ``export.engines.E.modules`` globs, e.g. Jamba's Mamba mixer in vLLM), and why."""
+    kept = {}
+    for spec in specs:
+        globs, why = spec.modules_unquantized_for(engine or "")
+        for name, module in model.named_modules() if globs else ():
+            if isinstance(module, (nn.Linear, nn.Conv1d)) and any(fnmatch.fnmatch(name, g) for g in globs):
+                kept[name] = why
+    return kept
 
 
 def quantize_model(
@@ -139,7 +155,12 @@ def quantize_model(
         and arch in by_arch
         and (why := by_arch[arch].experts_unquantized_for(engine or "")) is not None
     }
-    cfg = build_quant_config(qformat, [*exclude, *sliced, *(f"{path}.*" for path in kept)], algorithm)
+    kept.update(_modules_kept_for_engine(model, specs, engine) if qformat != "none" else {})
+    heads: dict[str, str] = {}
+    for spec in specs if qformat != "none" else ():
+        names, why = spec.modules_quantized_for(engine or "")
+        heads.update(dict.fromkeys(names, why))
+    cfg = build_quant_config(qformat, [*exclude, *sliced, *(f"{path}.*" for path in kept)], algorithm, heads)
     stats = RoutingStats()
     if cfg is None:
         unfuse(model, specs or None, allow_uncovered=allow_uncovered)
@@ -194,6 +215,7 @@ def quantize_model(
         time.perf_counter() - start,
         input_quantized,
         kept_for_engine=kept,
+        quantized_for_engine=heads,
         algorithm=algorithm if cfg is not None else "none",
     )
 
@@ -356,6 +378,7 @@ class QuantizeReport:
             "fallbacks": [vars(f) for f in r.fallbacks],
             "gate_up_synced": r.gate_up_synced,
             "kept_for_engine": r.kept_for_engine,
+            "quantized_for_engine": r.quantized_for_engine,
             "layerwise": {"layers": self.layers, "resumed": self.resumed} if self.layers else None,
             "device": self.device,
             "offloaded_to_disk": self.spilled,
@@ -394,6 +417,11 @@ class QuantizeReport:
             reasons = sorted(set(r.kept_for_engine.values()))
             lines.append(
                 f"           {len(r.kept_for_engine)} left unquantized and excluded for --engine {self.options.engine} ({'; '.join(reasons)})"
+            )
+        if r.quantized_for_engine:
+            reasons = sorted(set(r.quantized_for_engine.values()))
+            lines.append(
+                f"           {', '.join(r.quantized_for_engine)} quantized for --engine {self.options.engine} ({'; '.join(reasons)})"
             )
         if r.coverage.uncovered:
             lines.append(

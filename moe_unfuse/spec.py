@@ -100,9 +100,11 @@ class Spec:
     post_expert_norm: str | None = None
     #: ``export.layout``: how an export stores these experts, ``per_expert`` keys or ``fused`` tensors.
     export_layout: str = "per_expert"
-    #: ``export.engines``: engine -> ``{experts: unquantized, versions, why}``, where that engine's loader
-    #: cannot serve these experts quantized (the export for ``--engine`` leaves them unquantized).
-    export_engines: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    #: ``export.engines``: engine -> ``{experts: unquantized, modules: [globs], quantized: [names], versions,
+    #: why}``, where that engine's loader cannot serve these experts, or those modules, quantized (the export
+    #: for ``--engine`` leaves them unquantized), or builds modules quantized that are kept unquantized by
+    #: default (the export for ``--engine`` quantizes them).
+    export_engines: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return f"Spec(arch={self.arch!r}, target={self.target_class!r}, source={self.source!r})"
@@ -114,7 +116,21 @@ class Spec:
     def experts_unquantized_for(self, engine: str) -> str | None:
         """Why ``engine``'s loader needs these experts unquantized (versions and loader file:line), or None."""
         rule = self.export_engines.get(engine)
-        return f"{engine} {rule['versions']}: {rule['why']}" if rule else None
+        return f"{engine} {rule['versions']}: {rule['why']}" if rule and rule.get("experts") == "unquantized" else None
+
+    def modules_unquantized_for(self, engine: str) -> tuple[tuple[str, ...], str | None]:
+        """Module-name globs ``engine``'s model class builds unquantized (``export.engines.E.modules``) and
+        why (versions and loader file:line); ``((), None)`` when there are none."""
+        rule = self.export_engines.get(engine) or {}
+        globs = tuple(rule.get("modules", ()))
+        return (globs, f"{engine} {rule['versions']}: {rule['why']}") if globs else ((), None)
+
+    def modules_quantized_for(self, engine: str) -> tuple[tuple[str, ...], str | None]:
+        """Modules kept unquantized by default (:data:`moe_unfuse.policy.KEEP_UNQUANTIZED_MODULES` names)
+        that ``engine``'s model class builds quantized (``export.engines.E.quantized``), and why."""
+        rule = self.export_engines.get(engine) or {}
+        names = tuple(rule.get("quantized", ()))
+        return (names, f"{engine} {rule['versions']}: {rule['why']}") if names else ((), None)
 
     def param(self, name: str) -> ParamSpec:
         return next(p for p in self.params if p.name == name)

@@ -29,6 +29,7 @@ Unreadable input (a missing or corrupt file, invalid JSON) raises a one-line :cl
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from dataclasses import dataclass, field
@@ -279,9 +280,9 @@ def _gpt_oss_not_fused(ctx: Context) -> list[str]:
 
 
 def _engine_cannot_load(engine: str) -> Callable[[Context], list[str]]:
-    """Quantized experts of a family whose spec says ``engine``'s own loader drops or misreads them
-    (``export.engines``, its ``why`` naming the loader's file:line; for vLLM, seen in its real loader by
-    ``tests_vllm/``)."""
+    """Quantized experts, or other quantized modules, of a family whose spec says ``engine``'s own loader
+    drops or misreads them, and unquantized modules it builds quantized (``export.engines``, its ``why``
+    naming the loader's file:line; for vLLM, seen in its real loader by ``tests_vllm/``)."""
 
     def check(ctx: Context) -> list[str]:
         scaled = quantized_modules(ctx.ckpt.where)
@@ -291,7 +292,20 @@ def _engine_cannot_load(engine: str) -> Callable[[Context], list[str]]:
             why = get_spec(e.arch).experts_unquantized_for(engine)
             if why and any(m == hub or m.startswith(hub + ".") for m in scaled):
                 bad.setdefault(why, []).append(hub)
-        return [f"{', '.join(hubs)} quantized ({why}); fix: export with --engine {engine}" for why, hubs in bad.items()]
+        for arch in sorted({e.arch for e in experts.values()}):
+            globs, why = get_spec(arch).modules_unquantized_for(engine)
+            for m in sorted(scaled):
+                if why and any(fnmatch.fnmatch(m, g) for g in globs):
+                    bad.setdefault(why, []).append(m)
+        heads = [
+            f"{m} unquantized ({why}); fix: export with --engine {engine}"
+            for m, why in _quantized_for(engine, ctx.contract).items()
+            if ctx.algo is not None and m not in scaled and any(k.startswith(m + ".") for k in ctx.ckpt.where)
+        ]  # (an unquantized checkpoint gets no quantization config: the engine builds it all unquantized)
+        return [
+            *(f"{', '.join(hubs)} quantized ({why}); fix: export with --engine {engine}" for why, hubs in bad.items()),
+            *heads,
+        ]
 
     return check
 
@@ -344,7 +358,7 @@ ENGINE_RULES: tuple[EngineRule, ...] = (
             (engine,),
             "the spec's export.engines.<engine>.versions",
             "the spec's export.engines.<engine>.why",
-            "no quantized experts of a family whose spec says this engine's loader drops or misreads them",
+            "no module quantized, or unquantized, where the family's spec says this engine's loader cannot serve it so",
             _engine_cannot_load(engine),
         )
         for engine in ("vllm", "sglang")
@@ -431,7 +445,7 @@ def verify_checkpoint(
         _check_complete(ckpt, contract, excludes, algo),
         _check_gate_up(ckpt),
         _check_scales(ckpt, keys),
-        _check_excluded(ckpt, keys, excludes, quantized),
+        _check_excluded(ckpt, keys, excludes, quantized, _quantized_for(engine, contract)),
         _check_quant_config(ckpt, hf_quant, qc, quantized),
         *metadata_checks(ckpt, contract, meta),
     ]
@@ -641,20 +655,36 @@ def _check_scales(ckpt: Checkpoint, keys: list[str]) -> Check:
     return Check("scales", not bad, detail, bad)
 
 
-def _check_excluded(ckpt: Checkpoint, keys: list[str], excludes: list[str], quantized: bool) -> Check:
+def _quantized_for(engine: str, contract: NamingContract | None) -> dict[str, str]:
+    """Modules kept unquantized by default that ``engine`` builds quantized, per the checkpoint's specs
+    (``export.engines.E.quantized``: Exaone-MoE's lm_head in vLLM), and why."""
+    out: dict[str, str] = {}
+    for arch in sorted({e.arch for e in (contract.experts.values() if contract else ())}):
+        names, why = get_spec(arch).modules_quantized_for(engine)
+        out.update(dict.fromkeys(names, why or ""))
+    return out
+
+
+def _check_excluded(
+    ckpt: Checkpoint, keys: list[str], excludes: list[str], quantized: bool, quantized_ok: Iterable[str] = ()
+) -> Check:
+    """``quantized_ok``: modules kept unquantized by default that this engine builds quantized."""
     if not quantized:
         return Check("unquantized-excluded", True, "checkpoint is unquantized (nothing to exclude)")
     scaled = sorted(quantized_modules(keys))
+    ok = set(quantized_ok)
     bad = [
         f"{m} (unquantized, not in exclude_modules)" for m in sorted(must_exclude(keys)) if not excluded(m, excludes)
     ]
-    bad.extend(f"{m} (quantized; must stay unquantized)" for m in scaled if KEEP_UNQUANTIZED_RE.search(m))
+    bad.extend(
+        f"{m} (quantized; must stay unquantized)" for m in scaled if KEEP_UNQUANTIZED_RE.search(m) and m not in ok
+    )
     bad.extend(
         f"{m} (quantized, yet excluded: an engine loads it as unquantized)"
         for m in scaled
-        if excluded(m, excludes) and not KEEP_UNQUANTIZED_RE.search(m)
+        if excluded(m, excludes) and (not KEEP_UNQUANTIZED_RE.search(m) or m in ok)
     )
-    if not excluded("lm_head", excludes):
+    if not excluded("lm_head", excludes) and "lm_head" not in scaled:
         bad.append("lm_head (not in exclude_modules)")
     n = len(must_exclude(keys))
     detail = (

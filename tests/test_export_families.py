@@ -125,9 +125,14 @@ def test_quantized_export_has_hub_names_and_verifies_for_every_engine(
     source = saved(arch)
     out = tmp_path / "out"
     _quantize(source, out, qformat)
+    heads, _ = moe_unfuse.get_spec(arch).modules_quantized_for("vllm")  # the default --engine's
     for engine in ENGINES:
         report = moe_unfuse.verify_checkpoint(out, engine=engine)
-        assert report.ok, str(report)
+        if engine == "vllm" or not heads:
+            assert report.ok, str(report)
+        else:  # quantized because vLLM builds them so; the other engines' rules keep them BF16
+            failed = {c.name: c.keys for c in report.checks if not c.ok}
+            assert failed == {"unquantized-excluded": [f"{m} (quantized; must stay unquantized)" for m in heads]}
     # The names: what save_pretrained wrote, with fused hub tensors expanded per the spec's layout.
     contract = _meta_contract(arch)
     exported, hub = _keys(out), _keys(source)
@@ -250,3 +255,53 @@ def test_gpt_oss_default_for_vllm_and_sglang_keeps_experts_bf16(engine: str, sav
         assert moe_unfuse.verify_checkpoint(out, engine=e).ok
     meta = json.loads((out / "moe_unfuse.json").read_text())
     assert meta["engine"] == engine
+
+
+@pytest.mark.arch("jamba")
+def test_jamba_mamba_mixer_unquantized_for_vllm_only(saved, tmp_path: Path) -> None:
+    """vLLM builds Jamba's Mamba mixer without a quantization config (the spec's export.engines.vllm.modules):
+    the default export (--engine vllm) keeps it BF16 with the experts quantized; an export for another
+    engine quantizes it, and verify --engine vllm refuses that one, naming vLLM's file:line."""
+    installed_spec("jamba")
+    default, hf = tmp_path / "default", tmp_path / "hf"
+    _quantize(saved("jamba"), default, "fp8")
+    _quantize(saved("jamba"), hf, "fp8", "--engine", "hf")
+    mamba = re.compile(r"\.mamba\.")
+    kept = quantized_modules(_keys(default))
+    assert kept and not any(mamba.search(m) for m in kept)
+    assert any(".feed_forward.experts.0." in m + "." for m in kept)
+    assert _dtypes(default)["model.layers.0.mamba.in_proj.weight"] == "BF16"
+    assert excluded("model.layers.0.mamba.in_proj", _excludes(default))
+    assert any(mamba.search(m) for m in quantized_modules(_keys(hf)))
+    for engine in ("vllm", "sglang", "trtllm"):
+        assert moe_unfuse.verify_checkpoint(default, engine=engine).ok
+    for engine in ("sglang", "trtllm", "hf"):
+        assert moe_unfuse.verify_checkpoint(hf, engine=engine).ok
+    report = moe_unfuse.verify_checkpoint(hf, engine="vllm")
+    failed = {c.name: c.keys for c in report.checks if not c.ok}
+    assert list(failed) == ["engine-loads"], str(report)
+    assert "model.layers.0.mamba.in_proj" in failed["engine-loads"][0]
+    assert "mamba_mixer.py:" in failed["engine-loads"][0]
+
+
+@pytest.mark.arch("exaone_moe")
+def test_exaone_head_quantized_for_vllm_only(saved, tmp_path: Path) -> None:
+    """vLLM builds Exaone-MoE's lm_head quantized whatever the exclude list says (the spec's
+    export.engines.vllm.quantized): the default export (--engine vllm) quantizes it and does not exclude
+    it; an export for another engine keeps it BF16 and excluded, and verify --engine vllm refuses that one."""
+    installed_spec("exaone_moe")
+    default, sglang = tmp_path / "default", tmp_path / "sglang"
+    _quantize(saved("exaone_moe"), default, "nvfp4")
+    _quantize(saved("exaone_moe"), sglang, "nvfp4", "--engine", "sglang")
+    assert {"lm_head.weight_scale", "lm_head.weight_scale_2", "lm_head.input_scale"} <= _keys(default)
+    assert _dtypes(default)["lm_head.weight"] == "U8"
+    assert not excluded("lm_head", _excludes(default))
+    assert moe_unfuse.verify_checkpoint(default, engine="vllm").ok
+    assert _dtypes(sglang)["lm_head.weight"] == "BF16"
+    assert excluded("lm_head", _excludes(sglang))
+    assert moe_unfuse.verify_checkpoint(sglang, engine="sglang").ok
+    report = moe_unfuse.verify_checkpoint(sglang, engine="vllm")
+    failed = {c.name: c.keys for c in report.checks if not c.ok}
+    assert list(failed) == ["engine-loads"], str(report)
+    assert failed["engine-loads"][0].startswith("lm_head unquantized (vllm 0.33.0: ")
+    assert "exaone_moe.py:510-514" in failed["engine-loads"][0]

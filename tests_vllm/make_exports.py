@@ -2,11 +2,13 @@
 main environment: moe_unfuse needs its own torch and modelopt; the engines bring theirs).
 
 ``python tests_vllm/make_exports.py DIR`` writes ``DIR/ARCH/QFORMAT[-engine-E]`` checkpoints, as
-``moe-unfuse quantize MODEL --engine vllm`` writes them from the tiny model saved as the hub has it (``save_hub_style``),
-and ``DIR/manifest.json``: one entry per export with what ``verify --engine vllm`` said of it, and
-every spec without an export with the reason. A family whose spec says vLLM cannot serve its experts
-quantized (``export.engines``) is also exported for ``--engine hf`` (experts quantized), which vLLM's
-loader must fail and ``verify --engine vllm`` must refuse.
+``moe-unfuse quantize MODEL --engine vllm`` writes them from the tiny model saved as the hub has it
+(``save_hub_style``, kept as ``DIR/ARCH/source``: the unquantized checkpoint the loader test tries when an
+export fails), and ``DIR/manifest.json``: one entry per export with what ``verify --engine vllm`` said of
+it, and every spec without an export with the reason. A family whose spec says vLLM cannot serve its
+experts or some modules quantized, or its head unquantized (``export.engines``), is also exported for
+``--engine hf`` (as the other engines get it), which vLLM's loader must fail and ``verify --engine vllm``
+must refuse.
 """
 
 from __future__ import annotations
@@ -50,9 +52,12 @@ def export_arch(root: Path, arch: str) -> list[dict]:
     from moe_unfuse.tiny import save_hub_style, tiny_model_for
 
     spec = moe_unfuse.get_spec(arch)
-    source = root / "_source" / arch
+    source = root / arch / "source"  # kept: the loader test loads it when an export fails (engine limit or ours)
     save_hub_style(tiny_model_for(spec), source)
-    engines = ["vllm"] + (["hf"] if spec.experts_unquantized_for("vllm") else [])
+    # what the spec's export.engines.vllm leaves BF16 for vLLM (the experts, module globs), and quantizes
+    kept = (["experts"] if spec.experts_unquantized_for("vllm") else []) + list(spec.modules_unquantized_for("vllm")[0])
+    heads = list(spec.modules_quantized_for("vllm")[0])
+    engines = ["vllm"] + (["hf"] if kept or heads else [])
     entries = []
     for qformat in QFORMATS:
         for engine in engines:
@@ -74,14 +79,15 @@ def export_arch(root: Path, arch: str) -> list[dict]:
                     "qformat": qformat,
                     "engine": engine,
                     "path": f"{arch}/{name}",
-                    "experts_unquantized": engine == "vllm" and spec.experts_unquantized_for("vllm") is not None,
+                    "source": f"{arch}/source",
+                    "kept_unquantized": kept if engine == "vllm" else [],
+                    "quantized_for_engine": heads if engine == "vllm" else [],
                     "verify_vllm": report.ok,
                     "verify_vllm_failed": [c.name for c in report.checks if not c.ok],
                     "seconds": round(time.perf_counter() - start, 1),
                 }
             )
             print(f"{arch:24} {name:18} verify --engine vllm: {'ok' if report.ok else 'FAILS'}", flush=True)
-    shutil.rmtree(source)
     return entries
 
 

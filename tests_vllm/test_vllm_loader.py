@@ -1,16 +1,19 @@
 """Every export of every spec with a whole tiny model (FP8 and NVFP4, as ``moe-unfuse quantize --engine
 vllm`` writes it) through vLLM's own model classes and weight loading (:mod:`vllm_loader`): every
 checkpoint tensor copied into a parameter, every parameter element written, no packed or FP8 tensor
-copied into a parameter of another dtype, and vLLM's own "not initialized from checkpoint" check.
+copied into a parameter of another dtype, and vLLM's own "not initialized from checkpoint" check on the
+unquantized checkpoints it runs it on.
 
 The outcome per family and format must be the one ``moe_unfuse/engine_loads.json`` records (which
 ``verify --engine vllm`` and the README's export table read; ``--update-results`` rewrites it), and
-``verify --engine vllm`` (run when the export was made) must pass every export that loads; a recorded
-failure on the checkpoint's tensors ("fails") is an open item the README's table lists (verify does
-not refuse those yet: which are export defects and which vLLM limits is not triaged). A model vLLM cannot build from the tiny config on a CPU (a missing hub config
-field, a CPU or kernel limit) and an architecture its registry does not know (vLLM would fall back to its
-generic Transformers backend, not loaded here) are recorded as such, with the reason. Exports for another engine that vLLM cannot serve
-(GPT-OSS experts quantized, ``--engine hf``) must fail here and be refused by ``verify --engine vllm``.
+``verify --engine vllm`` (run when the export was made) must pass every export that loads. An export
+that fails is triaged by loading the unquantized checkpoint it was made from (saved as the hub has it):
+when that fails too, the failure is not the quantization's ("fails unquantized too", with that
+checkpoint's error), otherwise it is ours ("fails"). A model vLLM cannot build from the tiny config on a CPU (a missing hub config field, a CPU or
+kernel limit) and an architecture its registry does not know (vLLM would fall back to its generic
+Transformers backend, not loaded here) are recorded as such, with the reason. Exports for another engine
+that vLLM cannot serve (GPT-OSS experts or Jamba's Mamba mixer quantized, Exaone-MoE's head BF16:
+``--engine hf``) must fail here and be refused by ``verify --engine vllm``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("engine_loads", ROOT / "moe_unfuse" / "engine_loads.py")
 engine_loads = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(engine_loads)
-NOTE_UNQUANTIZED = "experts left BF16 for vLLM (the spec's export.engines), the rest quantized"
+
+
+@pytest.fixture(scope="session")
+def unquantized() -> dict[str, vllm_loader.LoadResult]:
+    """source folder -> what the loader did with it (each loaded once, for the first export that fails)."""
+    return {}
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +61,9 @@ def results(request: pytest.FixtureRequest):
         engine_loads.LOADS_PATH.write_text(json.dumps(data, indent=1) + "\n")
 
 
-def test_export_through_vllm_loader(entry: dict, results: dict, request: pytest.FixtureRequest) -> None:
+def test_export_through_vllm_loader(
+    entry: dict, results: dict, unquantized: dict, request: pytest.FixtureRequest
+) -> None:
     path = Path(entry["root"]) / entry["path"]
     arch_name = json.loads((path / "config.json").read_text())["architectures"][0]
     if not vllm_loader.registered(arch_name):
@@ -65,13 +75,22 @@ def test_export_through_vllm_loader(entry: dict, results: dict, request: pytest.
         r = vllm_loader.load(path)
         failed = engine_loads.FAILS if r.phase == "weights" else engine_loads.NOT_BUILT
         outcome = {"status": engine_loads.LOADS} if r.loads else {"status": failed, "reason": r.reason()}
+        if failed == engine_loads.FAILS and not r.loads:
+            source = Path(entry["root"]) / entry["source"]
+            if str(source) not in unquantized:
+                unquantized[str(source)] = vllm_loader.load(source)
+            u = unquantized[str(source)]
+            if not u.loads:
+                outcome = {"status": engine_loads.FAILS_UNQUANTIZED, "reason": u.reason()}
     if entry["engine"] != "vllm":
         # An export for another engine that vLLM cannot serve: the loader fails and verify refuses it.
         assert outcome["status"] == engine_loads.FAILS, f"{entry['path']} loads in vLLM; drop its export.engines.vllm"
         assert not entry["verify_vllm"], f"verify --engine vllm passes {entry['path']}, which vLLM fails: {outcome}"
         return
-    if entry.get("experts_unquantized"):
-        outcome["note"] = NOTE_UNQUANTIZED
+    notes = [f"{', '.join(entry['kept_unquantized'])} left BF16"] if entry["kept_unquantized"] else []
+    notes += [f"{', '.join(entry['quantized_for_engine'])} quantized"] if entry["quantized_for_engine"] else []
+    if notes:
+        outcome["note"] = f"{' and '.join(notes)} for vLLM (the spec's export.engines)"
     results.setdefault(entry["arch"], {})[entry["qformat"]] = outcome
     if request.config.getoption("--update-results"):
         return

@@ -5,13 +5,19 @@ The full engine needs CUDA (the wheel's ``vllm._C``), but its loading path runs 
 checkpoint), a gloo process group of one, ``DefaultModelLoader.create_model`` (the real model class and
 the quant methods' ``create_weights``) and ``DefaultModelLoader.load_weights`` (the real safetensors
 iterator, name mappers, expert mappings and ``weight_loader``s, and vLLM's own "weights were not
-initialized from checkpoint" check). Only kernel *selection*, which raises on a CPU before any weight
+initialized from checkpoint" check where vLLM runs it: on unquantized checkpoints). Only kernel *selection*, which raises on a CPU before any weight
 exists, gets a stand-in (:func:`cpu_kernel_selection`); no name, shape or mapping code is touched.
 
 What is tracked: every parameter is pre-filled with a sentinel (NaN; integer ones twice, with 0x00 and
 0xFF, so an element left unwritten is one that kept both), and every checkpoint tensor is wrapped in a
 tensor subclass that follows it through views and slices and records when it is copied into a
 parameter (``copy_``, item assignment, ``.item()``), and into which dtype.
+
+vLLM's "not initialized" check is not forced on for quantized checkpoints (vLLM leaves it off for them,
+``model_loader/default_loader.py:510-518``): the sentinel sees every element it would, and in 0.33 its
+bookkeeping misses names that were loaded: a parameter registered under two modules, loaded under one
+(the Transformers backend's router and shared experts, ``models/transformers/moe.py:376-410``), and
+quantized experts whose loader never records them (``models/granitemoehybrid.py:510``).
 """
 
 from __future__ import annotations
@@ -259,7 +265,6 @@ def load(path: Path) -> LoadResult:
             enforce_eager=True,
             max_model_len=64,
             load_format="safetensors",
-            model_loader_extra_config={"enable_weights_track": True},
         )
         with cpu_kernel_selection():
             cfg = args.create_engine_config()
