@@ -90,7 +90,7 @@ def test_export_through_vllm_loader(
     notes = [f"{', '.join(entry['kept_unquantized'])} left BF16"] if entry["kept_unquantized"] else []
     notes += [f"{', '.join(entry['quantized_for_engine'])} quantized"] if entry["quantized_for_engine"] else []
     if notes:
-        outcome["note"] = f"{' and '.join(notes)} for vLLM (the spec's export.engines)"
+        outcome["note"] = f"{' and '.join(notes)} for vLLM per the spec's export.engines"
     results.setdefault(entry["arch"], {})[entry["qformat"]] = outcome
     if request.config.getoption("--update-results"):
         return

@@ -265,6 +265,10 @@ def load(path: Path) -> LoadResult:
             enforce_eager=True,
             max_model_len=64,
             load_format="safetensors",
+            # Irrelevant to loading, and on a CPU it stops hybrid MLA models (GLM-5-Next, Kimi-Linear) before
+            # any weight: their mamba block size needs prefix caching, which the CPU platform turns off for
+            # MLA (platforms/cpu.py:543).
+            enable_prefix_caching=False,
         )
         with cpu_kernel_selection():
             cfg = args.create_engine_config()
