@@ -11,6 +11,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from .engine_loads import engine_loads, table_cell
 from .naming import build_contract
@@ -20,6 +21,12 @@ START, END = "<!-- export:start -->", "<!-- export:end -->"
 #: Families whose export does not carry the hub names yet, and why (the export test marks them xfail).
 KNOWN_EXPORT_GAPS: dict[str, str] = {}
 ENGINES_CHECKED = "vllm, sglang, trtllm"
+
+
+def no_model_cell(spec: Any) -> str:
+    """The sample-keys cell of a spec without a whole tiny model: its ``golden.no_model`` reason if it gives one."""
+    reason = (spec.golden or {}).get("no_model")
+    return f"(no whole tiny model: {reason})" if reason else "(no whole tiny model in the spec)"
 
 
 def rows() -> list[tuple[str, ...]]:
@@ -35,7 +42,7 @@ def rows() -> list[tuple[str, ...]]:
                 (
                     arch,
                     spec.export_layout.replace("_", "-"),
-                    "(no whole tiny model in the spec)",
+                    no_model_cell(spec),
                     ENGINES_CHECKED,
                     "no",
                     table_cell("vllm", arch),

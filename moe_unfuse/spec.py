@@ -628,6 +628,7 @@ def _check_semantics(source: str, raw: dict, check_import: bool = True) -> None:
     _check_kinds(source, raw, seen)
     _check_renames(source, raw)
     _check_golden_top_k(source, raw)
+    _check_golden_no_model(source, raw)
     cls_path = raw["target"]["class"]
     module = cls_path.rpartition(".")[0]
     _check_importable(source, "target.class", module)
@@ -833,6 +834,17 @@ def _check_renames(source: str, raw: dict) -> None:
 
 #: golden config keys that hold the expert count, read to reject a top_k above it at load
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _check_golden_no_model(source: str, raw: dict) -> None:
+    golden = raw.get("golden") or {}
+    if golden.get("model") and golden.get("no_model"):
+        raise SpecError(
+            source,
+            "golden.no_model",
+            "a spec with a whole tiny model (golden.model) gives no reason for having none",
+            "remove golden.no_model, or golden.model if the model cannot work",
+        )
 
 
 def _check_golden_top_k(source: str, raw: dict) -> None:

@@ -54,6 +54,7 @@ CASES = {
         lambda r: r["params"]["down_proj"].update(shape=["num_experts", "hiden", "intermediate"]),
         "params.down_proj.shape.1",
     ),
+    "model and no_model": (lambda r: r["golden"].update(no_model="no causal LM class"), "golden.no_model"),
     "projection twice": (lambda r: r["params"]["down_proj"].update(into=["up_proj"]), "params.down_proj.into"),
     "unknown role": (
         lambda r: r["forward"].update(

@@ -37,7 +37,8 @@ def plan(archs: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
         if archs and arch not in archs:
             continue
         if not (spec.golden or {}).get("model"):
-            skipped[arch] = "no whole tiny model in the spec"
+            reason = (spec.golden or {}).get("no_model")
+            skipped[arch] = f"no whole tiny model: {reason}" if reason else "no whole tiny model in the spec"
         elif spec.resolve_class() is None:
             skipped[arch] = "its class is not in the installed transformers"
         else:
