@@ -447,7 +447,8 @@ def _linear_keys(model: nn.Module, contract: Any, reader_keys: Iterable[str]) ->
     for path, m in model.named_modules():
         if isinstance(m, nn.Linear) and path not in out:
             hub = contract.linear_hubs.get(path, (None,))[0]
-            key = f"{hub}.weight" if hub else contract.hub_key(f"{path}.weight")
+            # a bare hub tensor (map_linears) is its own key
+            key = (hub if hub in keys else f"{hub}.weight") if hub else contract.hub_key(f"{path}.weight")
             if key in keys:
                 out[path] = (key, None)
     return out

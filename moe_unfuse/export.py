@@ -488,7 +488,11 @@ def postprocess_checkpoint(
 
     def hub_modules(name: str) -> list[str]:
         """The hub modules an exclude entry stands for: one, or each piece a split rule makes of it."""
-        if contract is None or any(c in name for c in "*?["):
+        if contract is None:
+            return [name]
+        if name.endswith("*") and not any(c in name[:-1] for c in "*?["):
+            return [_hub_prefix(name[:-1], contract)]
+        if any(c in name for c in "*?["):
             return [name]
         if name in contract.linear_hubs:
             return [contract.linear_hubs[name][0]]
@@ -610,6 +614,27 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _hub_prefix(prefix: str, contract: NamingContract) -> str:
+    """A ``prefix*`` exclude entry modelopt writes under in-memory names (Inkling2's
+    ``...self_attn.k_sconv*``) under the hub's: the module every tensor below it reverts under, plus
+    ``*``. Unchanged when the prefix already names hub tensors, or no hub module holds just its tensors."""
+    if contract.model is None or any(n.startswith(prefix) for n in contract.names):
+        return prefix + "*"
+    below = [n for n, _ in contract.model.state_dict(keep_vars=True).items() if n.startswith(prefix + ".")]
+    hubs = [h.split(".") for h in (contract.hub_key(n) for n in below) if h in contract.names]
+    if not below or len(hubs) != len(below):
+        return prefix + "*"
+    common = list(hubs[0][:-1])
+    for h in hubs[1:]:
+        while common and h[: len(common)] != common:
+            common.pop()
+    hub = ".".join(common)
+    mine = {".".join(h) for h in hubs}
+    if not common or any(n.startswith(hub) and n not in mine for n in contract.names):
+        return prefix + "*"  # the hub module holds more than the prefix: excluding it would say too much
+    return hub + "*"
 
 
 def _fix_exclusions(

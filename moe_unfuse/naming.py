@@ -97,7 +97,9 @@ class NamingContract:
         """For each ``nn.Linear`` of ``model`` whose weight the hub does not name as is: its hub
         module, and whether it is one to one. Not one to one: transformers stores it as a slice of a
         larger hub tensor (a dense in_proj split in memory into in_proj_qkv and in_proj_z), which a
-        quantized export cannot write (each part has its own scales), so it stays unquantized."""
+        quantized export cannot write (each part has its own scales), so it stays unquantized. A weight
+        the hub stores as a bare tensor (a key not ending in ``.weight``: Inkling2's sconv.weight_proj) is
+        not one to one either: its scales would have no hub name, so it stays unquantized too."""
         import torch
 
         out: dict[str, tuple[str, bool]] = {}
@@ -118,6 +120,8 @@ class NamingContract:
             ((key, t),) = reverted.items()
             if key in self.names and key.endswith(".weight"):
                 out[path] = (key[: -len(".weight")], tuple(t.shape) == self.names[key])
+            elif key in self.names:  # a bare hub tensor: no name for a quantized weight's scales
+                out[path] = (key, False)
         self.linear_hubs = out
         return out
 
