@@ -242,6 +242,7 @@ class _Stand(nn.Module):
         object.__setattr__(self, "_layer", layer)
         object.__setattr__(self, "_output", output)
         object.__setattr__(self, "_capture", capture)
+        object.__setattr__(self, "calls", 0)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -250,6 +251,7 @@ class _Stand(nn.Module):
             return getattr(object.__getattribute__(self, "_layer"), name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        object.__setattr__(self, "calls", self.calls + 1)
         if self._capture is not None:
             self._capture.append((args, kwargs))
             raise _Stop
@@ -288,14 +290,16 @@ def _forward_standing_in(
     batches: Sequence[dict[str, torch.Tensor]],
     previous: _Activations | None,
     inputs: _Activations | None = None,
-) -> None:
+) -> list[int]:
     """The model's own forward on every batch with its first ``count`` layers standing in by returning
     ``previous`` (the last real layer's output for the batch). With ``inputs``, layer ``count``'s
-    (args, kwargs) go there and the forward stops at it; without, the forward runs to the end."""
+    (args, kwargs) go there and the forward stops at it; without, the forward runs to the end.
+    Returns the standing-in layers the forward called more than once (a looped layer)."""
     from .calibration import input_device
 
     originals = list(layers)[: count + (inputs is not None)]
     device = input_device(model)
+    looped: set[int] = set()
     with owner_children_materialized(model, layers):  # the owner may read one's weights directly
         try:
             for b, batch in enumerate(batches):
@@ -310,6 +314,7 @@ def _forward_standing_in(
                         model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
                     except _Stop:
                         pass
+                looped.update(j for j in range(count) if layers[j].calls > 1)
                 if inputs is None:
                     continue
                 if not captured:
@@ -320,6 +325,7 @@ def _forward_standing_in(
         finally:
             for j, layer in enumerate(originals):
                 layers[j] = layer
+    return sorted(looped)
 
 
 def calibrate_layerwise(
@@ -396,10 +402,17 @@ def calibrate_layerwise(
             rate = tokens * (i + 1 - start) / max(time.perf_counter() - began, 1e-9)
             bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=True)
         bar.close()
-        if previous is not None and _uncalibrated_after_layers(model, layers):
-            # modules after the layers (a final projection, an MTP head) calibrate on what they see
-            # in a whole-model pass
-            _forward_standing_in(model, layers, len(layers), batches, previous)
+        if previous is not None:
+            # modules after the layers (a final projection, an MTP head) calibrate on what they see in
+            # a whole-model pass; else one batch shows whether a layer runs more than once per forward
+            after = _uncalibrated_after_layers(model, layers)
+            looped = _forward_standing_in(model, layers, len(layers), batches if after else batches[:1], previous)
+            if looped:
+                raise MoeUnfuseError(
+                    f"{type(model).__name__}: decoder layer(s) {', '.join(map(str, looped))} run more than once per "
+                    "forward (looped layers), and layer by layer calibrates each on its first pass only; "
+                    "fix: pass --no-layerwise"
+                )
         if previous is not None:
             previous.drop()
     return stats

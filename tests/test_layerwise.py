@@ -6,7 +6,8 @@ identity experts, hybrid attention, decoder layers only the config names (DBRX, 
 owning the layers with tensors of its own (Zaya, the OCR models), a module reading a child's weights
 without calling it (JetMoE, Llama 4), conversion mappings with split rules (Bailing hybrid, GLM-5
 next, Lara-Mini) ...; :mod:`moe_unfuse.streaming` works around modelopt for each); a model with no
-decoder layer list fails in one line before anything is written; and layer by layer is chosen by
+decoder layer list fails in one line before anything is written, and one whose forward runs a layer
+more than once (looped layers) in one line before its checkpoint is written; and layer by layer is chosen by
 default when the whole model would not fit in memory."""
 
 from __future__ import annotations
@@ -27,13 +28,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 #: Every spec with a whole tiny model, as in the export-family tests (names read from the spec files).
 FAMILIES = [a for a in spec_names() if (spec_raw(a).get("golden") or {}).get("model")]
 CALIB = ["--calib-size", "4", "--seq-len", "32", "--batch-size", "2", "--no-progress", "--force-routing"]
+#: A decoder layer runs more than once per forward (Inkling2-Loop's looped layers): layer by layer refuses it.
+LOOPED = {"inkling2_loop"}
 
 
 @pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.arch(a), id=a) for a in FAMILIES])
-def test_layerwise_checkpoint_equals_whole_model(arch: str, tmp_path: Path) -> None:
+def test_layerwise_checkpoint_equals_whole_model(arch: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     if moe_unfuse.get_spec(arch).resolve_class() is None:
         pytest.skip(f"{arch}: not in the installed transformers")
     model = save_tiny(arch, tmp_path / "model")
+    if arch in LOOPED:
+        out = tmp_path / "layerwise"
+        capsys.readouterr()
+        assert main(["quantize", str(model), "--qformat", "nvfp4", "--out", str(out), "--layerwise", *CALIB]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "run more than once per forward" in err[0] and "fix: pass --no-layerwise" in err[0]
+        assert not out.exists() and not (tmp_path / "layerwise.invalid").exists()
+        return
     for mode in ("--no-layerwise", "--layerwise"):
         out = tmp_path / mode.strip("-")
         assert main(["quantize", str(model), "--qformat", "nvfp4", "--out", str(out), mode, *CALIB]) == 0
