@@ -113,24 +113,26 @@ class Spec:
     def class_name(self) -> str:
         return self.target_class.rsplit(".", 1)[1]
 
+    def _engine_why(self, engine: str) -> str:
+        rule = self.export_engines[engine]
+        return f"{engine} {rule['versions']}: {rule['why']}"
+
     def experts_unquantized_for(self, engine: str) -> str | None:
         """Why ``engine``'s loader needs these experts unquantized (versions and loader file:line), or None."""
-        rule = self.export_engines.get(engine)
-        return f"{engine} {rule['versions']}: {rule['why']}" if rule and rule.get("experts") == "unquantized" else None
+        rule = self.export_engines.get(engine) or {}
+        return self._engine_why(engine) if rule.get("experts") == "unquantized" else None
 
     def modules_unquantized_for(self, engine: str) -> tuple[tuple[str, ...], str | None]:
         """Module-name globs ``engine``'s model class builds unquantized (``export.engines.E.modules``) and
         why (versions and loader file:line); ``((), None)`` when there are none."""
-        rule = self.export_engines.get(engine) or {}
-        globs = tuple(rule.get("modules", ()))
-        return (globs, f"{engine} {rule['versions']}: {rule['why']}") if globs else ((), None)
+        globs = tuple((self.export_engines.get(engine) or {}).get("modules", ()))
+        return (globs, self._engine_why(engine)) if globs else ((), None)
 
     def modules_quantized_for(self, engine: str) -> tuple[tuple[str, ...], str | None]:
         """Modules kept unquantized by default (:data:`moe_unfuse.policy.KEEP_UNQUANTIZED_MODULES` names)
         that ``engine``'s model class builds quantized (``export.engines.E.quantized``), and why."""
-        rule = self.export_engines.get(engine) or {}
-        names = tuple(rule.get("quantized", ()))
-        return (names, f"{engine} {rule['versions']}: {rule['why']}") if names else ((), None)
+        names = tuple((self.export_engines.get(engine) or {}).get("quantized", ()))
+        return (names, self._engine_why(engine)) if names else ((), None)
 
     def param(self, name: str) -> ParamSpec:
         return next(p for p in self.params if p.name == name)
