@@ -949,12 +949,12 @@ def _export_locked(
         metadata.update(
             {
                 "experts": {
-                    hub: {
+                    label: {
                         **e.to_dict(),
-                        "fused": hub in restacked,
-                        "quantized_fused": hub in restacked and hub not in fused_back,
+                        "fused": e.hub in restacked,
+                        "quantized_fused": e.hub in restacked and e.hub not in fused_back,
                     }
-                    for hub, e in contract.experts.items()
+                    for label, e in contract.experts.items()
                 },
                 "fused_back": fused_back,
                 "routing": routing.to_dict() if routing is not None else None,

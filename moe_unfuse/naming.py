@@ -63,6 +63,18 @@ class ExpertsNaming:
     #: For a module the hub stores per expert: each projection's name there (Mixtral-style
     #: ``gate_proj`` -> ``w1``), so an in-memory per-expert key can be named as the hub does.
     hub_projections: tuple[tuple[str, str], ...] = ()
+    #: Where the hub keeps several experts modules in one expert list (Ernie 4.5 VL: text experts
+    #: ``0..E-1``, vision experts ``E..2E-1`` under one ``mlp.experts``), this module's first index in it.
+    expert_offset: int = 0
+    shares_hub: bool = False  # the hub's expert list holds other modules' experts too
+
+    @property
+    def label(self) -> str:
+        """The module under the hub's names, unique in a contract: its hub path, with its slice of the
+        expert list where it shares that list with other modules."""
+        return (
+            f"{self.hub}[{self.expert_offset}:{self.expert_offset + self.num_experts}]" if self.shares_hub else self.hub
+        )
 
     def per_expert_key(self, expert: int, proj: str, leaf: str) -> str:
         """A per-expert tensor's name, for a module the hub stores fused."""
@@ -76,6 +88,11 @@ class ExpertsNaming:
             "layout": self.layout,
             "hub_fused": self.hub_fused,
             "projections": [p for _, into, _ in self.params for p in into],
+            **(
+                {"hub": self.hub, "hub_experts": [self.expert_offset, self.expert_offset + self.num_experts]}
+                if self.shares_hub
+                else {}
+            ),
         }
 
 
@@ -84,7 +101,7 @@ class NamingContract:
     """Every tensor name an export of one model holds (before quantization suffixes), and its experts."""
 
     names: dict[str, tuple[int, ...]]  # name -> unquantized shape
-    experts: dict[str, ExpertsNaming] = field(default_factory=dict)  # by hub path
+    experts: dict[str, ExpertsNaming] = field(default_factory=dict)  # by label (the hub path)
     model: nn.Module | None = field(default=None, repr=False)  # the fused model it was computed from
     #: Names an export may leave out: hub rows of experts past the expert count that the forward never
     #: reads (LongCat's zero experts); quantized exports drop them, unquantized ones keep them.
@@ -149,14 +166,14 @@ class NamingContract:
         keys = set(keys)
         names = dict(self.names)
         experts = dict(self.experts)
-        for hub, e in self.experts.items():
+        for label, e in self.experts.items():
             if e.hub_fused_names and any(k in keys for k, _ in e.hub_fused_names):
                 for n in e.names:
                     names.pop(n, None)
                 names.update(dict(e.hub_fused_names))
                 fused = tuple(k for k, _ in e.hub_fused_names)
-                biases = {f"{hub}.{b}" for _, _, b in e.params if b}
-                experts[hub] = replace(
+                biases = {f"{e.hub}.{b}" for _, _, b in e.params if b}
+                experts[label] = replace(
                     e,
                     layout="fused",
                     names=fused,
@@ -187,14 +204,20 @@ class NamingContract:
         return _HASH.sub(lambda _: next(it), result)
 
     def per_expert_hub_key(self, key: str) -> str | None:
-        """An in-memory per-expert key (``{module}.{E}.{proj}.{leaf}``) of a module the hub stores per
-        expert, under the hub's names (``block_sparse_moe.experts.E.w1.weight``: transformers cannot
-        reverse one key of a converter that merges many); None for any other key."""
+        """An in-memory per-expert key (``{module}.{E}.{proj}.{leaf}``) under the hub's names: for a
+        module the hub stores per expert, its own (``block_sparse_moe.experts.E.w1.weight``: transformers
+        cannot reverse one key of a converter that merges many); for one it stores fused,
+        ``{hub}.{E}.{proj}.{leaf}`` (renames meant for other modules must not touch it: HY-V4 VL's
+        ``gate_proj``). None for any other key."""
         m = _IN_MEMORY_EXPERT.match(key)
         for e in self.experts.values() if m else ():
-            proj = dict(e.hub_projections).get(m.group(3)) if e.module == m.group(1) else None
+            if e.module != m.group(1):
+                continue
+            if e.hub_fused and e.layout == "per_expert" and any(m.group(3) in into for _, into, _ in e.params):
+                return e.per_expert_key(int(m.group(2)), m.group(3), m.group(4))
+            proj = dict(e.hub_projections).get(m.group(3))
             if proj is not None:
-                return f"{e.hub}.{m.group(2)}.{proj}.{m.group(4)}"
+                return f"{e.hub}.{int(m.group(2)) + e.expert_offset}.{proj}.{m.group(4)}"
         return None
 
     def _hub_template(self, key: str, numbers: list[str]) -> str | None:
@@ -264,6 +287,7 @@ def build_contract(model: nn.Module, specs: Iterable[Spec]) -> NamingContract:
         n = resolve_dims(module, spec, path)["num_experts"]
         probe = next(iter(_revert(model, {f"{path}.{_PROBE}": torch.empty(0, device="meta")})))
         hub = probe[: -len(_PROBE) - 1] if probe.endswith("." + _PROBE) else path
+        offset, shared = 0, False
         fused_keys: list[str] = []
         fused_shapes: dict[str, tuple[int, ...]] = {}
         hub_expert_keys: list[str] = []
@@ -274,7 +298,11 @@ def build_contract(model: nn.Module, specs: Iterable[Spec]) -> NamingContract:
             for leaf in (p.name, p.bias):
                 if leaf is None:
                     continue
-                reverted = _revert(model, {f"{path}.{leaf}": state[leaf]})
+                try:
+                    reverted = _revert(model, {f"{path}.{leaf}": state[leaf]})
+                except Exception as error:  # noqa: BLE001 - a converter that spans modules: revert them together
+                    reverted, hub, offset = _revert_shared(model, by_target, path, leaf, names, error)
+                    shared = True
                 if all(t.dim() == state[leaf].dim() for t in reverted.values()):
                     # fused in the hub too: renamed, transposed, or split into one tensor per projection
                     fused_keys.extend(reverted)
@@ -290,7 +318,7 @@ def build_contract(model: nn.Module, specs: Iterable[Spec]) -> NamingContract:
                         k
                         for k in reverted
                         if (m := _EXPERT_INDEX.match(k[len(hub) + 1 :] if k.startswith(hub + ".") else ""))
-                        and int(m.group(1)) >= n
+                        and int(m.group(1)) - offset >= n
                     )
         hub_fused = bool(fused_keys)
         own: list[str]
@@ -314,7 +342,7 @@ def build_contract(model: nn.Module, specs: Iterable[Spec]) -> NamingContract:
         biases = {f"{hub}.{p.bias}" for p in spec.params if p.bias}
         weights = tuple(k for k in own if not k.endswith(".bias") and k not in biases and k not in optional)
         alternative = tuple(fused_shapes.items()) if hub_fused and spec.export_layout == "per_expert" else ()
-        contract.experts[hub] = ExpertsNaming(
+        naming = ExpertsNaming(
             path,
             hub,
             spec.arch,
@@ -326,10 +354,68 @@ def build_contract(model: nn.Module, specs: Iterable[Spec]) -> NamingContract:
             weights,
             alternative,
             hub_projections=tuple(hub_projections.items()) if not hub_fused else (),
+            expert_offset=offset,
+            shares_hub=shared,
         )
+        contract.experts[naming.label] = naming
     contract.names = {k: v for k, v in names.items() if k not in drop} | add
     contract.optional = frozenset(optional)
     return contract
+
+
+def _revert_shared(
+    model: nn.Module,
+    by_target: Mapping[str, tuple[Spec, nn.Module]],
+    path: str,
+    leaf: str,
+    names: Mapping[str, tuple[int, ...]],
+    error: Exception,
+) -> tuple[dict, str, int]:
+    """The hub tensors of ``{path}.{leaf}`` where transformers reverts it only together with the
+    same leaf of the other experts modules of its decoder layer (Ernie 4.5 VL's converter splits the
+    hub's one expert list into text and vision experts): ``(hub key -> meta tensor, the hub's experts
+    path, this module's first index in its expert list)``. Each module's experts are tagged by value
+    and reverted at width 1 past the first two dims (the converters stack, split and concatenate
+    there), so the hub keys each expert lands in are read off the result. Raises ``error`` (the
+    single-module revert's) when that does not name every tensor as one expert of one module."""
+    import torch
+
+    first = _DIGITS.search(path)
+    layer = path[: first.end()] + "." if first else ""
+    group = [
+        p for p, (_, m) in by_target.items() if p.startswith(layer) and isinstance(getattr(m, leaf, None), torch.Tensor)
+    ]
+    width = 1 << 20  # tag = module index * width + expert index
+    inputs = {}
+    for j, p in enumerate(group):
+        t = getattr(by_target[p][1], leaf)
+        if t.dim() < 2:
+            raise error
+        tag = (
+            torch.arange(t.shape[0], dtype=torch.float64, device="cpu") + j * width
+        )  # real values under a meta default device
+        inputs[f"{p}.{leaf}"] = (
+            tag.view(-1, *([1] * (t.dim() - 1))).expand(*t.shape[:2], *([1] * (t.dim() - 2))).clone()
+        )
+    try:
+        reverted = _revert(model, inputs)
+    except Exception:  # noqa: BLE001 - not reversible together either: the single module's error says why
+        raise error from None
+    mine: dict[str, torch.Tensor] = {}
+    hubs, offsets = set(), set()
+    for key, t in reverted.items():
+        values = t.unique()
+        m = _IN_MEMORY_EXPERT.match(key)
+        if values.numel() != 1 or m is None or key not in names:
+            raise error
+        j, e = divmod(int(values.item()), width)
+        if group[j] == path:
+            mine[key] = torch.empty(names[key], device="meta")
+            hubs.add(m.group(1))
+            offsets.add(int(m.group(2)) - e)
+    if len(hubs) != 1 or len(offsets) != 1:
+        raise error
+    return mine, hubs.pop(), offsets.pop()
 
 
 def meta_model_from_config(config_dict: dict, path: str | None = None) -> nn.Module | None:

@@ -288,10 +288,10 @@ def _engine_cannot_load(engine: str) -> Callable[[Context], list[str]]:
         scaled = quantized_modules(ctx.ckpt.where)
         experts = ctx.contract.experts if ctx.contract else {}
         bad: dict[str, list[str]] = {}
-        for hub, e in sorted(experts.items()):
+        for label, e in sorted(experts.items()):
             why = get_spec(e.arch).experts_unquantized_for(engine)
-            if why and any(m == hub or m.startswith(hub + ".") for m in scaled):
-                bad.setdefault(why, []).append(hub)
+            if why and any(m == e.hub or m.startswith(e.hub + ".") for m in scaled):
+                bad.setdefault(why, []).append(label)
         for arch in sorted({e.arch for e in experts.values()}):
             globs, why = get_spec(arch).modules_unquantized_for(engine)
             for m in sorted(scaled):

@@ -305,3 +305,38 @@ def test_exaone_head_quantized_for_vllm_only(saved, tmp_path: Path) -> None:
     assert list(failed) == ["engine-loads"], str(report)
     assert failed["engine-loads"][0].startswith("lm_head unquantized (vllm 0.33.0: ")
     assert "exaone_moe.py:510-514" in failed["engine-loads"][0]
+
+
+@pytest.mark.arch("ernie4_5_vl_moe")
+def test_ernie_vl_text_and_vision_experts_share_the_hubs_expert_list(saved, tmp_path: Path) -> None:
+    """Ernie 4.5 VL keeps text experts 0..E-1 and vision experts E..2E-1 in one hub list
+    (``mlp.experts.N``), which transformers splits into text_moe and vision_moe: the contract gives each
+    module its slice, and each exported expert is the right expert's weight. FP8 rounds each element
+    within 2^-4 relative, so the right expert's relative error stays under 0.07; any other expert's, two
+    independent random tensors, is near sqrt(2)."""
+    installed_spec("ernie4_5_vl_moe")
+    labels = {e.label: e.expert_offset for e in _meta_contract("ernie4_5_vl_moe").experts.values()}
+    assert labels == {"model.layers.1.mlp.experts[0:4]": 0, "model.layers.1.mlp.experts[4:8]": 4}
+    source, out = saved("ernie4_5_vl_moe"), tmp_path / "out"
+    _quantize(source, out, "fp8")
+
+    def tensors(path: Path) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for f in path.glob("*.safetensors"):
+            with safe_open(f, "pt") as fh:
+                out.update((k, fh.get_tensor(k)) for k in fh.keys() if ".mlp.experts." in k)
+        return out
+
+    hub, exported = tensors(source), tensors(out)
+    prefix = "model.layers.1.mlp.experts"
+    for e in range(8):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            key = f"{prefix}.{e}.{proj}.weight"
+            got = exported[key].float() * exported[f"{prefix}.{e}.{proj}.weight_scale"].float()
+            for other in range(8):
+                want = hub[f"{prefix}.{other}.{proj}.weight"].float()
+                if want.shape != got.shape:
+                    assert (other < 4) != (e < 4), key  # text and vision experts differ in width
+                    continue
+                error = ((got - want).norm() / want.norm()).item()
+                assert error < 0.07 if other == e else error > 0.5, (key, other, error)
