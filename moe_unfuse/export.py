@@ -52,11 +52,11 @@ from .checkpoint import (
     quantized_modules,
     shard_files,
 )
-from .default_plugins.modelopt_backend import install_export_handlers
 from .errors import MoeUnfuseError, first_line
 from .experts import unfuse_state
 from .layout import Narrow
 from .naming import ExpertsNaming, NamingContract, model_contract
+from .plugins import registry
 from .spec import Spec
 from .streaming import has_split_rules, streaming_export
 from .verify import Checkpoint, verify_checkpoint
@@ -898,7 +898,7 @@ def _export_locked(
 ) -> tuple[ExportResult, Any]:
     from modelopt.torch.export import export_hf_checkpoint
 
-    install_export_handlers()
+    registry().backends["modelopt"].prepare_export()
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]  # modelopt's export needs it
     staging = out.with_name(out.name + ".partial")

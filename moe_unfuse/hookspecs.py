@@ -3,7 +3,8 @@
 Each hook receives a ``register`` callable and calls it once per thing it contributes, as in
 simonw/llm. Built-in features use the same hooks (see ``moe_unfuse.default_plugins``); third-party
 packages add theirs through the ``moe_unfuse`` entry-point group. Registering a name twice is an
-error naming both contributors, so one plugin cannot silently shadow another.
+error naming both contributors, so one plugin cannot silently shadow another. What an implementation
+may import from moe_unfuse is :mod:`moe_unfuse.plugin`, and the built-in plugins import nothing else.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def register_activations(register: Callable) -> None:
 
 @hookspec
 def register_gates(register: Callable) -> None:
-    """Contribute gating kinds: ``register(kind, gate)`` with a :class:`moe_unfuse.kinds.GateKind`.
+    """Contribute gating kinds: ``register(kind, gate)`` with a :class:`moe_unfuse.plugin.GateKind`.
 
     Contract: ``gate.build(module, cfg, act, split)`` runs once per experts module at unfuse time
     (``cfg`` is the spec's ``gate`` mapping, ``act`` the resolved activation, ``split`` the
@@ -40,12 +41,13 @@ def register_gates(register: Callable) -> None:
 
 @hookspec
 def register_forwards(register: Callable) -> None:
-    """Contribute forward kinds: ``register(kind, forward)`` with a :class:`moe_unfuse.kinds.ForwardKind`.
+    """Contribute forward kinds: ``register(kind, forward)`` with a :class:`moe_unfuse.plugin.ForwardKind`.
 
     Contract: ``forward(module, *args, **kwargs)`` replaces the fused forward of an unfused experts
     module and must equal the original's (golden-tested); it reads the module through the public
-    API only: ``moe_unfuse.experts.unfuse_state(module)`` (spec, expert count, ``bind`` for the
-    arguments' roles, ``extra["forward"]`` from ``prepare``) and ``module[e]`` for expert ``e``.
+    API only: ``moe_unfuse.plugin.unfuse_state(module)`` (spec, expert count, ``bind`` for the
+    arguments' roles, ``extra["forward"]`` from ``prepare``), ``resolve_dims`` for the spec's sizes,
+    and ``module[e]`` for expert ``e``.
     The declared ``roles`` and ``options`` are checked when a spec loads."""
 
 
@@ -54,9 +56,11 @@ def register_backends(register: Callable) -> None:
     """Contribute quantizer backends: ``register(name, backend)``.
 
     Contract: ``backend.register(spec)`` makes the quantizer convert ``spec``'s class into
-    per-expert quantized linears (unfusing through ``moe_unfuse.unfuse`` or the plan/apply steps),
-    is idempotent for the same spec, replaces an earlier registration of an edited spec, and raises
-    :class:`~moe_unfuse.errors.SpecError` when the class is not installed."""
+    per-expert quantized linears (unfusing through ``moe_unfuse.unfuse`` or
+    ``moe_unfuse.plugin.build_plan`` / ``apply_plan``), is idempotent for the same spec, replaces an
+    earlier registration of an edited spec, and raises :class:`~moe_unfuse.plugin.SpecError` when the
+    class is not installed. The ``modelopt`` backend also has ``prepare_export()``, which the export
+    calls before modelopt's ``export_hf_checkpoint`` writes unfused experts."""
 
 
 @hookspec

@@ -1,20 +1,29 @@
-"""The package's dependencies run one way: no import cycle, counting imports inside functions; and a
-quantize job matches the model against the spec catalog once."""
+"""The package's dependencies run one way: no import cycle, counting imports inside functions and
+imports by string (one declared exception: the plugin manager loads the default plugins by name); the
+default plugins use only the public plugin API; and a quantize job matches the model against the spec
+catalog once."""
 
 from __future__ import annotations
 
 import ast
 from collections import Counter
 from pathlib import Path
+from typing import Iterable
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "moe_unfuse"
 
 
-def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
+#: The one import by string a cycle may run through: the plugin manager (``plugins.manager``) loads
+#: the default plugins by name on first use, and they use the API the rest of the package gives them.
+DECLARED_EXCEPTION = ("moe_unfuse.plugins", "moe_unfuse.default_plugins.")
+
+
+def import_graph(root: Path = PACKAGE, strings: bool = True) -> dict[str, set[str]]:
     """module -> the package modules it imports, at any depth of its body (functions included;
-    ``TYPE_CHECKING`` blocks too, which only makes the check stricter)."""
+    ``TYPE_CHECKING`` blocks too, which only makes the check stricter), and with ``strings`` the ones it
+    imports by name (:func:`string_imports`)."""
     modules = {}
     for f in root.rglob("*.py"):
         name = ".".join(f.relative_to(root.parent).with_suffix("").parts)
@@ -36,7 +45,35 @@ def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
             else:
                 continue
             graph[name].update(t for t in targets if t in modules and t != name)
+        if strings:
+            graph[name].update(string_imports(ast.parse(f.read_text()), name, package, modules))
     return graph
+
+
+def string_imports(tree: ast.AST, name: str, package: str, modules: Iterable[str]) -> set[str]:
+    """Package modules a module names to import them by string: a dotted module name in a string
+    constant (the plugin manager's default plugins), and for each ``import_module(f"PREFIX{...}")``
+    every string constant that completes the prefix to a module (a table of lazily imported names:
+    the package root's, ``moe_unfuse.plugin``'s, the CLI's commands)."""
+    modules = set(modules)
+    consts = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    found = {c for c in consts if "." in c and c in modules}
+    for node in ast.walk(tree):
+        func = node.func if isinstance(node, ast.Call) else None
+        if getattr(func, "attr", getattr(func, "id", None)) != "import_module" or not node.args:
+            continue
+        arg, prefix = node.args[0], ""
+        for part in arg.values if isinstance(arg, ast.JoinedStr) else ():
+            if isinstance(part, ast.Constant):
+                prefix += part.value
+            elif isinstance(part.value, ast.Name) and part.value.id in ("__package__", "__name__"):
+                prefix += package
+            else:
+                break
+        if prefix.startswith("."):
+            prefix = package + prefix
+        found.update(prefix + c for c in consts if prefix and prefix + c in modules)
+    return found - {name}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -71,13 +108,20 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def test_no_import_cycle_counting_function_level_imports() -> None:
+def test_no_import_cycle_counting_function_level_and_string_imports() -> None:
     graph = import_graph()
     assert len(graph) > 30 and graph["moe_unfuse.unfusing"] >= {
         "moe_unfuse.plan",
         "moe_unfuse.experts",
         "moe_unfuse.drift",
     }
+    assert "moe_unfuse.commands.quantize" in graph["moe_unfuse.cli"]  # by string, counted
+    assert "moe_unfuse.plan" in graph["moe_unfuse.plugin"]  # its lazy table
+    importer, prefix = DECLARED_EXCEPTION
+    loaded = {m for m in graph[importer] if m.startswith(prefix)}
+    assert len(loaded) >= 7
+    assert [len(c) for c in cycles(graph)] != [], "the declared exception closes a cycle: it must be seen"
+    graph[importer] -= loaded
     assert cycles(graph) == []
 
 
@@ -88,6 +132,29 @@ def test_the_checker_sees_a_cycle(tmp_path: Path) -> None:
     (pkg / "a.py").write_text("def f():\n    from .b import g\n")
     (pkg / "b.py").write_text("from . import a\n")
     assert cycles(import_graph(pkg)) == [["pkg.a", "pkg.b"]]
+
+
+def test_the_checker_sees_a_cycle_through_a_string_import(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text(
+        "import importlib\nNAMES = ('b',)\ndef f(n):\n    return importlib.import_module(f'pkg.{n}')\n"
+    )
+    (pkg / "b.py").write_text("from . import a\n")
+    assert cycles(import_graph(pkg, strings=False)) == []
+    assert cycles(import_graph(pkg)) == [["pkg.a", "pkg.b"]]
+
+
+def test_default_plugins_use_only_the_public_plugin_api() -> None:
+    """A built-in plugin is an example to copy: it may import from moe_unfuse only what a third-party
+    plugin can, ``moe_unfuse.plugin``."""
+    graph = import_graph(strings=False)
+    plugins = {m: deps for m, deps in graph.items() if m.startswith("moe_unfuse.default_plugins.")}
+    assert len(plugins) >= 7
+    assert {
+        m: sorted(deps - {"moe_unfuse.plugin"}) for m, deps in plugins.items() if deps - {"moe_unfuse.plugin"}
+    } == {}
 
 
 def test_layers_run_down() -> None:

@@ -196,3 +196,43 @@ def test_builtin_specs_prefer_the_installed_package_data(tmp_path, monkeypatch) 
         builtin_specs.builtin_spec_dir().name == "specs"
         and (builtin_specs.builtin_spec_dir() / "gemma4.yaml").is_file()
     )
+
+
+@pytest.mark.arch("jetmoe")
+def test_contributing_forward_kind_example_is_exact(mutated_spec, registered_plugin):
+    """CONTRIBUTING's worked forward kind, run as a plugin: it imports only ``moe_unfuse.plugin`` and
+    its unfused JetMoE forward equals the original's bit for bit (same per-expert GEMMs on views)."""
+    import types
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "CONTRIBUTING.md").read_text()
+    code = text.split("less its empty-input case):\n\n```python\n", 1)[1].split("```", 1)[0]
+    assert "from moe_unfuse.plugin import" in code and "moe_unfuse." not in code.replace("moe_unfuse.plugin", "")
+    example = types.ModuleType("contributing_example")
+    exec(compile(code, "CONTRIBUTING.md", "exec"), example.__dict__)  # noqa: S102 - our own documentation
+    registered_plugin(example, name="contributing-example")
+    spec = mutated_spec.load("jetmoe", lambda r: r["forward"].update(kind="my_expert_bank"))
+    module = golden.build_experts(spec)
+    x = torch.randn(10, 64, generator=torch.Generator().manual_seed(0))
+    sizes = [3, 0, 5, 2]
+    with torch.no_grad():
+        want = module(x, sizes)
+        moe_unfuse.unfuse(module, spec)
+        got = module(x, sizes)
+    assert torch.equal(got, want)
+
+
+def test_public_plugin_api_names_resolve_lazily():
+    """Every name ``moe_unfuse.plugin`` lists resolves; ``hookimpl`` alone costs no torch import
+    (a spec-folder plugin, and ``moe-unfuse list``, stay light)."""
+    import subprocess
+    import sys
+
+    import moe_unfuse.plugin as api
+
+    assert all(getattr(api, name) is not None for name in api.__all__)
+    code = "import sys; from moe_unfuse.plugin import hookimpl; print('torch' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers.activations import ACT2CLS, ACT2FN
 
-from ..hookspecs import hookimpl
+from ..plugin import hookimpl
 
 
 def _factory(name: str):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from ..hookspecs import hookimpl
+from ..plugin import hookimpl
 
 
 def builtin_spec_dir() -> Path:

@@ -12,8 +12,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..hookspecs import hookimpl
-from ..kinds import GateKind, resolve_value
+from ..plugin import GateKind, hookimpl, resolve_value
 
 _LIMIT = "clamp bound: gate to (-inf, limit], up to [-limit, limit]"
 

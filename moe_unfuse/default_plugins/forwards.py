@@ -19,10 +19,7 @@ from typing import Any
 
 import torch
 
-from ..experts import post_expert_norm, stack_packed, unfuse_state
-from ..hookspecs import hookimpl
-from ..kinds import ForwardKind
-from ..plan import resolve_dims
+from ..plugin import ForwardKind, hookimpl, post_expert_norm, resolve_dims, stack_packed, unfuse_state
 
 
 def _experts(module) -> list:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..hookspecs import hookimpl
-from ..kinds import GateKind
+from ..plugin import GateKind, hookimpl
 
 
 def glu(module, cfg, act, split):

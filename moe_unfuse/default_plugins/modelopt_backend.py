@@ -19,13 +19,18 @@ from __future__ import annotations
 
 from torch import nn
 
-from .. import fastquant
-from ..errors import SpecError
-from ..experts import LinearExact, UnfusedExpertsMixin, unfuse_state
-from ..hookspecs import hookimpl
-from ..memory import release_free_memory
-from ..plan import build_plan
-from ..unfusing import apply_plan
+from ..plugin import (
+    LinearExact,
+    SpecError,
+    UnfusedExpertsMixin,
+    apply_plan,
+    build_plan,
+    convert_linears,
+    hookimpl,
+    install_fast_conversion,
+    release_free_memory,
+    unfuse_state,
+)
 
 KEY_PREFIX = "moe_unfuse."
 
@@ -43,7 +48,7 @@ class ModeloptBackend:
         def _setup(self) -> None:
             apply_plan(build_plan(self, spec, type(self).__name__), swap_class=False)
             # converted here in bulk; modelopt's recursive replacement then finds them converted
-            fastquant.convert_linears([m for expert in self for m in expert.modules() if isinstance(m, nn.Linear)])
+            convert_linears([m for expert in self for m in expert.modules() if isinstance(m, nn.Linear)])
 
         return type(
             f"_QuantUnfused{spec.class_name}",
@@ -62,13 +67,18 @@ class ModeloptBackend:
         if LinearExact not in QuantModuleRegistry._registry:
             QuantModuleRegistry.register({LinearExact: f"{KEY_PREFIX}LinearExact"})(_QuantLinear)
 
+    @staticmethod
+    def prepare_export() -> None:
+        """Make modelopt's export write unfused experts (its export registries; idempotent)."""
+        install_export_handlers()
+
     def register(self, spec) -> type:
         """Register ``spec``'s class with modelopt; harmless when already registered by us."""
         from modelopt.torch.quantization.nn import QuantModuleRegistry
 
         self._register_linear_exact()
         install_export_handlers()
-        fastquant.install_plugin()
+        install_fast_conversion()
         cls = spec.resolve_class()
         if cls is None:
             raise SpecError(

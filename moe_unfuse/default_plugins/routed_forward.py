@@ -13,12 +13,7 @@ from typing import Any
 
 import torch
 
-from ..errors import SpecError
-from ..experts import post_expert_norm, unfuse_state
-from ..hookspecs import hookimpl
-from ..kinds import ForwardKind
-from ..plan import resolve_dims
-from ..spec import eval_shape_expr
+from ..plugin import ForwardKind, SpecError, eval_shape_expr, hookimpl, post_expert_norm, resolve_dims, unfuse_state
 
 _ACCUMULATE = ("input", "float32", "top_k_weights")
 

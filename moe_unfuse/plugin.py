@@ -1,0 +1,90 @@
+"""What a plugin may import from moe_unfuse: the one public API for hook implementations.
+
+A plugin implements hooks from :mod:`moe_unfuse.hookspecs` (each hook's contract is its docstring)
+and imports from moe_unfuse only what is here. The built-in features in ``moe_unfuse.default_plugins``
+are held to the same rule (``tests/test_architecture.py`` fails if one imports anything else from the
+package), so each of them is an example a third-party plugin can copy line for line:
+
+- every plugin: :data:`hookimpl`, and :class:`SpecError` for a spec the plugin cannot serve;
+- gate kinds (``register_gates``): :class:`GateKind`, :func:`resolve_value` for a spec value given as a
+  literal, ``{attribute: NAME}`` or ``{config: NAME}``;
+- forward kinds (``register_forwards``): :class:`ForwardKind`, :func:`unfuse_state` (the unfused
+  module's spec, expert count, argument binding and prepared options), :func:`resolve_dims` and
+  :func:`eval_shape_expr` (the spec's sizes), :func:`post_expert_norm`, :func:`stack_packed`;
+- quantizer backends (``register_backends``): :func:`build_plan` and :func:`apply_plan` (unfuse a module
+  in place, the class kept), :class:`UnfusedExpertsMixin` (the unfused module's base, for a quantizer's
+  dynamic class), :class:`LinearExact` (per-expert linears that repeat the original's numerics),
+  :func:`release_free_memory`; for modelopt, :func:`convert_linears` and :func:`install_fast_conversion`
+  (the bulk ``QuantLinear`` conversion, :mod:`moe_unfuse.fastquant`).
+
+Each name is imported from its defining module on first use, as the package root does, so a plugin
+that needs only :data:`hookimpl` (a spec folder) costs no torch import: ``moe-unfuse list`` stays fast.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .errors import SpecError
+    from .experts import LinearExact, UnfusedExpertsMixin, post_expert_norm, stack_packed, unfuse_state
+    from .fastquant import convert_linears
+    from .fastquant import install_plugin as install_fast_conversion
+    from .hookspecs import hookimpl
+    from .kinds import ForwardKind, GateKind, resolve_value
+    from .memory import release_free_memory
+    from .plan import build_plan, resolve_dims
+    from .spec import eval_shape_expr
+    from .unfusing import apply_plan
+
+#: Public name -> (defining module, its name there).
+_API = {
+    "hookimpl": ("hookspecs", "hookimpl"),
+    "SpecError": ("errors", "SpecError"),
+    "GateKind": ("kinds", "GateKind"),
+    "ForwardKind": ("kinds", "ForwardKind"),
+    "resolve_value": ("kinds", "resolve_value"),
+    "unfuse_state": ("experts", "unfuse_state"),
+    "post_expert_norm": ("experts", "post_expert_norm"),
+    "stack_packed": ("experts", "stack_packed"),
+    "LinearExact": ("experts", "LinearExact"),
+    "UnfusedExpertsMixin": ("experts", "UnfusedExpertsMixin"),
+    "resolve_dims": ("plan", "resolve_dims"),
+    "build_plan": ("plan", "build_plan"),
+    "eval_shape_expr": ("spec", "eval_shape_expr"),
+    "apply_plan": ("unfusing", "apply_plan"),
+    "release_free_memory": ("memory", "release_free_memory"),
+    "convert_linears": ("fastquant", "convert_linears"),
+    "install_fast_conversion": ("fastquant", "install_plugin"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = _API[name]
+    value = getattr(import_module(f"{__package__}.{module}"), attr)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "ForwardKind",
+    "GateKind",
+    "LinearExact",
+    "SpecError",
+    "UnfusedExpertsMixin",
+    "apply_plan",
+    "build_plan",
+    "convert_linears",
+    "eval_shape_expr",
+    "hookimpl",
+    "install_fast_conversion",
+    "post_expert_norm",
+    "release_free_memory",
+    "resolve_dims",
+    "resolve_value",
+    "stack_packed",
+    "unfuse_state",
+]
