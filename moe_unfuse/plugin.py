@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .errors import SpecError
     from .experts import LinearExact, UnfusedExpertsMixin, post_expert_norm, stack_packed, unfuse_state
-    from .fastquant import convert_linears
     from .fastquant import install_plugin as install_fast_conversion
     from .hookspecs import hookimpl
     from .kinds import ForwardKind, GateKind, resolve_value
@@ -55,9 +54,17 @@ _API = {
     "eval_shape_expr": ("spec", "eval_shape_expr"),
     "apply_plan": ("unfusing", "apply_plan"),
     "release_free_memory": ("memory", "release_free_memory"),
-    "convert_linears": ("fastquant", "convert_linears"),
     "install_fast_conversion": ("fastquant", "install_plugin"),
 }
+
+
+def convert_linears(linears: list) -> int:
+    """modelopt's ``QuantLinear`` conversion of per-expert linears in bulk
+    (:func:`moe_unfuse.fastquant.convert_linears`), looked up on each call, so that
+    ``fastquant.disabled()`` and a test's patch of it apply to the backend too."""
+    from . import fastquant
+
+    return fastquant.convert_linears(linears)
 
 
 def __getattr__(name: str) -> Any:
