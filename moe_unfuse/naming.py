@@ -391,12 +391,10 @@ def _revert_shared(
         t = getattr(by_target[p][1], leaf)
         if t.dim() < 2:
             raise error
-        tag = (
-            torch.arange(t.shape[0], dtype=torch.float64, device="cpu") + j * width
-        )  # real values under a meta default device
-        inputs[f"{p}.{leaf}"] = (
-            tag.view(-1, *([1] * (t.dim() - 1))).expand(*t.shape[:2], *([1] * (t.dim() - 2))).clone()
-        )
+        # real values, on the CPU even under a meta default device
+        tag = torch.arange(t.shape[0], dtype=torch.float64, device="cpu") + j * width
+        shape = (*t.shape[:2], *([1] * (t.dim() - 2)))
+        inputs[f"{p}.{leaf}"] = tag.view(-1, *([1] * (t.dim() - 1))).expand(shape).clone()
     try:
         reverted = _revert(model, inputs)
     except Exception:  # noqa: BLE001 - not reversible together either: the single module's error says why
