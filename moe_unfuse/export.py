@@ -28,6 +28,7 @@ import ctypes
 import fcntl
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -55,7 +56,7 @@ from .checkpoint import (
 from .errors import MoeUnfuseError, first_line
 from .experts import unfuse_state
 from .layout import Narrow
-from .naming import ExpertsNaming, NamingContract, model_contract
+from .naming import ExpertsNaming, NamingContract, model_contract, unplaced_source_keys
 from .plugins import registry
 from .spec import Spec
 from .streaming import has_split_rules, streaming_export
@@ -352,11 +353,15 @@ def exclude_pattern(module: str) -> str:
     return f"{module}*"
 
 
+#: A module under one expert of an experts module: ``a.experts.3.up_proj`` (group 1: ``a.experts``).
+_EXPERT_ROW = re.compile(r"^(.*\.experts)\.\d+(\.|$)")
+
+
 def _collapse_expert_names(names: Iterable[str]) -> list[str]:
     """``a.experts.3.up_proj`` ... -> ``a.experts*`` so a whole excluded layer is one entry."""
     out: list[str] = []
     for n in sorted(set(names)):
-        m = re.match(r"^(.*\.experts)\.\d+(\.|$)", n)
+        m = _EXPERT_ROW.match(n)
         entry = exclude_pattern(m.group(1)) if m else n
         if entry not in out:
             out.append(entry)
@@ -506,7 +511,9 @@ def postprocess_checkpoint(
         hubs = [n[: -len(".weight")] for n in pieces if n.endswith(".weight") and contract.base(n) is not None]
         return hubs or [name]
 
-    exclusions = _fix_exclusions(path, renames, fused_back, new_map, unquantized_fused, hub_modules)
+    carried = {k.rsplit(".", 1)[0] for k in (contract.carried if contract else ())}
+    carried = {m.group(1) if (m := _EXPERT_ROW.match(n)) else n for n in carried}  # an MTP head's experts: one entry
+    exclusions = _fix_exclusions(path, renames, fused_back, new_map, [*unquantized_fused, *carried], hub_modules)
     return renamed, fused_back, exclusions, restored
 
 
@@ -551,6 +558,72 @@ def keep_source_config(path: Path, source: Path) -> None:
 #: The decoder layer (or other numbered block) a key belongs to: the tensors one conversion rule
 #: reverses together all lie under it.
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
+
+
+#: Bytes per shard of carried source tensors (an MTP head can be tens of GB: never all in memory).
+CARRY_SHARD_BYTES = 2 * 1024**3
+
+
+def carry_source_tensors(path: Path, source: Path, contract: NamingContract) -> list[str]:
+    """Copy into the export at ``path`` every tensor of the ``source`` checkpoint the model places
+    nowhere (:func:`~moe_unfuse.naming.unplaced_source_keys`: a hub's MTP head, AXK1's dense-layer
+    ``post_mlp_layernorm``), as it is, unless the export holds it already (modelopt 0.48 carries them
+    itself; 0.47 does not) or it belongs to an experts module. Written into ``model-carried-N.safetensors``
+    shards listed in the index (made when the export had none). Returns every carried name the export
+    now holds, for ``moe_unfuse.json``, where ``verify`` reads which names a checkpoint carries."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if contract.model is None or not any(source.glob("*.safetensors")):
+        return []
+    have = Checkpoint(source)
+    unplaced = [k for k in unplaced_source_keys(contract.model, have.where) if not contract.expert_owned(k)]
+    files, weight_map = shard_files(path)
+    if weight_map is None:
+        weight_map = {}
+        for f in files:
+            with safe_open(f, "pt") as fh:
+                weight_map.update(dict.fromkeys(fh.keys(), f.name))
+    todo = [k for k in unplaced if k not in weight_map]
+    batches: list[list[str]] = [[]]
+    size = 0
+    for k in todo:
+        n = math.prod(have.shape[k]) * _DTYPE_BYTES.get(have.dtype[k], 4)
+        if batches[-1] and size + n > CARRY_SHARD_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(k)
+        size += n
+    for i, keys in enumerate(b for b in batches if b):
+        name = f"model-carried-{i + 1:05d}.safetensors"
+        tensors = {}
+        for k in keys:
+            with safe_open(have.where[k], "pt") as fh:
+                tensors[k] = fh.get_tensor(k)
+        save_file(tensors, str(path / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, name))
+    if todo:
+        total = sum(f.stat().st_size for f in {path / n for n in weight_map.values()})
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return sorted(k for k in unplaced if k in weight_map)
+
+
+#: safetensors dtype name -> bytes per element (sizes the carried shards).
+_DTYPE_BYTES = {
+    "F64": 8,
+    "I64": 8,
+    "F32": 4,
+    "I32": 4,
+    "BF16": 2,
+    "F16": 2,
+    "I16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U8": 1,
+    "I8": 1,
+    "BOOL": 1,
+}
 
 
 def _to_hub_names(
@@ -642,12 +715,14 @@ def _fix_exclusions(
     renames: Sequence[tuple[re.Pattern, str]],
     fused_back: Sequence[str],
     keys: Iterable[str],
-    fused_modules: Iterable[str] = (),
+    unquantized: Iterable[str] = (),
     hub_modules: Callable[[str], list[str]] = lambda m: [m],
 ) -> list[str]:
     """Rename the exclude list, write each entry in a form every engine matches, and add what must be
-    excluded but is not: fused back experts, fused expert tensors left unquantized (``--allow-uncovered``),
-    lm_head (unless quantized), and every module :func:`must_exclude` finds. Writes both configs; returns the entries added."""
+    excluded but is not: fused back experts, ``unquantized`` modules (fused expert tensors left
+    unquantized by ``--allow-uncovered``, tensors carried from the source: an MTP head an engine would
+    otherwise build quantized), lm_head (unless quantized), and every module :func:`must_exclude`
+    finds. Writes both configs; returns the entries added."""
     hf_path, cfg_path = path / "hf_quant_config.json", path / "config.json"
     if not hf_path.is_file():
         return []  # not quantized: nothing is excluded from anything
@@ -662,7 +737,7 @@ def _fix_exclusions(
                 n = n[:-2] + "*"
             if n not in final:
                 final.append(n)
-    for name in [*fused_back, *sorted(fused_modules)]:
+    for name in [*fused_back, *sorted(unquantized)]:
         if not excluded(name, final):
             final.append(exclude_pattern(name))
     keys = set(keys)
@@ -739,11 +814,9 @@ def _no_carried_expert_sources(contract: NamingContract) -> Iterator[None]:
     if original is None:
         yield
         return
-    prefixes = tuple(f"{e.hub}." for e in contract.experts.values())
-    owned = {n for e in contract.experts.values() for n in (*e.names, *(k for k, _ in e.hub_fused_names))}
 
     def unplaced_keys_for(model: nn.Module, ckpt: Any) -> list[str]:
-        return [k for k in original(model, ckpt) if k not in owned and not k.startswith(prefixes)]
+        return [k for k in original(model, ckpt) if not contract.expert_owned(k)]
 
     exporter.unplaced_keys_for = unplaced_keys_for
     try:
@@ -938,6 +1011,8 @@ def _export_locked(
             export_hf_checkpoint(model, export_dir=staging, **shards)
         step = "post-processing"
         dtypes = source_dtypes(source, contract) if source is not None else {}
+        carried = carry_source_tensors(staging, source, contract) if source is not None else []
+        contract.carried = frozenset(carried)
         renamed, fused_back, exclusions, restored = postprocess_checkpoint(
             staging, renames, targets, progress, contract, dtypes
         )
@@ -957,6 +1032,7 @@ def _export_locked(
                     for label, e in contract.experts.items()
                 },
                 "fused_back": fused_back,
+                "carried_from_source": carried,
                 "routing": routing.to_dict() if routing is not None else None,
                 "input_scale_fallbacks": [vars(f) for f in fallbacks],
             }

@@ -106,6 +106,9 @@ class NamingContract:
     #: Names an export may leave out: hub rows of experts past the expert count that the forward never
     #: reads (LongCat's zero experts); quantized exports drop them, unquantized ones keep them.
     optional: frozenset[str] = frozenset()
+    #: Tensors of the source checkpoint the model places nowhere, carried into the export as they are
+    #: (:func:`unplaced_source_keys`): names too, never quantized (a scale next to one is unknown).
+    carried: frozenset[str] = frozenset()
     _hub_templates: dict[str, str | None] = field(default_factory=dict, repr=False)
     #: in-memory Linear path -> (hub module, one to one): filled by :meth:`map_linears`.
     linear_hubs: dict[str, tuple[str, bool]] = field(default_factory=dict, repr=False)
@@ -148,7 +151,7 @@ class NamingContract:
 
     def base(self, key: str) -> str | None:
         """The contract name ``key`` belongs to: itself, or the weight a quantization key scales."""
-        if key in self.names:
+        if key in self.names or key in self.carried:
             return key
         for s in QUANT_SUFFIXES:
             if key.endswith("." + s) and (w := key[: -len(s) - 1] + ".weight") in self.names:
@@ -181,7 +184,14 @@ class NamingContract:
                     hub_fused_names=(),
                     fused_back=True,
                 )
-        return NamingContract(names, experts, self.model, self.optional, linear_hubs=self.linear_hubs)
+        return NamingContract(names, experts, self.model, self.optional, self.carried, linear_hubs=self.linear_hubs)
+
+    def expert_owned(self, key: str) -> bool:
+        """Whether ``key`` (a hub name) is a tensor of an experts module this contract names."""
+        return any(
+            key.startswith(e.hub + ".") or key in e.names or key in dict(e.hub_fused_names)
+            for e in self.experts.values()
+        )
 
     def hub_key(self, key: str) -> str:
         """``key`` under the hub's names: itself when the contract knows it, else its in-memory name
@@ -258,6 +268,40 @@ def _revert(model: nn.Module, state: Mapping) -> dict:
     from transformers.core_model_loading import revert_weight_conversion
 
     return revert_weight_conversion(model, dict(state))
+
+
+def unplaced_source_keys(model: nn.Module, keys: Iterable[str]) -> list[str]:
+    """The source checkpoint's ``keys`` that ``model`` (as transformers builds it; meta is fine) has no
+    parameter or buffer for, each resolved through the model's load-time conversion mapping as
+    transformers loads it: a hub's MTP head (DeepSeek-V3's ``model.layers.61``), AXK1's
+    ``post_mlp_layernorm`` of its dense layers. transformers drops them on load
+    (``_keys_to_ignore_on_load_unexpected``) and ``save_pretrained`` never writes them, though the
+    engines read them; modelopt 0.48 carries them into its export as they are."""
+    import re
+    from itertools import chain
+
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    legacy = dict(getattr(model, "_checkpoint_conversion_mapping", None) or {})
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    state = model.state_dict()
+    placed = {
+        n for n, _ in chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    }
+    prefix = getattr(model, "base_model_prefix", "") or None
+    unplaced = []
+    for key in keys:
+        if key in placed:
+            continue
+        renamed = key
+        for old, new in legacy.items():
+            renamed = re.sub(old, new, renamed)
+        if rename_source_key(renamed, renamings, converters, prefix, state)[0] not in placed:
+            unplaced.append(key)
+    return unplaced
 
 
 def hub_names(model: nn.Module) -> dict[str, tuple[int, ...]]:

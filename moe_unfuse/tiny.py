@@ -285,6 +285,27 @@ def save_hub_style(model: torch.nn.Module, path: Any, tokenizer: bool = True) ->
     return path
 
 
+def save_tiny_model(spec: Any, path: Any, tokenizer: bool = True) -> Any:
+    """``spec``'s whole tiny model saved as the hub has it (:func:`save_hub_style`), with the tensors
+    hub checkpoints hold that the model class drops on load (``golden.model.hub_only_tensors``: name ->
+    shape, seeded random values in the model's dtype): an export is tried on a source like the hub's,
+    which carries them (``export.carry_source_tensors``). Returns ``path``."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model_for(spec)
+    path = save_hub_style(model, path, tokenizer=tokenizer)
+    extra = spec.golden["model"].get("hub_only_tensors") or {}
+    if extra:
+        (shard,) = Path(path).glob("*.safetensors")  # a tiny model is one file
+        gen = torch.Generator().manual_seed(SEED)
+        dtype = next(model.parameters()).dtype
+        tensors = {k: (torch.randn(tuple(shape), generator=gen) * 0.02 + 1).to(dtype) for k, shape in extra.items()}
+        save_file({**load_file(shard), **tensors}, str(shard), metadata={"format": "pt"})
+    return path
+
+
 def write_gemma4_checkpoint(
     path: Any, layers: int, seed: int = SEED, dtype: torch.dtype = torch.bfloat16, **text_overrides: Any
 ) -> int:

@@ -6,8 +6,9 @@
 the offending keys:
 
 - ``hub-names``: every tensor is a name ``save_pretrained`` writes for the unquantized model (fused
-  experts expanded per the spec's export layout) or a quantization scale of one; every such name is
-  present; shapes and dtypes fit the format (NVFP4 packs two weights a byte, FP8 one);
+  experts expanded per the spec's export layout) or a quantization scale of one, or a source tensor the
+  model places nowhere that ``moe_unfuse.json`` lists as carried (``carried_from_source``; never with a
+  scale); every such name is present; shapes and dtypes fit the format (NVFP4 packs two weights a byte, FP8 one);
 - ``shards``: a sharded checkpoint's index lists exactly the tensors its files hold, inside the folder;
 - ``no-fused-experts``: no fused 3-D expert tensor is left in a quantized checkpoint unless the spec
   exports that module fused, or it is unquantized and excluded; never fused and per-expert weights of
@@ -430,6 +431,10 @@ def verify_checkpoint(
     quantized = algo is not None
     contract, why = _contract(ckpt, config, arch, metadata)
     contract = contract.for_keys(ckpt.where) if contract is not None else None
+    if (
+        contract is not None
+    ):  # source tensors the model places nowhere, carried as they are (export.carry_source_tensors)
+        contract.carried = frozenset(c for c in metadata.get("carried_from_source") or () if isinstance(c, str))
     keys = list(ckpt.where)
     ctx = Context(ckpt, contract, metadata, hf_quant, qc, algo, excludes)
 

@@ -128,11 +128,11 @@ def decorated_classes() -> tuple[str, ...]:
 
 def save_tiny(arch: str, path: Path) -> Path:
     """``arch``'s whole tiny model (the built-in one for gemma4) and the byte tokenizer, saved as a model
-    folder with config.json as the hub has it (:func:`moe_unfuse.tiny.save_hub_style`)."""
+    folder with config.json as the hub has it (:func:`moe_unfuse.tiny.save_tiny_model`)."""
     import moe_unfuse
-    from moe_unfuse.tiny import save_hub_style, tiny_gemma4, tiny_model_for
+    from moe_unfuse.tiny import save_hub_style, save_tiny_model, tiny_gemma4
 
-    return save_hub_style(tiny_gemma4() if arch == "gemma4" else tiny_model_for(moe_unfuse.get_spec(arch)), path)
+    return save_hub_style(tiny_gemma4(), path) if arch == "gemma4" else save_tiny_model(moe_unfuse.get_spec(arch), path)
 
 
 def checkpoint_tensors(path: Path) -> dict[str, Any]:

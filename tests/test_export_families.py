@@ -21,8 +21,8 @@ import moe_unfuse
 from moe_unfuse.checkpoint import SCALE_SUFFIXES, excluded, has_scale, quantized_modules
 from moe_unfuse.cli import main
 from moe_unfuse.export_table import KNOWN_EXPORT_GAPS
-from moe_unfuse.naming import NamingContract, build_contract
-from moe_unfuse.tiny import save_hub_style, tiny_model_for
+from moe_unfuse.naming import NamingContract, build_contract, hub_names, unplaced_source_keys
+from moe_unfuse.tiny import save_tiny_model, tiny_model_for
 
 ENGINES = ("vllm", "sglang", "trtllm")
 #: Every arch whose spec builds a whole tiny model (names and mappings read from the spec files; a
@@ -84,9 +84,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory):
 
     def get(arch: str) -> Path:
         if arch not in cache:
-            cache[arch] = save_hub_style(
-                tiny_model_for(moe_unfuse.get_spec(arch)), tmp_path_factory.mktemp(arch) / "model"
-            )
+            cache[arch] = save_tiny_model(moe_unfuse.get_spec(arch), tmp_path_factory.mktemp(arch) / "model")
         return cache[arch]
 
     return get
@@ -133,10 +131,13 @@ def test_quantized_export_has_hub_names_and_verifies_for_every_engine(
         else:  # quantized because vLLM builds them so; the other engines' rules keep them BF16
             failed = {c.name: c.keys for c in report.checks if not c.ok}
             assert failed == {"unquantized-excluded": [f"{m} (quantized; must stay unquantized)" for m in heads]}
-    # The names: what save_pretrained wrote, with fused hub tensors expanded per the spec's layout.
+    # The names: what save_pretrained wrote, with fused hub tensors expanded per the spec's layout, and
+    # the source tensors the model places nowhere (golden.model.hub_only_tensors), carried as they are.
     contract = _meta_contract(arch)
-    exported, hub = _keys(out), _keys(source)
-    bases = {contract.base(k) for k in exported}
+    contract.carried = frozenset(json.loads((out / "moe_unfuse.json").read_text())["carried_from_source"])
+    assert contract.carried == set(moe_unfuse.get_spec(arch).golden["model"].get("hub_only_tensors") or ())
+    exported, hub = _keys(out), _keys(source) - contract.carried
+    bases = {contract.base(k) for k in exported} - contract.carried
     assert set(contract.names) - contract.optional <= bases <= set(contract.names)
     expanded = {n for e in contract.experts.values() if e.hub_fused and e.layout == "per_expert" for n in e.names}
     replaced = hub - set(contract.names)
@@ -340,3 +341,55 @@ def test_ernie_vl_text_and_vision_experts_share_the_hubs_expert_list(saved, tmp_
                     continue
                 error = ((got - want).norm() / want.norm()).item()
                 assert error < 0.07 if other == e else error > 0.5, (key, other, error)
+
+
+@pytest.mark.parametrize("arch", [p for a in WHOLE_MODEL_SPECS for p in _params(a)])
+def test_every_name_save_pretrained_writes_is_placed(arch: str) -> None:
+    """No tensor of a checkpoint as transformers saves it counts as unplaced (it would be carried
+    twice): each resolves, through the load-time conversion mapping, to a parameter or buffer."""
+    installed_spec(arch)
+    spec = moe_unfuse.get_spec(arch)
+    with torch.device("meta"):
+        model = tiny_model_for(spec)
+    assert unplaced_source_keys(model, hub_names(model)) == []
+
+
+#: Tensors hub checkpoints hold that the model class places nowhere (transformers drops them on load):
+#: AXK1's post_mlp_layernorm of its dense layers (modeling_axk1.py: _keys_to_ignore_on_load_unexpected),
+#: a DeepSeek-V3 MTP head (the hub's model.layers.61, one past the last decoder layer).
+CARRIED = {
+    "axk1": {"model.layers.0.post_mlp_layernorm.weight": (64,)},
+    "deepseek_v3": {"model.layers.2.enorm.weight": (64,), "model.layers.2.eh_proj.weight": (64, 128)},
+}
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.arch(a)) for a in CARRIED])
+def test_source_tensors_the_model_drops_are_carried(arch: str, saved, tmp_path: Path) -> None:
+    """The export carries them byte for byte (modelopt 0.48 does itself, on 0.47 moe_unfuse does),
+    lists them in moe_unfuse.json, excludes their modules (an engine must not build an MTP head
+    quantized) and verifies; a tensor the metadata does not list fails hub-names, as before."""
+    from safetensors.torch import load_file, save_file
+
+    installed_spec(arch)
+    source, out = tmp_path / "source", tmp_path / "out"
+    shutil.copytree(saved(arch), source)
+    (shard,) = source.glob("*.safetensors")
+    tensors = load_file(shard)
+    gen = torch.Generator().manual_seed(0)
+    extra = {k: torch.randn(shape, generator=gen).to(torch.bfloat16) for k, shape in CARRIED[arch].items()}
+    save_file({**tensors, **extra}, str(shard), metadata={"format": "pt"})
+    _quantize(source, out, "nvfp4")
+    exported = {}
+    for f in out.glob("*.safetensors"):
+        with safe_open(f, "pt") as fh:
+            exported.update((k, fh.get_tensor(k)) for k in fh.keys() if k in extra)
+    assert exported.keys() == extra.keys()
+    assert all(exported[k].dtype == torch.bfloat16 and torch.equal(exported[k], extra[k]) for k in extra)
+    metadata = json.loads((out / "moe_unfuse.json").read_text())
+    assert metadata["carried_from_source"] == sorted(extra)
+    assert all(excluded(k.rsplit(".", 1)[0], _excludes(out)) for k in extra)
+    assert moe_unfuse.verify_checkpoint(out).ok
+    metadata["carried_from_source"] = []
+    (out / "moe_unfuse.json").write_text(json.dumps(metadata))
+    failed = {c.name: c.keys for c in moe_unfuse.verify_checkpoint(out).checks if not c.ok}
+    assert failed == {"hub-names": [f"{k} (not a tensor save_pretrained writes for this model)" for k in sorted(extra)]}

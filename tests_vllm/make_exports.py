@@ -3,7 +3,7 @@ main environment: moe_unfuse needs its own torch and modelopt; the engines bring
 
 ``python tests_vllm/make_exports.py DIR`` writes ``DIR/ARCH/QFORMAT[-engine-E]`` checkpoints, as
 ``moe-unfuse quantize MODEL --engine vllm`` writes them from the tiny model saved as the hub has it
-(``save_hub_style``, kept as ``DIR/ARCH/source``: the unquantized checkpoint the loader test tries when an
+(``save_tiny_model``, kept as ``DIR/ARCH/source``: the unquantized checkpoint the loader test tries when an
 export fails), and ``DIR/manifest.json``: one entry per export with what ``verify --engine vllm`` said of
 it, and every spec without an export with the reason. A family whose spec says vLLM cannot serve its
 experts or some modules quantized, or its head unquantized (``export.engines``), is also exported for
@@ -50,11 +50,11 @@ def export_arch(root: Path, arch: str) -> list[dict]:
     """The exports of one spec's tiny model (one worker process runs several of these in turn)."""
     import moe_unfuse
     from moe_unfuse.cli import main
-    from moe_unfuse.tiny import save_hub_style, tiny_model_for
+    from moe_unfuse.tiny import save_tiny_model
 
     spec = moe_unfuse.get_spec(arch)
     source = root / arch / "source"  # kept: the loader test loads it when an export fails (engine limit or ours)
-    save_hub_style(tiny_model_for(spec), source)
+    save_tiny_model(spec, source)
     # what the spec's export.engines.vllm leaves BF16 for vLLM (the experts, module globs), and quantizes
     kept = (["experts"] if spec.experts_unquantized_for("vllm") else []) + list(spec.modules_unquantized_for("vllm")[0])
     heads = list(spec.modules_quantized_for("vllm")[0])
