@@ -562,6 +562,21 @@ _BLOCK = re.compile(r"^(.*?\.\d+)\.")
 
 #: Bytes per shard of carried source tensors (an MTP head can be tens of GB: never all in memory).
 CARRY_SHARD_BYTES = 2 * 1024**3
+#: safetensors dtype name -> bytes per element (sizes the carried shards).
+_DTYPE_BYTES = {
+    "F64": 8,
+    "I64": 8,
+    "F32": 4,
+    "I32": 4,
+    "BF16": 2,
+    "F16": 2,
+    "I16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U8": 1,
+    "I8": 1,
+    "BOOL": 1,
+}
 
 
 def carry_source_tensors(path: Path, source: Path, contract: NamingContract) -> list[str]:
@@ -607,23 +622,6 @@ def carry_source_tensors(path: Path, source: Path, contract: NamingContract) -> 
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return sorted(k for k in unplaced if k in weight_map)
-
-
-#: safetensors dtype name -> bytes per element (sizes the carried shards).
-_DTYPE_BYTES = {
-    "F64": 8,
-    "I64": 8,
-    "F32": 4,
-    "I32": 4,
-    "BF16": 2,
-    "F16": 2,
-    "I16": 2,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "U8": 1,
-    "I8": 1,
-    "BOOL": 1,
-}
 
 
 def _to_hub_names(
