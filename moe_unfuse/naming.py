@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Iterable, Mapping
 
 from torch import nn
@@ -188,10 +189,16 @@ class NamingContract:
 
     def expert_owned(self, key: str) -> bool:
         """Whether ``key`` (a hub name) is a tensor of an experts module this contract names."""
-        return any(
-            key.startswith(e.hub + ".") or key in e.names or key in dict(e.hub_fused_names)
-            for e in self.experts.values()
-        )
+        prefixes, names = self._expert_keys
+        return key in names or key.startswith(prefixes)
+
+    @cached_property
+    def _expert_keys(self) -> tuple[tuple[str, ...], frozenset[str]]:
+        """The experts modules' hub paths (as prefixes) and names, once: :meth:`expert_owned` is asked
+        for every tensor of a source checkpoint."""
+        experts = self.experts.values()
+        names = frozenset(n for e in experts for n in (*e.names, *(k for k, _ in e.hub_fused_names)))
+        return tuple(f"{e.hub}." for e in experts), names
 
     def hub_key(self, key: str) -> str:
         """``key`` under the hub's names: itself when the contract knows it, else its in-memory name
