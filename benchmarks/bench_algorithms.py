@@ -6,7 +6,7 @@ For each family's whole tiny model (seeded random weights: the figures compare a
 formats, they say nothing of a trained model's quality) and each format, every algorithm modelopt
 runs for it on a CPU (``options.ALGORITHM_QFORMATS``; NVFP4's MSE search needs a GPU, so the NVFP4
 formats run ``max`` only): quantize (the same calibration batches), export, then the evaluator
-(:func:`moe_unfuse.evaluate.evaluate`) on held-out samples: KL(original || quantized), top-1
+(:func:`moe_unfuse.quant.evaluate.evaluate`) on held-out samples: KL(original || quantized), top-1
 agreement and the experts modules' median output relative error; and the seconds ``quantize_model``
 took (calibration and, for mse, the weight-scale search; CPU time, single-threaded: a busy machine does not inflate it).
 """
@@ -30,11 +30,11 @@ def measure(families: list[str]) -> list[tuple[str, str, str, float, float, floa
     import torch
 
     import moe_unfuse
-    from moe_unfuse.calibration import calibration_batches, read_calibration_texts
-    from moe_unfuse.evaluate import EVAL_TEXT, evaluate, held_out_batches
-    from moe_unfuse.export import quiet
-    from moe_unfuse.options import ALGORITHM_QFORMATS, ALGORITHMS
-    from moe_unfuse.tiny import byte_tokenizer, tiny_gemma4, tiny_model_for
+    from moe_unfuse.base.options import ALGORITHM_QFORMATS, ALGORITHMS
+    from moe_unfuse.hub.tiny import byte_tokenizer, tiny_gemma4, tiny_model_for
+    from moe_unfuse.quant.calibration import calibration_batches, read_calibration_texts
+    from moe_unfuse.quant.evaluate import EVAL_TEXT, evaluate, held_out_batches
+    from moe_unfuse.quant.export import quiet
 
     torch.set_num_threads(1)
     tokenizer = byte_tokenizer()
@@ -85,7 +85,7 @@ def markdown(rows: list[tuple[str, str, str, float, float, float, float]]) -> st
         "weights**: the figures compare algorithms and formats with each other, they say nothing of a trained "
         f"model's quality. {CALIB['calib_size']} calibration samples of {CALIB['seq_len']} tokens; KL(original || "
         f"quantized), top-1 agreement and the experts modules' median output relative error on {EVAL['size']} held-out "
-        f"samples of {EVAL['seq_len']} tokens (`moe_unfuse.evaluate`); CPU seconds of `quantize_model` (calibration, and "
+        f"samples of {EVAL['seq_len']} tokens (`moe_unfuse.quant.evaluate`); CPU seconds of `quantize_model` (calibration, and "
         "the MSE search), and what the algorithm adds over `max`. NVFP4 formats: `max` only here (modelopt's NVFP4 "
         "scale search runs only on a GPU).",
         "",

@@ -5,7 +5,7 @@
 
 Writes a Gemma 4 checkpoint with google/gemma-4-26B-A4B's text dimensions (hidden 2816, 128 experts
 x moe_intermediate 704, top-8, dense MLP 2112, its attention and 262144-token vocabulary; see
-``moe_unfuse.tiny.GEMMA4_26B_A4B_TEXT``) and ``--layers`` decoder layers with random weights, one
+``moe_unfuse.hub.tiny.GEMMA4_26B_A4B_TEXT``) and ``--layers`` decoder layers with random weights, one
 layer in memory at a time (about 1.6 GB per layer in bf16, 1.5 GB for the embeddings). Then
 quantizes it twice, each in its own process: ``--no-layerwise`` (the whole model loaded) and
 ``--layerwise``; reports each process's peak resident memory (its own ``VmHWM``, reported at exit) over the
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from moe_unfuse.memory import run_with_peak_rss
-from moe_unfuse.tiny import GEMMA4_26B_A4B_TEXT, write_gemma4_checkpoint
+from moe_unfuse.base.memory import run_with_peak_rss
+from moe_unfuse.hub.tiny import GEMMA4_26B_A4B_TEXT, write_gemma4_checkpoint
 
 
 def checkpoint(path: Path, layers: int) -> int:

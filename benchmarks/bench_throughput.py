@@ -4,7 +4,7 @@ export; projected to whole models.
     .venv/bin/python benchmarks/bench_throughput.py [--layers 1] [--tokens 1024] [--qformat nvfp4] [--dir DIR]
 
 Writes a Gemma 4 checkpoint with google/gemma-4-26B-A4B's text dimensions (hidden 2816, 128 experts
-x moe_intermediate 704, top-8; ``moe_unfuse.tiny.GEMMA4_26B_A4B_TEXT``) but a 512-token vocabulary,
+x moe_intermediate 704, top-8; ``moe_unfuse.hub.tiny.GEMMA4_26B_A4B_TEXT``) but a 512-token vocabulary,
 so the figures are the decoder layers' own. Then, in this process, through the public API:
 
 - **disk read**: the layer's safetensors bytes read after ``posix_fadvise(DONTNEED)`` evicted them
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from moe_unfuse.tiny import GEMMA4_26B_A4B_TEXT, write_gemma4_checkpoint
+from moe_unfuse.hub.tiny import GEMMA4_26B_A4B_TEXT, write_gemma4_checkpoint
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def _gqa(hidden: int, heads: int, kv_heads: int, head_dim: int) -> int:
 
 MODELS = [
     # Gemma-4-26B-A4B: 5 sliding (head 256) : 1 full (head 512, k = v); the sliding layers' attention
-    # is used (the estimate moe_unfuse.tiny.GEMMA4_26B_A4B_TEXT makes), plus its parallel dense MLP 2112.
+    # is used (the estimate moe_unfuse.hub.tiny.GEMMA4_26B_A4B_TEXT makes), plus its parallel dense MLP 2112.
     Dims("Gemma-4-26B-A4B", 30, 2816, 128, 8, 704, 2112, _gqa(2816, 16, 8, 256)),
     # Qwen3-235B-A22B (config.json): 94 layers, hidden 4096, 64 q / 4 kv heads of 128, 128 experts x 1536, top-8.
     Dims("Qwen3-235B-A22B", 94, 4096, 128, 8, 1536, 0, _gqa(4096, 64, 4, 128)),
@@ -127,12 +127,12 @@ def main() -> None:
     parser.add_argument("--project-tokens", type=int, default=512 * 2048, help="calibration set of the projection")
     args = parser.parse_args()
 
-    import moe_unfuse.quantize as q
-    from moe_unfuse.calibration import calibration_batches, read_calibration_texts
-    from moe_unfuse.export import export_checkpoint
-    from moe_unfuse.layerwise import LAYERWISE_SHARD_SIZE
-    from moe_unfuse.loading import load_offloaded, load_tokenizer
-    from moe_unfuse.memory import map_large_allocations
+    import moe_unfuse.quant.quantize as q
+    from moe_unfuse.base.memory import map_large_allocations
+    from moe_unfuse.hub.loading import load_offloaded, load_tokenizer
+    from moe_unfuse.quant.calibration import calibration_batches, read_calibration_texts
+    from moe_unfuse.quant.export import export_checkpoint
+    from moe_unfuse.quant.layerwise import LAYERWISE_SHARD_SIZE
 
     model_dir = args.dir / "model"
     if not (model_dir / "config.json").is_file():

@@ -4,9 +4,9 @@ peak GPU and host memory, and one exported NVFP4 expert checked against its weig
     python benchmarks/gpu_check.py [--device cuda] [--dir DIR] [--layers 4] [--small]
 
 Writes its own inputs under ``--dir``: the built-in tiny Gemma 4 saved as a folder, and a ``--layers``
-checkpoint with Gemma-4-26B-A4B's text dimensions (``moe_unfuse.tiny.GEMMA4_26B_A4B_TEXT``, a
+checkpoint with Gemma-4-26B-A4B's text dimensions (``moe_unfuse.hub.tiny.GEMMA4_26B_A4B_TEXT``, a
 512-token vocabulary: 1.65 GB per layer; ``--small``: the tiny model only, CI-sized). Each is quantized
-to NVFP4 through the public API (``moe_unfuse.quantize.run_quantize`` with ``QuantizeOptions.device``),
+to NVFP4 through the public API (``moe_unfuse.quant.quantize.run_quantize`` with ``QuantizeOptions.device``),
 whole and layer by layer, and the two checkpoints are compared tensor by tensor. Then one exported expert (``gate_proj`` of expert 0 in
 layer 0) is dequantized with modelopt's ``NVFP4QTensor`` and compared with the source weight; where
 modelopt's real NVFP4 GEMM can run (``modelopt.torch.quantization.backends.nvfp4_gemm``: compute
@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import same_tensors  # noqa: E402 - the sibling benchmark's tensor-by-tensor comparison
 
-from moe_unfuse.quantize import QuantizeOptions, run_quantize  # noqa: E402
-from moe_unfuse.tiny import GEMMA4_26B_A4B_TEXT, byte_tokenizer, tiny_gemma4, write_gemma4_checkpoint  # noqa: E402
+from moe_unfuse.hub.tiny import GEMMA4_26B_A4B_TEXT, byte_tokenizer, tiny_gemma4, write_gemma4_checkpoint  # noqa: E402
+from moe_unfuse.quant.quantize import QuantizeOptions, run_quantize  # noqa: E402
 
 #: NVFP4's block size (16 weights share one FP8 scale).
 BLOCK = 16

@@ -11,47 +11,47 @@ from importlib import import_module
 from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any
 
-from .errors import MoeUnfuseError, SpecError, UncoveredExpertsError, UnknownArchError
+from .base.errors import MoeUnfuseError, SpecError, UncoveredExpertsError, UnknownArchError
 
 if TYPE_CHECKING:
-    from .catalog import get_spec, load_spec
-    from .coverage import Coverage, check_coverage
-    from .export import export_checkpoint
-    from .hookspecs import hookimpl
-    from .plugins import register_plugin, registry, unregister_plugin
-    from .quantize import QuantizeOptions, QuantizeReport, QuantizeResult, quantize_model, run_quantize
-    from .registration import register
-    from .spec import Spec, trusted_modules
-    from .unfusing import Report, fuse, refuse, unfuse
-    from .verify import CheckpointContractError, VerifyReport, verify_checkpoint
+    from .core.coverage import Coverage, check_coverage
+    from .core.registration import register
+    from .core.unfusing import Report, fuse, refuse, unfuse
+    from .hub.verify import CheckpointContractError, VerifyReport, verify_checkpoint
+    from .plugins.hookspecs import hookimpl
+    from .plugins.manager import register_plugin, registry, unregister_plugin
+    from .quant.export import export_checkpoint
+    from .quant.quantize import QuantizeOptions, QuantizeReport, QuantizeResult, quantize_model, run_quantize
+    from .spec.catalog import get_spec, load_spec
+    from .spec.core import Spec, trusted_modules
 
 #: Public name -> the submodule defining it, imported on first use: ``import moe_unfuse`` (and so
 #: ``moe-unfuse --help``) stays free of torch, transformers and modelopt until something needs them.
 _LAZY = {
-    "register_plugin": "plugins",
-    "registry": "plugins",
-    "unregister_plugin": "plugins",
-    "hookimpl": "hookspecs",
-    "Spec": "spec",
-    "trusted_modules": "spec",
-    "load_spec": "catalog",
-    "get_spec": "catalog",
-    "register": "registration",
-    "Report": "unfusing",
-    "fuse": "unfusing",
-    "refuse": "unfusing",
-    "unfuse": "unfusing",
-    "Coverage": "coverage",
-    "check_coverage": "coverage",
-    "QuantizeResult": "quantize",
-    "quantize_model": "quantize",
-    "QuantizeOptions": "quantize",
-    "QuantizeReport": "quantize",
-    "run_quantize": "quantize",
-    "export_checkpoint": "export",
-    "CheckpointContractError": "verify",
-    "VerifyReport": "verify",
-    "verify_checkpoint": "verify",
+    "register_plugin": "plugins.manager",
+    "registry": "plugins.manager",
+    "unregister_plugin": "plugins.manager",
+    "hookimpl": "plugins.hookspecs",
+    "Spec": "spec.core",
+    "trusted_modules": "spec.core",
+    "load_spec": "spec.catalog",
+    "get_spec": "spec.catalog",
+    "register": "core.registration",
+    "Report": "core.unfusing",
+    "fuse": "core.unfusing",
+    "refuse": "core.unfusing",
+    "unfuse": "core.unfusing",
+    "Coverage": "core.coverage",
+    "check_coverage": "core.coverage",
+    "QuantizeResult": "quant.quantize",
+    "quantize_model": "quant.quantize",
+    "QuantizeOptions": "quant.quantize",
+    "QuantizeReport": "quant.quantize",
+    "run_quantize": "quant.quantize",
+    "export_checkpoint": "quant.export",
+    "CheckpointContractError": "hub.verify",
+    "VerifyReport": "hub.verify",
+    "verify_checkpoint": "hub.verify",
 }
 
 
@@ -101,6 +101,6 @@ __all__ = [
 
 def list_specs() -> dict[str, Spec]:
     """Every available spec (built-in and from plugins), by arch name."""
-    from .catalog import specs
+    from .spec.catalog import specs
 
     return dict(specs())

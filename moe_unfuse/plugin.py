@@ -1,6 +1,6 @@
 """What a plugin may import from moe_unfuse: the one public API for hook implementations.
 
-A plugin implements hooks from :mod:`moe_unfuse.hookspecs` (each hook's contract is its docstring)
+A plugin implements hooks from :mod:`moe_unfuse.plugins.hookspecs` (each hook's contract is its docstring)
 and imports from moe_unfuse only what is here. The built-in features in ``moe_unfuse.default_plugins``
 are held to the same rule (``tests/test_architecture.py`` fails if one imports anything else from the
 package), so each of them is an example a third-party plugin can copy line for line:
@@ -15,7 +15,7 @@ package), so each of them is an example a third-party plugin can copy line for l
   in place, the class kept), :class:`UnfusedExpertsMixin` (the unfused module's base, for a quantizer's
   dynamic class), :class:`LinearExact` (per-expert linears that repeat the original's numerics),
   :func:`release_free_memory`; for modelopt, :func:`convert_linears` and :func:`install_fast_conversion`
-  (the bulk ``QuantLinear`` conversion, :mod:`moe_unfuse.fastquant`).
+  (the bulk ``QuantLinear`` conversion, :mod:`moe_unfuse.quant.fastquant`).
 
 Each name is imported from its defining module on first use, as the package root does, so a plugin
 that needs only :data:`hookimpl` (a spec folder) costs no torch import: ``moe-unfuse list`` stays fast.
@@ -27,42 +27,42 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .errors import SpecError
-    from .experts import LinearExact, UnfusedExpertsMixin, post_expert_norm, stack_packed, unfuse_state
-    from .fastquant import install_plugin as install_fast_conversion
-    from .hookspecs import hookimpl
-    from .kinds import ForwardKind, GateKind, resolve_value
-    from .memory import release_free_memory
-    from .plan import build_plan, resolve_dims
-    from .spec import eval_shape_expr
-    from .unfusing import apply_plan
+    from .base.errors import SpecError
+    from .base.kinds import ForwardKind, GateKind, resolve_value
+    from .base.memory import release_free_memory
+    from .core.experts import LinearExact, UnfusedExpertsMixin, post_expert_norm, stack_packed, unfuse_state
+    from .core.plan import build_plan, resolve_dims
+    from .core.unfusing import apply_plan
+    from .plugins.hookspecs import hookimpl
+    from .quant.fastquant import install_plugin as install_fast_conversion
+    from .spec.core import eval_shape_expr
 
 #: Public name -> (defining module, its name there).
 _API = {
-    "hookimpl": ("hookspecs", "hookimpl"),
-    "SpecError": ("errors", "SpecError"),
-    "GateKind": ("kinds", "GateKind"),
-    "ForwardKind": ("kinds", "ForwardKind"),
-    "resolve_value": ("kinds", "resolve_value"),
-    "unfuse_state": ("experts", "unfuse_state"),
-    "post_expert_norm": ("experts", "post_expert_norm"),
-    "stack_packed": ("experts", "stack_packed"),
-    "LinearExact": ("experts", "LinearExact"),
-    "UnfusedExpertsMixin": ("experts", "UnfusedExpertsMixin"),
-    "resolve_dims": ("plan", "resolve_dims"),
-    "build_plan": ("plan", "build_plan"),
-    "eval_shape_expr": ("spec", "eval_shape_expr"),
-    "apply_plan": ("unfusing", "apply_plan"),
-    "release_free_memory": ("memory", "release_free_memory"),
-    "install_fast_conversion": ("fastquant", "install_plugin"),
+    "hookimpl": ("plugins.hookspecs", "hookimpl"),
+    "SpecError": ("base.errors", "SpecError"),
+    "GateKind": ("base.kinds", "GateKind"),
+    "ForwardKind": ("base.kinds", "ForwardKind"),
+    "resolve_value": ("base.kinds", "resolve_value"),
+    "unfuse_state": ("core.experts", "unfuse_state"),
+    "post_expert_norm": ("core.experts", "post_expert_norm"),
+    "stack_packed": ("core.experts", "stack_packed"),
+    "LinearExact": ("core.experts", "LinearExact"),
+    "UnfusedExpertsMixin": ("core.experts", "UnfusedExpertsMixin"),
+    "resolve_dims": ("core.plan", "resolve_dims"),
+    "build_plan": ("core.plan", "build_plan"),
+    "eval_shape_expr": ("spec.core", "eval_shape_expr"),
+    "apply_plan": ("core.unfusing", "apply_plan"),
+    "release_free_memory": ("base.memory", "release_free_memory"),
+    "install_fast_conversion": ("quant.fastquant", "install_plugin"),
 }
 
 
 def convert_linears(linears: list) -> int:
     """modelopt's ``QuantLinear`` conversion of per-expert linears in bulk
-    (:func:`moe_unfuse.fastquant.convert_linears`), looked up on each call, so that
+    (:func:`moe_unfuse.quant.fastquant.convert_linears`), looked up on each call, so that
     ``fastquant.disabled()`` and a test's patch of it apply to the backend too."""
-    from . import fastquant
+    from .quant import fastquant
 
     return fastquant.convert_linears(linears)
 

@@ -102,7 +102,7 @@ def build_tiny_model(
     at a scale where they barely change the logits."""
     import torch
 
-    from moe_unfuse import golden
+    from moe_unfuse.tools import golden
 
     cls = golden.import_object(model_def["class"])
     config_cls = golden.import_object(model_def["config"]) if model_def.get("config") else cls.config_class
@@ -142,7 +142,7 @@ def registered_plugin() -> Iterator[Callable[..., Any]]:
     """``registered_plugin(obj, name=None)`` registers a plugin object for this test; every one still
     registered is unregistered afterwards, also when the test fails, so no plugin leaks into the next."""
     import moe_unfuse
-    from moe_unfuse.plugins import is_registered
+    from moe_unfuse.plugins.manager import is_registered
 
     registered: list[Any] = []
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import pytest
 import yaml
 
-from moe_unfuse import versions
+from moe_unfuse.base import versions
 
 if TYPE_CHECKING:
     import moe_unfuse
@@ -42,7 +42,7 @@ def spec_names() -> list[str]:
 
 @lru_cache(maxsize=None)
 def _merged(arch: str) -> dict:
-    from moe_unfuse.spec import merged_raw
+    from moe_unfuse.spec.core import merged_raw
 
     return merged_raw(SPECS_DIR / f"{arch}.yaml", (SPECS_DIR,))
 
@@ -58,7 +58,7 @@ def spec_raw(arch: str, edit: Edit | None = None) -> dict:
 
 def spec_variant(arch: str, edit: Edit | None = None, source: str | None = None) -> moe_unfuse.Spec:
     """The built-in ``arch`` spec with ``edit`` applied, parsed in memory as if read from ``source``."""
-    from moe_unfuse.spec import parse
+    from moe_unfuse.spec.core import parse
 
     return parse(spec_raw(arch, edit), source or f"{arch}-variant.yaml")
 
@@ -128,16 +128,16 @@ def decorated_classes() -> tuple[str, ...]:
 
 def save_tiny(arch: str, path: Path) -> Path:
     """``arch``'s whole tiny model (the built-in one for gemma4) and the byte tokenizer, saved as a model
-    folder with config.json as the hub has it (:func:`moe_unfuse.tiny.save_tiny_model`)."""
+    folder with config.json as the hub has it (:func:`moe_unfuse.hub.tiny.save_tiny_model`)."""
     import moe_unfuse
-    from moe_unfuse.tiny import save_hub_style, save_tiny_model, tiny_gemma4
+    from moe_unfuse.hub.tiny import save_hub_style, save_tiny_model, tiny_gemma4
 
     return save_hub_style(tiny_gemma4(), path) if arch == "gemma4" else save_tiny_model(moe_unfuse.get_spec(arch), path)
 
 
 def checkpoint_tensors(path: Path) -> dict[str, Any]:
     """Every tensor of a checkpoint folder's safetensors files, by name."""
-    from moe_unfuse.checkpoint import read_tensors
+    from moe_unfuse.hub.checkpoint import read_tensors
 
     return read_tensors(path)
 

@@ -16,8 +16,8 @@ from accelerate import dispatch_model
 from accelerate.utils.offload import OffloadedWeightsLoader
 
 import moe_unfuse
-from moe_unfuse.experts import UnfusedExpertsMixin
-from moe_unfuse.offload import offload_hook
+from moe_unfuse.core.experts import UnfusedExpertsMixin
+from moe_unfuse.core.offload import offload_hook
 
 EXECUTION = torch.device("cpu")  # stands in for "cuda:0"
 PLACEMENT = {"model.layers.0": EXECUTION, "model.layers.1": "cpu", "model.layers.2": "disk"}

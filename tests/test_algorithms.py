@@ -13,11 +13,11 @@ from helpers import assert_same_checkpoint, checkpoint_tensors, installed_spec, 
 from test_layerwise import CALIB
 
 import moe_unfuse
-from moe_unfuse import fastquant
-from moe_unfuse.calibration import calibration_batches, read_calibration_texts, unfused_experts
-from moe_unfuse.cli import main
-from moe_unfuse.quantize import quantize_model
-from moe_unfuse.tiny import byte_tokenizer, tiny_gemma4, tiny_model_for
+from moe_unfuse.cli.main import main
+from moe_unfuse.hub.tiny import byte_tokenizer, tiny_gemma4, tiny_model_for
+from moe_unfuse.quant import fastquant
+from moe_unfuse.quant.calibration import calibration_batches, read_calibration_texts, unfused_experts
+from moe_unfuse.quant.quantize import quantize_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import moe_unfuse
-from moe_unfuse import UncoveredExpertsError, golden, unfuse
-from moe_unfuse.experts import ExpertMLP
+from moe_unfuse import UncoveredExpertsError, unfuse
+from moe_unfuse.core.experts import ExpertMLP
+from moe_unfuse.tools import golden
 
 pytestmark = pytest.mark.arch("gemma4")
 
@@ -72,7 +73,7 @@ def test_unfuse_is_atomic_when_a_later_module_fails(monkeypatch, spec):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     import importlib
 
-    unfuse_mod = importlib.import_module("moe_unfuse.unfusing")
+    unfuse_mod = importlib.import_module("moe_unfuse.core.unfusing")
 
     real = unfuse_mod.apply_plan
     calls = []

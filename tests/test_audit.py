@@ -19,9 +19,12 @@ import torch
 from torch import nn
 
 import moe_unfuse
-from moe_unfuse import UncoveredExpertsError, catalog, cli, golden
-from moe_unfuse.audit import GB, GIB, audit, preset_rules
-from moe_unfuse.coverage import find_fused_params, fused_expert_params, uncovered_expert_params
+from moe_unfuse import UncoveredExpertsError
+from moe_unfuse.cli import main as cli
+from moe_unfuse.core.coverage import find_fused_params, fused_expert_params, uncovered_expert_params
+from moe_unfuse.spec import catalog
+from moe_unfuse.tools import golden
+from moe_unfuse.tools.audit import GB, GIB, audit, preset_rules
 
 pytestmark = pytest.mark.xdist_group("audit")  # report_26b: one module-scoped build per run
 
@@ -317,9 +320,9 @@ def test_spec_that_omits_a_fused_param_leaves_it_uncovered(gemma4_spec):
 def test_audit_and_quantize_share_one_unquantized_policy() -> None:
     """The audio tower of a multimodal Gemma 4: audit used to plan it 4-bit while quantize kept it BF16."""
     import moe_unfuse
-    from moe_unfuse.audit import audit_model
-    from moe_unfuse.quantize import quantize_model
-    from moe_unfuse.tiny import tiny_gemma4
+    from moe_unfuse.hub.tiny import tiny_gemma4
+    from moe_unfuse.quant.quantize import quantize_model
+    from moe_unfuse.tools.audit import audit_model
 
     with torch.device("meta"):
         meta = tiny_gemma4(multimodal=True)
@@ -332,9 +335,9 @@ def test_audit_and_quantize_share_one_unquantized_policy() -> None:
     quantized = {
         n for n, m in model.named_modules() if getattr(getattr(m, "weight_quantizer", None), "is_enabled", False)
     }
-    from moe_unfuse.audit import _pattern
+    from moe_unfuse.tools.audit import _pattern
 
     assert {_pattern(n) for n in quantized} == planned
-    assert moe_unfuse.policy.keep_unquantized("model.visual.blocks.0") and not moe_unfuse.policy.keep_unquantized(
-        "model.visual_proj"
-    )
+    assert moe_unfuse.hub.policy.keep_unquantized(
+        "model.visual.blocks.0"
+    ) and not moe_unfuse.hub.policy.keep_unquantized("model.visual_proj")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from moe_unfuse.calibration import calibration_batches, read_calibration_texts
-from moe_unfuse.errors import MoeUnfuseError
-from moe_unfuse.tiny import byte_tokenizer
+from moe_unfuse.base.errors import MoeUnfuseError
+from moe_unfuse.hub.tiny import byte_tokenizer
+from moe_unfuse.quant.calibration import calibration_batches, read_calibration_texts
 
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
 
@@ -112,7 +112,7 @@ def test_save_to_disk_folder_and_dataset_name_go_through_datasets(
 @pytest.mark.arch("gemma4")
 @pytest.mark.usefixtures("one_thread")
 def test_quantize_with_a_calibration_dataset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from moe_unfuse.cli import main
+    from moe_unfuse.cli.main import main
 
     path = tmp_path / "calib.jsonl"
     path.write_text(

@@ -1,4 +1,4 @@
-"""``moe-unfuse list``, ``show`` and ``check`` through the real entry point (``moe_unfuse.cli.main``)."""
+"""``moe-unfuse list``, ``show`` and ``check`` through the real entry point (``moe_unfuse.cli.main.main``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import yaml
 from helpers import HANG_S, SPECS_DIR
 
 import moe_unfuse
-from moe_unfuse import cli
+from moe_unfuse.cli import main as cli
 
 
 @pytest.mark.arch("gemma4")
@@ -32,7 +32,7 @@ def test_list_table_and_json(capsys, gemma4_spec):
 
 @pytest.mark.arch("gemma4")
 def test_list_reports_a_class_missing_from_transformers(capsys, monkeypatch):
-    from moe_unfuse.spec import Spec
+    from moe_unfuse.spec.core import Spec
 
     monkeypatch.setattr(Spec, "resolve_class", lambda self: None if self.arch == "gemma4" else object)
     moe_unfuse.registry()  # list asks each spec's class (not the light read) once the registry is loaded:
@@ -122,6 +122,6 @@ def test_help_and_import_stay_free_of_torch():
     import subprocess
     import sys
 
-    code = "import sys, moe_unfuse; from moe_unfuse.cli import build_parser; build_parser(); print(sorted(m for m in ('torch', 'transformers', 'modelopt') if m in sys.modules))"
+    code = "import sys, moe_unfuse; from moe_unfuse.cli.main import build_parser; build_parser(); print(sorted(m for m in ('torch', 'transformers', 'modelopt') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 
 import moe_unfuse
-from moe_unfuse import cli, drift, versions
-from moe_unfuse.commands import coverage
-from moe_unfuse.errors import MoeUnfuseError
-from moe_unfuse.spec import Spec
+from moe_unfuse.base import versions
+from moe_unfuse.base.errors import MoeUnfuseError
+from moe_unfuse.cli import main as cli
+from moe_unfuse.cli.commands import coverage
+from moe_unfuse.core import drift
+from moe_unfuse.spec.core import Spec
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -112,7 +114,7 @@ def test_status_from_a_results_file_written_by_the_test_suite(tmp_path):
         [
             "-q",
             "-p",
-            "moe_unfuse.golden_results",
+            "moe_unfuse.tools.golden_results",
             "--golden-results",
             str(results),
             "--arch",

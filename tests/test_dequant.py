@@ -1,4 +1,4 @@
-"""The reference dequantizer (moe_unfuse/dequant.py) against modelopt's own: bit for bit, on every
+"""The reference dequantizer (moe_unfuse/quant/dequant.py) against modelopt's own: bit for bit, on every
 format it handles (FP8 per-tensor and per-channel, NVFP4 2-D and fused 3-D), in every dtype, and the
 activation quantization it applies (FP8 static, NVFP4 dynamic blocks) against modelopt's quantize +
 dequantize of the same tensor."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_unfuse.dequant import (
+from moe_unfuse.quant.dequant import (
     dequantize,
     dequantize_fp8,
     dequantize_nvfp4,

@@ -15,7 +15,7 @@ import torch
 from helpers import HANG_S
 from safetensors.torch import load_file
 
-from moe_unfuse.cli import main
+from moe_unfuse.cli.main import main
 
 pytestmark = [pytest.mark.arch("gemma4"), pytest.mark.usefixtures("one_thread")]
 # 2 samples of 8 tokens: some experts get no routed token, so forced routing runs on rank 0.
@@ -60,7 +60,7 @@ def test_two_ranks_write_the_single_process_checkpoint(tmp_path: Path, capsys: p
 
 
 def test_modelopt_sync_is_replaced() -> None:
-    from moe_unfuse import distributed
+    from moe_unfuse.quant import distributed
 
     assert distributed.without_modelopt_sync({"quant_cfg": [], "algorithm": "max"})["algorithm"] == {
         "method": "max",
@@ -72,7 +72,7 @@ def test_modelopt_sync_is_replaced() -> None:
 def test_two_ranks_layer_by_layer_write_the_single_process_whole_model_checkpoint(tmp_path: Path) -> None:
     """Both scale paths at once: 2 ranks, each calibrating its batches one decoder layer at a time
     from a disk-offloaded model, against one process holding the whole model."""
-    from moe_unfuse.tiny import byte_tokenizer, tiny_gemma4
+    from moe_unfuse.hub.tiny import byte_tokenizer, tiny_gemma4
 
     model, one, two = tmp_path / "model", tmp_path / "one", tmp_path / "two"
     tiny_gemma4().save_pretrained(model)

@@ -20,10 +20,12 @@ from torch import nn
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 import moe_unfuse
-from moe_unfuse import drift, golden, versions
-from moe_unfuse.drift import DriftError
-from moe_unfuse.errors import SpecError
-from moe_unfuse.spec import golden_config, parse
+from moe_unfuse.base import versions
+from moe_unfuse.base.errors import SpecError
+from moe_unfuse.core import drift
+from moe_unfuse.core.drift import DriftError
+from moe_unfuse.spec.core import golden_config, parse
+from moe_unfuse.tools import golden
 
 FAKE = "moe_unfuse_drift_fake"
 VERIFIED = "1.2.3"  # the version the simulated specs were verified on
@@ -202,7 +204,7 @@ def test_on_a_verified_version_the_same_faults_are_spec_errors(fake_module, veri
 def test_check_command_reports_drift_in_one_line(fake_module, future, tmp_path, capsys):
     from argparse import ArgumentParser
 
-    from moe_unfuse.commands import check
+    from moe_unfuse.cli.commands import check
 
     path = tmp_path / "drifted.yaml"
     path.write_text(

@@ -1,4 +1,4 @@
-"""The evaluation of a written checkpoint (moe_unfuse/evaluate.py), as users run it: ``quantize
+"""The evaluation of a written checkpoint (moe_unfuse/quant/evaluate.py), as users run it: ``quantize
 --eval-size`` on clean exports (every figure in the report and ``moe_unfuse.json``, nothing failing),
 ``--max-kl`` turning a bad result into exit 1 with the checkpoint at ``OUT.invalid``, and ``verify
 --against`` naming the module of each numeric corruption an exporter could make while keeping every
@@ -20,10 +20,10 @@ from helpers import installed_spec, spec_names, spec_raw
 from safetensors.torch import load_file, save_file
 
 import moe_unfuse
-from moe_unfuse.cli import main
-from moe_unfuse.dequant import dequantize
-from moe_unfuse.export_table import KNOWN_EXPORT_GAPS
-from moe_unfuse.tiny import byte_tokenizer, tiny_model_for
+from moe_unfuse.cli.main import main
+from moe_unfuse.hub.tiny import byte_tokenizer, tiny_model_for
+from moe_unfuse.quant.dequant import dequantize
+from moe_unfuse.tools.export_table import KNOWN_EXPORT_GAPS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WHOLE_MODEL_SPECS = [a for a in spec_names() if (spec_raw(a).get("golden") or {}).get("model")]
@@ -289,7 +289,7 @@ def test_eval_command_on_a_clean_fused_checkpoint(exported, capsys) -> None:
 def test_offloaded_evaluation_measures_the_same(exported) -> None:
     """Both models offloaded to disk (a model too large for memory: accelerate reads one module's
     weights at a time): every figure as with both in memory."""
-    from moe_unfuse.evaluate import evaluate, samples_for
+    from moe_unfuse.quant.evaluate import evaluate, samples_for
 
     src, out, _ = exported("mixtral", "nvfp4")
     samples, _ = samples_for(byte_tokenizer(), None, 2, 16)

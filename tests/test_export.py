@@ -15,12 +15,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import moe_unfuse
-from moe_unfuse.calibration import calibration_batches, read_calibration_texts
-from moe_unfuse.export import engine_renames, rename_key, rename_module
-from moe_unfuse.policy import estimate_tensor_bytes
-from moe_unfuse.quantize import quantize_model
-from moe_unfuse.tiny import byte_tokenizer, tiny_gemma4
-from moe_unfuse.verify import CheckpointContractError, verify_checkpoint
+from moe_unfuse.hub.policy import estimate_tensor_bytes
+from moe_unfuse.hub.tiny import byte_tokenizer, tiny_gemma4
+from moe_unfuse.hub.verify import CheckpointContractError, verify_checkpoint
+from moe_unfuse.quant.calibration import calibration_batches, read_calibration_texts
+from moe_unfuse.quant.export import engine_renames, rename_key, rename_module
+from moe_unfuse.quant.quantize import quantize_model
 
 pytestmark = [pytest.mark.arch("gemma4"), pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("export")]
 DTYPE_BYTES = {"BF16": 2, "F32": 4, "F8_E4M3": 1, "U8": 1}
@@ -107,7 +107,7 @@ def test_exports_pass(fp8_ckpt: Path, nvfp4_mm_ckpt: Path, capsys: pytest.Captur
         assert len(verify_checkpoint(path).checks) == 17
     gate_up = next(c for c in verify_checkpoint(nvfp4_mm_ckpt).checks if c.name == "gate-up-global-scale")
     assert gate_up.detail.startswith("24 expert(s) share")
-    from moe_unfuse.cli import main
+    from moe_unfuse.cli.main import main
 
     assert main(["verify", str(nvfp4_mm_ckpt)]) == 0
     assert "ok: 17 checks passed (NVFP4, engine vllm" in capsys.readouterr().out
@@ -315,7 +315,7 @@ def test_unreadable_checkpoint_is_one_line_exit_2(
         (path / "model.safetensors.index.json").write_text("{}")
     else:
         (path / "model-00002-of-00002.safetensors").unlink()
-    from moe_unfuse.cli import main
+    from moe_unfuse.cli.main import main
 
     assert main(["verify", str(path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -374,7 +374,7 @@ def test_gpt_oss_per_expert_fails_vllm(tmp_path: Path) -> None:
     """GPT-OSS exported per expert (not its spec's fused layout): vLLM would drop every expert key."""
     import dataclasses
 
-    from moe_unfuse.tiny import tiny_model_for
+    from moe_unfuse.hub.tiny import tiny_model_for
 
     spec = moe_unfuse.get_spec("gpt_oss")
     model = tiny_model_for(spec)
@@ -396,7 +396,7 @@ def test_raise_and_cli_exit_status(fp8_ckpt: Path, tmp_path: Path, capsys: pytes
     path = corrupt(fp8_ckpt, tmp_path, lambda t: t.update({key: torch.tensor(float("nan"))}))
     with pytest.raises(CheckpointContractError, match=re.escape(key)):
         verify_checkpoint(path, raise_on_error=True)
-    from moe_unfuse.cli import main
+    from moe_unfuse.cli.main import main
 
     assert main(["verify", str(path)]) == 1
     assert f"FAIL scales: scales that are not finite and > 0: {key}=nan" in capsys.readouterr().out
@@ -408,8 +408,8 @@ def test_failed_verification_keeps_out_clean(
     """A spec rename that breaks the names (as `.moe.moe.experts` broke vLLM 0.19): the command fails
     (exit 1) naming the keys, and the checkpoint never lands at --out, only at <out>.invalid; a good
     earlier checkpoint at --out is kept."""
-    import moe_unfuse.export as export
-    from moe_unfuse.cli import main
+    import moe_unfuse.quant.export as export
+    from moe_unfuse.cli.main import main
 
     out = tmp_path / "out"
     args = ["quantize", "--qformat", "fp8", "--out", str(out), "--calib-size", "2", "--seq-len", "32", "--no-progress"]
@@ -436,7 +436,7 @@ def test_export_error_is_one_line_and_keeps_out(
     """A crash inside modelopt's export: one line with the fix, exit 2, <out>.invalid says why, --out untouched."""
     import modelopt.torch.export as mte
 
-    from moe_unfuse.cli import main
+    from moe_unfuse.cli.main import main
 
     out = tmp_path / "out"
     args = ["quantize", "--qformat", "fp8", "--out", str(out), "--calib-size", "2", "--seq-len", "32", "--no-progress"]
@@ -457,8 +457,8 @@ def test_export_error_is_one_line_and_keeps_out(
 
 
 def test_second_run_on_same_out_is_refused(tmp_path: Path) -> None:
-    from moe_unfuse.errors import MoeUnfuseError
-    from moe_unfuse.export import out_lock
+    from moe_unfuse.base.errors import MoeUnfuseError
+    from moe_unfuse.quant.export import out_lock
 
     out = tmp_path / "out"
     with out_lock(out):
@@ -470,7 +470,7 @@ def test_second_run_on_same_out_is_refused(tmp_path: Path) -> None:
 
 
 def test_out_inside_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from moe_unfuse.cli import main
+    from moe_unfuse.cli.main import main
 
     src = tmp_path / "model"
     tiny_gemma4().save_pretrained(src)
@@ -557,7 +557,7 @@ def test_size_estimate_matches_export(fp8_ckpt: Path, nvfp4_mm_ckpt: Path) -> No
 def test_gemma4_26b_a4b_sized_estimate() -> None:
     """On the meta device, a config approximating google/gemma-4-26B-A4B (text stack): against the
     reported sizes (BF16 ~49 GB, NVFP4 with experts quantized 16-17 GB; experts ~91% of ~25 B)."""
-    from moe_unfuse.tiny import GEMMA4_26B_A4B_TEXT
+    from moe_unfuse.hub.tiny import GEMMA4_26B_A4B_TEXT
 
     with torch.device("meta"):
         model = tiny_gemma4(**GEMMA4_26B_A4B_TEXT)

@@ -18,11 +18,11 @@ from helpers import installed_spec, spec_names, spec_raw
 from safetensors import safe_open
 
 import moe_unfuse
-from moe_unfuse.checkpoint import SCALE_SUFFIXES, excluded, has_scale, quantized_modules
-from moe_unfuse.cli import main
-from moe_unfuse.export_table import KNOWN_EXPORT_GAPS
-from moe_unfuse.naming import NamingContract, build_contract, hub_names, unplaced_source_keys
-from moe_unfuse.tiny import save_tiny_model, tiny_model_for
+from moe_unfuse.cli.main import main
+from moe_unfuse.hub.checkpoint import SCALE_SUFFIXES, excluded, has_scale, quantized_modules
+from moe_unfuse.hub.naming import NamingContract, build_contract, hub_names, unplaced_source_keys
+from moe_unfuse.hub.tiny import save_tiny_model, tiny_model_for
+from moe_unfuse.tools.export_table import KNOWN_EXPORT_GAPS
 
 ENGINES = ("vllm", "sglang", "trtllm")
 #: Every arch whose spec builds a whole tiny model (names and mappings read from the spec files; a

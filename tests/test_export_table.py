@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import moe_unfuse
-from moe_unfuse.export_table import END, START, markdown
+from moe_unfuse.tools.export_table import END, START, markdown
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -23,10 +23,10 @@ def test_readme_export_table_is_current() -> None:
     text = README.read_text()
     section = START + text.split(START, 1)[1].split(END, 1)[0] + END
     current, generated = _rows(section), _rows(markdown())
-    assert current.keys() == generated.keys(), "stale: run `python -m moe_unfuse.export_table --write README.md`"
+    assert current.keys() == generated.keys(), "stale: run `python -m moe_unfuse.tools.export_table --write README.md`"
     installed = {arch for arch, spec in moe_unfuse.list_specs().items() if spec.resolve_class() is not None}
     stale = [arch for arch in installed if current[arch] != generated[arch]]
-    assert not stale, f"stale rows {stale}: run `python -m moe_unfuse.export_table --write README.md`"
+    assert not stale, f"stale rows {stale}: run `python -m moe_unfuse.tools.export_table --write README.md`"
     assert "| gemma4 | per-expert (hub is fused) | `model.layers.0.experts.0.gate_proj.weight`" in section
     assert (
         "| gpt_oss | fused (hub layout); experts BF16 for vllm, sglang | `model.layers.0.mlp.experts.gate_up_proj`"

@@ -1,4 +1,4 @@
-"""The weight-quantizer cache (:mod:`moe_unfuse.fastquant`) changes nothing but speed: amax, exports,
+"""The weight-quantizer cache (:mod:`moe_unfuse.quant.fastquant`) changes nothing but speed: amax, exports,
 fake-quant outputs and modelopt state are those of the same run with every fast path off."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 import moe_unfuse
-from moe_unfuse import fastquant
-from moe_unfuse.calibration import calibration_batches, read_calibration_texts, unfused_experts
-from moe_unfuse.quantize import quantize_model
-from moe_unfuse.tiny import byte_tokenizer, tiny_gemma4
+from moe_unfuse.hub.tiny import byte_tokenizer, tiny_gemma4
+from moe_unfuse.quant import fastquant
+from moe_unfuse.quant.calibration import calibration_batches, read_calibration_texts, unfused_experts
+from moe_unfuse.quant.quantize import quantize_model
 
 pytestmark = [pytest.mark.arch("gemma4"), pytest.mark.usefixtures("one_thread")]
 

@@ -17,7 +17,7 @@ import torch
 from helpers import installed_spec, spec_names, spec_raw
 
 import moe_unfuse
-from moe_unfuse import golden
+from moe_unfuse.tools import golden
 
 
 @pytest.fixture

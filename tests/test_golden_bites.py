@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import moe_unfuse
-from moe_unfuse import golden
+from moe_unfuse.tools import golden
 
 pytestmark = pytest.mark.arch("gemma4")
 

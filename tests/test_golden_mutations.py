@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_unfuse import SpecError, golden
+from moe_unfuse import SpecError
+from moe_unfuse.tools import golden
 
 
 def transposed(raw: dict) -> None:
@@ -151,7 +152,7 @@ def test_the_unmutated_spec_passes(mutated_spec, arch):
 @pytest.mark.arch("gemma4")
 def test_wrong_orientation_with_matching_shape_is_a_spec_error_in_check(mutated_spec, capsys):
     """``moe-unfuse check`` gives the same one-line SpecError that unfuse() gives, not a torch crash."""
-    from moe_unfuse.cli import main
+    from moe_unfuse.cli.main import main
 
     path = mutated_spec.path("gemma4", transposed, "gemma4.yaml")
     assert main(["check", str(path), "--no-modelopt"]) == 2

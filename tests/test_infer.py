@@ -17,12 +17,12 @@ import yaml
 from helpers import decorated_classes, spec_names, spec_raw
 
 import moe_unfuse
-from moe_unfuse import golden
-from moe_unfuse.cli import main
-from moe_unfuse.draft import draft as draft_spec
-from moe_unfuse.draft import import_target, is_decorated
-from moe_unfuse.errors import MoeUnfuseError
-from moe_unfuse.spec import parse
+from moe_unfuse.base.errors import MoeUnfuseError
+from moe_unfuse.cli.main import main
+from moe_unfuse.spec.core import parse
+from moe_unfuse.tools import golden
+from moe_unfuse.tools.draft import draft as draft_spec
+from moe_unfuse.tools.draft import import_target, is_decorated
 
 
 def _cases() -> list:

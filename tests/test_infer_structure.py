@@ -8,9 +8,10 @@ import fused_layouts
 import pytest
 import yaml
 
-from moe_unfuse import golden, load_spec
-from moe_unfuse.cli import main
-from moe_unfuse.draft import draft as draft_spec
+from moe_unfuse import load_spec
+from moe_unfuse.cli.main import main
+from moe_unfuse.tools import golden
+from moe_unfuse.tools.draft import draft as draft_spec
 
 pytestmark = pytest.mark.arch("gemma4")
 

@@ -5,7 +5,7 @@ load, a fused export layout, fp32-kept routers and sinks, a router reading its c
 identity experts, hybrid attention, decoder layers only the config names (DBRX, Jamba), a module
 owning the layers with tensors of its own (Zaya, the OCR models), a module reading a child's weights
 without calling it (JetMoE, Llama 4), conversion mappings with split rules (Bailing hybrid, GLM-5
-next, Lara-Mini) ...; :mod:`moe_unfuse.streaming` works around modelopt for each); a model with no
+next, Lara-Mini) ...; :mod:`moe_unfuse.quant.streaming` works around modelopt for each); a model with no
 decoder layer list fails in one line before anything is written, and one whose forward runs a layer
 more than once (looped layers) in one line before its checkpoint is written; and layer by layer is chosen by
 default when the whole model would not fit in memory."""
@@ -20,8 +20,8 @@ import torch
 from helpers import assert_same_checkpoint, checkpoint_tensors, save_tiny, spec_names, spec_raw, tensor_bits
 
 import moe_unfuse
-from moe_unfuse.cli import main
-from moe_unfuse.tiny import tiny_model_for
+from moe_unfuse.cli.main import main
+from moe_unfuse.hub.tiny import tiny_model_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,7 +68,7 @@ def test_layerwise_refused_in_one_line_before_anything_is_written(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A model with no decoder layer list to walk (neither modelopt nor the config finds one)."""
-    import moe_unfuse.layerwise as layerwise
+    import moe_unfuse.quant.layerwise as layerwise
 
     model = save_tiny("gemma4", tmp_path / "model")
     monkeypatch.setattr(layerwise, "decoder_layer_list", lambda m: None)
@@ -86,7 +86,7 @@ def test_layerwise_refused_in_one_line_before_anything_is_written(
 def test_layerwise_is_the_default_when_the_model_does_not_fit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    import moe_unfuse.layerwise as layerwise
+    import moe_unfuse.quant.layerwise as layerwise
 
     model = save_tiny("gemma4", tmp_path / "model")
     size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
@@ -102,7 +102,7 @@ def test_layerwise_is_the_default_when_the_model_does_not_fit(
 
 
 def test_default_counts_gpu_memory_for_auto_and_keeps_explicit_placements(monkeypatch: pytest.MonkeyPatch) -> None:
-    import moe_unfuse.layerwise as layerwise
+    import moe_unfuse.quant.layerwise as layerwise
 
     monkeypatch.setattr(layerwise, "available_memory", lambda: 10 * 2**30)
     monkeypatch.setattr(layerwise.torch.cuda, "is_available", lambda: True)
@@ -123,8 +123,8 @@ def test_layerwise_needs_a_model_folder(tmp_path: Path, capsys: pytest.CaptureFi
 def test_report_summarizes_fallbacks_per_experts_module() -> None:
     """At 128 experts a line per fallback buried the report: one line per experts module on screen,
     each value in moe_unfuse.json (``input_scale_fallbacks``)."""
-    from moe_unfuse.calibration import ScaleFallback
-    from moe_unfuse.quantize import fallback_lines
+    from moe_unfuse.quant.calibration import ScaleFallback
+    from moe_unfuse.quant.quantize import fallback_lines
 
     many = [ScaleFallback("model.layers.0.experts", e, ("gate_proj", "up_proj"), 0.5, "layer max") for e in range(40)]
     one = [ScaleFallback("model.layers.1.experts", 3, ("down_proj",), 0.25, "model max")]
@@ -144,8 +144,8 @@ def test_split_rules_are_reversed_one_decoder_layer_at_a_time(tmp_path: Path, mo
     from safetensors.torch import save_file
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    from moe_unfuse.export import postprocess_checkpoint
-    from moe_unfuse.naming import model_contract
+    from moe_unfuse.hub.naming import model_contract
+    from moe_unfuse.quant.export import postprocess_checkpoint
 
     spec = moe_unfuse.get_spec("bailing_hybrid")
     if spec.resolve_class() is None:
@@ -183,8 +183,8 @@ def test_whole_model_that_would_spill_to_disk_goes_layer_by_layer(
     silent mixed placement, and writes the checkpoint the whole model writes in memory (tied
     embeddings: no lm_head). ``--no-layerwise`` keeps the mixed placement, says so, and writes the
     same checkpoint too."""
-    import moe_unfuse.layerwise as layerwise
-    import moe_unfuse.loading as loading
+    import moe_unfuse.hub.loading as loading
+    import moe_unfuse.quant.layerwise as layerwise
 
     model = save_tiny("gemma4", tmp_path / "model")
     size = sum(f.stat().st_size for f in model.glob("*.safetensors"))

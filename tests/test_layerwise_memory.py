@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_unfuse.memory import run_with_peak_rss
-from moe_unfuse.tiny import write_gemma4_checkpoint
+from moe_unfuse.base.memory import run_with_peak_rss
+from moe_unfuse.hub.tiny import write_gemma4_checkpoint
 
 BOUND = 1.5e9
 

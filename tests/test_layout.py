@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_unfuse.layout import Layout, Split, Transpose, Unbind, Unflatten, layout_for
+from moe_unfuse.base.layout import Layout, Split, Transpose, Unbind, Unflatten, layout_for
 
 
 def shares_storage(view: torch.Tensor, base: torch.Tensor) -> bool:

@@ -1,6 +1,6 @@
 """What plain modelopt does with every spec's whole tiny model, measured beside moe_unfuse
-(:mod:`moe_unfuse.modelopt_alone`): the README's table is that measurement on the pinned modelopt
-(regenerate: ``python -m moe_unfuse.modelopt_alone --write README.md``); on any other version the
+(:mod:`moe_unfuse.tools.modelopt_alone`): the README's table is that measurement on the pinned modelopt
+(regenerate: ``python -m moe_unfuse.tools.modelopt_alone --write README.md``); on any other version the
 same run must still hold what the README's opening claims of every release."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_unfuse.modelopt_alone import END, PINNED_MODELOPT, START, Row, markdown, measure
+from moe_unfuse.tools.modelopt_alone import END, PINNED_MODELOPT, START, Row, markdown, measure
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +33,7 @@ def test_readme_table_is_the_measurement_on_the_pinned_modelopt(rows: list[Row])
     }
     # a family whose class the installed transformers lacks keeps the row another version generated
     stale = [arch for arch in generated if current.get(arch) != generated[arch]]
-    assert not stale, f"stale rows {stale}: run `python -m moe_unfuse.modelopt_alone --write README.md`"
+    assert not stale, f"stale rows {stale}: run `python -m moe_unfuse.tools.modelopt_alone --write README.md`"
 
 
 def test_measurement_on_the_installed_modelopt(rows: list[Row]) -> None:

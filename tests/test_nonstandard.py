@@ -22,11 +22,11 @@ from helpers import arch_param
 from torch import nn
 
 import moe_unfuse
-from moe_unfuse import golden
-from moe_unfuse.coverage import uncovered_expert_params
-from moe_unfuse.experts import UnfusedExpertsMixin
-from moe_unfuse.plan import REST_PREFIX, resolve_dims
-from moe_unfuse.spec import Spec
+from moe_unfuse.core.coverage import uncovered_expert_params
+from moe_unfuse.core.experts import UnfusedExpertsMixin
+from moe_unfuse.core.plan import REST_PREFIX, resolve_dims
+from moe_unfuse.spec.core import Spec
+from moe_unfuse.tools import golden
 
 
 def run_exact(spec: Spec, dtype: torch.dtype, inputs: Callable[[nn.Module], tuple] | None = None) -> tuple[bool, float]:

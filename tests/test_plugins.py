@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import moe_unfuse
-from moe_unfuse import golden
-from moe_unfuse.hookspecs import hookimpl
-from moe_unfuse.plugins import DEFAULT_PLUGINS, manager
+from moe_unfuse.plugins.hookspecs import hookimpl
+from moe_unfuse.plugins.manager import DEFAULT_PLUGINS, manager
+from moe_unfuse.tools import golden
 
 pytestmark = pytest.mark.arch("gemma4")
 
@@ -102,7 +102,7 @@ def test_plugin_adds_a_command(registered_plugin, capsys) -> None:
     """A plugin contributes a ``moe-unfuse`` subcommand through ``register_commands``."""
     import types
 
-    from moe_unfuse.cli import main
+    from moe_unfuse.cli.main import main
 
     command = types.SimpleNamespace(
         __doc__="Say hello (a plugin's command).",
@@ -123,7 +123,7 @@ def test_plugin_adds_a_command(registered_plugin, capsys) -> None:
 def test_plugin_command_cannot_shadow_a_builtin(registered_plugin, capsys) -> None:
     import types
 
-    from moe_unfuse.cli import main
+    from moe_unfuse.cli.main import main
 
     class Plugin:
         @moe_unfuse.hookimpl
@@ -137,7 +137,7 @@ def test_plugin_command_cannot_shadow_a_builtin(registered_plugin, capsys) -> No
 
 def test_entry_points_can_be_skipped(monkeypatch) -> None:
     """``MOE_UNFUSE_NO_ENTRY_POINTS`` (the suite sets it): a broken installed plugin cannot break us."""
-    from moe_unfuse import plugins
+    from moe_unfuse.plugins import manager as plugins
 
     calls = []
     monkeypatch.setattr(plugins, "_pm", None)
@@ -154,7 +154,7 @@ def test_entry_points_can_be_skipped(monkeypatch) -> None:
 
 
 def test_a_broken_entry_point_is_one_line(monkeypatch) -> None:
-    from moe_unfuse import plugins
+    from moe_unfuse.plugins import manager as plugins
 
     def boom(self, group):
         raise ImportError("No module named 'their_plugin'")
@@ -169,7 +169,7 @@ def test_a_broken_entry_point_is_one_line(monkeypatch) -> None:
 def test_refuse_and_infer_are_deprecated_aliases(capsys) -> None:
     import warnings
 
-    from moe_unfuse.cli import main
+    from moe_unfuse.cli.main import main
 
     model = torch.nn.Module()
     with warnings.catch_warnings(record=True) as caught:

@@ -11,7 +11,10 @@ from torch import nn
 
 import moe_unfuse
 from moe_unfuse import UncoveredExpertsError
-from moe_unfuse.calibration import (
+from moe_unfuse.core.coverage import check_coverage
+from moe_unfuse.hub.tiny import byte_tokenizer, tiny_gemma4
+from moe_unfuse.hub.verify import verify_checkpoint
+from moe_unfuse.quant.calibration import (
     RoutingStats,
     calibration_batches,
     finalize_input_scales,
@@ -19,10 +22,7 @@ from moe_unfuse.calibration import (
     read_calibration_texts,
     unfused_experts,
 )
-from moe_unfuse.coverage import check_coverage
-from moe_unfuse.quantize import quantize_model
-from moe_unfuse.tiny import byte_tokenizer, tiny_gemma4
-from moe_unfuse.verify import verify_checkpoint
+from moe_unfuse.quant.quantize import quantize_model
 
 pytestmark = [pytest.mark.arch("gemma4"), pytest.mark.usefixtures("one_thread")]
 
@@ -34,7 +34,7 @@ def small_batches(n: int = 4, seq_len: int = 64) -> list[dict[str, torch.Tensor]
 
 
 def cli(*argv: str) -> int:
-    from moe_unfuse.cli import main
+    from moe_unfuse.cli.main import main
 
     return main(list(argv))
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_unfuse.cli import main
-from moe_unfuse.tiny import byte_tokenizer, tiny_gemma4
+from moe_unfuse.cli.main import main
+from moe_unfuse.hub.tiny import byte_tokenizer, tiny_gemma4
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("quantize_bad_input")]
 QUICK = ["--qformat", "fp8", "--calib-size", "2", "--seq-len", "32", "--device-map", "cpu", "--no-progress"]

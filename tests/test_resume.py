@@ -18,8 +18,8 @@ import torch
 from helpers import assert_same_checkpoint, save_tiny
 from test_layerwise import CALIB
 
-from moe_unfuse.cli import main
-from moe_unfuse.resume import KILL_ENV
+from moe_unfuse.cli.main import main
+from moe_unfuse.quant.resume import KILL_ENV
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.arch("gemma4")]
 
@@ -89,7 +89,7 @@ def test_activations_through_every_tier_give_the_whole_model_checkpoint(
     """Budgets small enough that a layer's cached values land on the execution device, in host memory
     and on disk (the same code as on a GPU, where the first two differ): the whole-model checkpoint,
     and no file left."""
-    import moe_unfuse.layerwise as layerwise
+    import moe_unfuse.quant.layerwise as layerwise
 
     model = save_tiny("gemma4", tmp_path / "model")
     whole = ["quantize", str(model), "--qformat", "nvfp4", "--out", str(tmp_path / "whole"), "--no-layerwise"]
@@ -114,7 +114,7 @@ def test_activations_through_every_tier_give_the_whole_model_checkpoint(
 def test_device_defaults_to_this_ranks_gpu_and_bad_devices_are_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from moe_unfuse import distributed
+    from moe_unfuse.quant import distributed
 
     monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 4)
@@ -135,7 +135,7 @@ def test_device_defaults_to_this_ranks_gpu_and_bad_devices_are_one_line(
 
 def test_report_summarizes_long_expert_lists() -> None:
     """At 128 experts the report lists no expert numbers beyond 16: a count and ranges instead."""
-    from moe_unfuse.quantize import expert_list
+    from moe_unfuse.quant.quantize import expert_list
 
     idle = [0, 1, 2, 3, 7, *range(9, 41)]
     assert expert_list(idle, 128) == "37 of 128 experts (0-3, 7, 9-40)"

@@ -14,8 +14,10 @@ import torch
 from helpers import spec_raw
 
 import moe_unfuse
-from moe_unfuse import SpecError, UnknownArchError, golden, load_spec, versions
-from moe_unfuse.drift import DriftError
+from moe_unfuse import SpecError, UnknownArchError, load_spec
+from moe_unfuse.base import versions
+from moe_unfuse.core.drift import DriftError
+from moe_unfuse.tools import golden
 
 pytestmark = pytest.mark.arch("gemma4")
 

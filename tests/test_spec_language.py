@@ -12,12 +12,13 @@ import torch
 from helpers import spec_names
 
 import moe_unfuse
-from moe_unfuse import SpecError, golden, load_spec
+from moe_unfuse import SpecError, load_spec
+from moe_unfuse.base.kinds import ForwardKind, GateKind
+from moe_unfuse.base.layout import Narrow, Split, layout_for
+from moe_unfuse.core.experts import LinearExact, linear_over
 from moe_unfuse.default_plugins.clamped_gates import clamped_swiglu_alpha
-from moe_unfuse.experts import LinearExact, linear_over
-from moe_unfuse.hookspecs import hookimpl
-from moe_unfuse.kinds import ForwardKind, GateKind
-from moe_unfuse.layout import Narrow, Split, layout_for
+from moe_unfuse.plugins.hookspecs import hookimpl
+from moe_unfuse.tools import golden
 
 
 def assert_one_line(err: SpecError, path: Path, field: str) -> None:

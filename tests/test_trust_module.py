@@ -13,7 +13,7 @@ from helpers import spec_raw, write_spec
 
 import moe_unfuse
 from moe_unfuse import SpecError
-from moe_unfuse.cli import main
+from moe_unfuse.cli.main import main
 
 pytestmark = [pytest.mark.arch("mixtral"), pytest.mark.usefixtures("one_thread")]
 

@@ -16,8 +16,9 @@ import torch
 from helpers import HANG_S
 
 import moe_unfuse
-from moe_unfuse import golden, unfusing
-from moe_unfuse.experts import UnfusedExpertsMixin
+from moe_unfuse.core import unfusing
+from moe_unfuse.core.experts import UnfusedExpertsMixin
+from moe_unfuse.tools import golden
 
 PACKAGE = str(Path(moe_unfuse.__file__).parent)
 
@@ -173,8 +174,8 @@ def test_a_whole_unfused_model_pickles_saves_and_deep_copies(how):
 
 
 def test_ctrl_c_in_a_command_is_one_line_and_exit_130(monkeypatch, capsys):
-    from moe_unfuse import cli
-    from moe_unfuse.commands import list as list_command
+    from moe_unfuse.cli import main as cli
+    from moe_unfuse.cli.commands import list as list_command
 
     def interrupted(args):
         raise KeyboardInterrupt

@@ -12,8 +12,9 @@ from helpers import SPECS_DIR as SPECS
 from helpers import spec_raw, write_spec
 
 import moe_unfuse
-from moe_unfuse import SpecError, golden, load_spec
-from moe_unfuse.spec import MAX_SPEC_BYTES, eval_shape_expr, golden_config
+from moe_unfuse import SpecError, load_spec
+from moe_unfuse.spec.core import MAX_SPEC_BYTES, eval_shape_expr, golden_config
+from moe_unfuse.tools import golden
 
 pytestmark = pytest.mark.arch("gemma4")
 

@@ -4,7 +4,7 @@ metadata, names, shapes). Each must end in a report whose named check fails, or 
 :class:`MoeUnfuseError` line with a fix; a few kinds are harmless and may pass. Zero tracebacks.
 
 Zero hangs by construction, not by a timeout: verify bounds what it builds from a config before
-building it (``moe_unfuse.checkpoint_input``), so a config claiming 10^9 experts or layers is refused
+building it (``moe_unfuse.hub.checkpoint_input``), so a config claiming 10^9 experts or layers is refused
 at once; the huge-count kinds are in the table. Bounded work: ``len(KINDS) + RANDOM_CASES`` verifies
 of tiny checkpoints."""
 
@@ -24,9 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import moe_unfuse
-from moe_unfuse.errors import MoeUnfuseError
-from moe_unfuse.quantize import quantize_model
-from moe_unfuse.tiny import tiny_gemma4
+from moe_unfuse.base.errors import MoeUnfuseError
+from moe_unfuse.hub.tiny import tiny_gemma4
+from moe_unfuse.quant.quantize import quantize_model
 
 pytestmark = [pytest.mark.arch("gemma4"), pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("verify_fuzz")]
 SEED, RANDOM_CASES = 1234, 20

@@ -18,8 +18,10 @@ import pytest
 from helpers import ROOT, SPECS_DIR, spec_names, spec_raw, spec_variant
 
 import moe_unfuse
-from moe_unfuse import cli, drift, versions
-from moe_unfuse.commands import list as list_command
+from moe_unfuse.base import versions
+from moe_unfuse.cli import main as cli
+from moe_unfuse.cli.commands import list as list_command
+from moe_unfuse.core import drift
 
 VERIFIED = "1.2.3"
 FUTURE = "99.0.0"
@@ -99,7 +101,7 @@ def test_class_presence_from_source_agrees_with_importing():
 
 def test_class_presence_imports_no_modeling_file():
     code = (
-        "import sys; from moe_unfuse import drift, versions\n"
+        "import sys; from moe_unfuse.core import drift; from moe_unfuse.base import versions\n"
         "assert drift.class_present('transformers.models.mixtral.modeling_mixtral.MixtralExperts')\n"
         "assert not drift.class_present('transformers.models.no_such_model.modeling_no_such_model.X')\n"
         "assert versions.installed_version()\n"
@@ -187,7 +189,7 @@ def test_spec_names_are_the_registry_archs():
 def run_cli(*args: str) -> tuple[str, list[str]]:
     """Run the CLI in a fresh interpreter; (stdout, the torch/transformers modules it imported)."""
     code = (
-        "import sys, io, contextlib; from moe_unfuse import cli\n"
+        "import sys, io, contextlib; from moe_unfuse.cli import main as cli\n"
         "out = io.StringIO()\n"
         f"with contextlib.redirect_stdout(out): code = cli.main({list(args)!r})\n"
         "assert code == 0, code\n"

@@ -19,7 +19,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--update-results",
         action="store_true",
-        help="write moe_unfuse/engine_loads.json from this run instead of comparing with it",
+        help="write moe_unfuse/tools/engine_loads.json from this run instead of comparing with it",
     )
 
 

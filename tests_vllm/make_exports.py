@@ -49,8 +49,8 @@ def plan(archs: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
 def export_arch(root: Path, arch: str) -> list[dict]:
     """The exports of one spec's tiny model (one worker process runs several of these in turn)."""
     import moe_unfuse
-    from moe_unfuse.cli import main
-    from moe_unfuse.tiny import save_tiny_model
+    from moe_unfuse.cli.main import main
+    from moe_unfuse.hub.tiny import save_tiny_model
 
     spec = moe_unfuse.get_spec(arch)
     source = root / arch / "source"  # kept: the loader test loads it when an export fails (engine limit or ours)

@@ -4,7 +4,7 @@ checkpoint tensor copied into a parameter, every parameter element written, no p
 copied into a parameter of another dtype, and vLLM's own "not initialized from checkpoint" check on the
 unquantized checkpoints it runs it on.
 
-The outcome per family and format must be the one ``moe_unfuse/engine_loads.json`` records (which
+The outcome per family and format must be the one ``moe_unfuse/tools/engine_loads.json`` records (which
 ``verify --engine vllm`` and the README's export table read; ``--update-results`` rewrites it), and
 ``verify --engine vllm`` (run when the export was made) must pass every export that loads. An export
 that fails is triaged by loading the unquantized checkpoint it was made from (saved as the hub has it):

@@ -1,8 +1,8 @@
 """Gating kinds: how the packed ``[gate, up]`` projection output becomes the down projection's input.
 
 Each builder gets ``(module, cfg, act, split)``: the experts module, the spec's ``gate`` mapping,
-the resolved activation and the :class:`~moe_unfuse.layout.Split` that unpacks gate and up. Each
-is a :class:`~moe_unfuse.kinds.GateKind`, so a parameter it does not take fails at load.
+the resolved activation and the :class:`~moe_unfuse.base.layout.Split` that unpacks gate and up. Each
+is a :class:`~moe_unfuse.base.kinds.GateKind`, so a parameter it does not take fails at load.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 modelopt converts a module by swapping its class and calling ``_setup``; ours unfuses there and
 turns every per-expert ``nn.Linear`` into a ``QuantLinear`` with its own weight and input quantizers
-in bulk (:func:`moe_unfuse.fastquant.convert_linears`: what modelopt's recursive replacement, which
+in bulk (:func:`moe_unfuse.quant.fastquant.convert_linears`: what modelopt's recursive replacement, which
 then finds them converted, would have made one by one), and a post-conversion plugin gives them a
-weight callback that quantizes each expert weight once (:mod:`moe_unfuse.fastquant`). An existing registration for the class (modelopt's own
+weight callback that quantizes each expert weight once (:mod:`moe_unfuse.quant.fastquant`). An existing registration for the class (modelopt's own
 wrappers for GptOss, Llama4, DBRX) is replaced, since those quantize through a different layout.
 
 modelopt's export dispatches MoE modules through two registries that guess the experts' structure

@@ -1,0 +1,1 @@
+"""The built-in ``moe-unfuse`` commands, one module each."""
