@@ -22,6 +22,7 @@ from moe_unfuse.base import versions
 from moe_unfuse.cli import main as cli
 from moe_unfuse.cli.commands import list as list_command
 from moe_unfuse.core import drift
+from moe_unfuse.spec import catalog
 
 VERIFIED = "1.2.3"
 FUTURE = "99.0.0"
@@ -145,7 +146,7 @@ def test_list_shows_each_status(monkeypatch, capsys, clean_cache):
         ),
     }
     specs = {arch: spec.__class__(**{**spec.__dict__, "arch": arch}) for arch, spec in specs.items()}
-    monkeypatch.setattr(moe_unfuse, "list_specs", lambda: specs)
+    monkeypatch.setattr(catalog, "specs", lambda: specs)
     monkeypatch.setattr(versions, "installed_version", lambda: FUTURE)
     assert cli.main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -166,16 +167,6 @@ def test_list_shows_each_status(monkeypatch, capsys, clean_cache):
         "gone": "missing",
     }
     assert rows["gone"]["available"] is False and rows["fitting"]["verified_on"] == {"transformers": [VERIFIED]}
-
-
-def test_builtin_specs_read_light_are_the_registry_specs():
-    light = list_command.read_builtin_specs()
-    registry = {
-        arch: spec for arch, spec in moe_unfuse.list_specs().items() if Path(spec.source).parent == ROOT / "specs"
-    }
-    assert list(light) == list(registry)
-    for arch, (source, raw) in light.items():
-        assert source == registry[arch].source and raw == dict(registry[arch].raw), arch
 
 
 def test_spec_names_are_the_registry_archs():
@@ -200,8 +191,9 @@ def run_cli(*args: str) -> tuple[str, list[str]]:
 
 
 def test_list_and_show_import_neither_torch_nor_transformers():
-    """Why they answer in a fraction of a second: the registry's plugins import torch and
-    transformers (seconds); listing reads the spec files and scans modeling sources instead."""
+    """Why they answer in a fraction of a second: the plugins register without importing torch or
+    transformers (seconds), specs load without importing their classes, and class presence is read
+    from the modeling sources."""
     from importlib.metadata import entry_points
 
     if entry_points(group="moe_unfuse"):
@@ -209,7 +201,7 @@ def test_list_and_show_import_neither_torch_nor_transformers():
     out, imported = run_cli("list", "--json")
     assert imported == []
     in_process = list_command.spec_rows()
-    assert json.loads(out) == in_process  # the light reading gives the rows the registry gives
+    assert json.loads(out) == in_process
     out, imported = run_cli("show", "gemma4")
     assert imported == []
     assert out.startswith(f"# gemma4: resolved from {moe_unfuse.get_spec('gemma4').source}\n")

@@ -8,9 +8,13 @@ description read in both directions (the same idea as transformers' ``core_model
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# A layout is described without torch (a spec is validated by building its layout: ``moe-unfuse list``
+# imports no torch); the ops that make a tensor import it, when the tensors they get have loaded it.
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,8 @@ class Narrow:
         return t.narrow(self.axis, self.length, t.shape[self.axis] - self.length)
 
     def reverse(self, t: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        import torch
+
         return torch.cat([t, rest.to(device=t.device, dtype=t.dtype)], self.axis)
 
 
@@ -90,6 +96,8 @@ class Split:
         return tuple(grouped.select(axis + 1, i) for i in range(self.parts))
 
     def reverse(self, pieces: Sequence[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        import torch
+
         if self.packing == "separate":
             return tuple(pieces)
         if len(pieces) == 1:
@@ -110,6 +118,8 @@ class Unbind:
         return t.unbind(self.axis)
 
     def reverse(self, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+        import torch
+
         return torch.stack(list(pieces), self.axis)
 
 

@@ -1,7 +1,9 @@
-"""``moe-unfuse``: one subcommand per module in ``moe_unfuse.cli.commands``.
+"""``moe-unfuse``: one subcommand per command the plugins register (``register_commands``).
 
-Each command module has a docstring (its help), ``add_arguments(parser)`` and ``run(args) -> int``,
-and keeps heavy imports (torch, transformers, modelopt) inside ``run`` so ``--help`` stays fast.
+The built-in commands come from the default plugin ``moe_unfuse.default_plugins.commands`` like any
+plugin's, each a module in ``moe_unfuse.cli.commands`` with a docstring (its help),
+``add_arguments(parser)``, ``run(args) -> int`` and optionally ``ALIASES``, keeping heavy imports
+(torch, transformers, modelopt) inside ``run`` so ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import os
 import sys
 
 from ..base.errors import MoeUnfuseError
+from ..plugins.manager import registry
 
-COMMANDS = ("quantize", "verify", "eval", "list", "show", "check", "audit", "draft", "coverage")
-#: Old command names kept for one release: alias -> command.
-ALIASES = {"draft": ["infer"]}
+
+def load_command(command: object) -> object:
+    """A registered command: the object itself, or the module a dotted name gives."""
+    return importlib.import_module(command) if isinstance(command, str) else command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,18 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize fused Mixture-of-Experts models by unfusing their experts, from declarative specs.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands = {name: importlib.import_module(f"moe_unfuse.cli.commands.{name}") for name in COMMANDS}
-    for name, command in plugin_commands().items():
-        if name in commands or any(name in a for a in ALIASES.values()):
-            raise MoeUnfuseError(
-                f"a plugin registers the command {name!r}, which moe-unfuse has; fix: rename the plugin's command"
-            )
-        commands[name] = command
+    commands = {name: load_command(command) for name, command in registry().commands.items()}
+    aliases = {alias: name for name, command in commands.items() for alias in getattr(command, "ALIASES", ())}
+    for name in commands.keys() & aliases.keys():
+        raise MoeUnfuseError(
+            f"a plugin registers the command {name!r}, which moe-unfuse has as an alias of {aliases[name]!r}; fix: rename the plugin's command"
+        )
     for name, command in commands.items():
         doc = (command.__doc__ or "").strip()
         p = sub.add_parser(
             name,
-            aliases=ALIASES.get(name, []),
+            aliases=list(getattr(command, "ALIASES", ())),
             help=doc.splitlines()[0] if doc else None,
             description=doc,
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -43,18 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_arguments(p)
         p.set_defaults(_run=command.run, command=name)
     return parser
-
-
-def plugin_commands() -> dict[str, object]:
-    """Commands plugins contribute (``register_commands``). Looked up only when a plugin could add
-    one (an entry point is installed, or the plugins are already loaded), so ``--help`` stays light."""
-    from importlib.metadata import entry_points
-
-    from ..plugins import manager as plugins
-
-    if not plugins.loaded() and not entry_points(group=plugins.ENTRY_POINT_GROUP):
-        return {}
-    return dict(plugins.registry().commands)
 
 
 #: Exit status after Ctrl-C, as a shell reports a process killed by SIGINT (128 + 2).

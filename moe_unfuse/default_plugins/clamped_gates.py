@@ -8,11 +8,12 @@ layout, so the result is bit-identical.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..plugin import GateKind, hookimpl, resolve_value
+
+if TYPE_CHECKING:
+    import torch
 
 _LIMIT = "clamp bound: gate to (-inf, limit], up to [-limit, limit]"
 
@@ -48,6 +49,8 @@ def clamped_glu(module: Any, cfg: Mapping[str, Any], act: Callable, split: Any) 
 def clamped_swiglu_alpha(module: Any, cfg: Mapping[str, Any], act: Callable, split: Any) -> Callable:
     """GPT-OSS: ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``
     (also OpenAI Privacy Filter, MiniMax-M3-VL); no activation module involved."""
+    import torch  # when a module is unfused: registering the kind imports no torch
+
     alpha = _number(module, cfg, "alpha")
     limit = _number(module, cfg, "limit")
 

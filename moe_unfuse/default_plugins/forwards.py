@@ -15,19 +15,29 @@ its own quantizers), but gate all experts' projections stacked, as the original'
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from ..plugin import ForwardKind, hookimpl
 
-from ..plugin import ForwardKind, hookimpl, post_expert_norm, resolve_dims, stack_packed, unfuse_state
+if TYPE_CHECKING:
+    import torch
+
+# torch and the unfused module's API are imported inside each function: registering the kinds (every
+# ``moe-unfuse`` command, ``list`` and ``--help`` included, loads the plugins) imports neither.
 
 
 def _experts(module) -> list:
+    from ..plugin import unfuse_state
+
     return [module._modules[str(e)] for e in range(unfuse_state(module).num_experts)]
 
 
 def _down_all(module, experts: list, hidden: torch.Tensor) -> torch.Tensor:
     """Each expert's down projection on its slice of ``hidden`` [E, T, I], stacked to [E, T, out]."""
+    import torch
+
+    from ..plugin import post_expert_norm
+
     norm = post_expert_norm(module)
     outs = []
     for e, expert in enumerate(experts):
@@ -37,6 +47,8 @@ def _down_all(module, experts: list, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def pre_grouped_bmm_forward(module, *args, **kwargs) -> torch.Tensor:
+    from ..plugin import stack_packed, unfuse_state
+
     state = unfuse_state(module)
     hidden_states = state.bind(args, kwargs)["hidden_states"]
     grouped = hidden_states.view(state.num_experts, -1, hidden_states.shape[-1])
@@ -49,6 +61,10 @@ def pre_grouped_bmm_forward(module, *args, **kwargs) -> torch.Tensor:
 
 
 def expert_bank_forward(module, *args, **kwargs) -> torch.Tensor:
+    import torch
+
+    from ..plugin import unfuse_state
+
     state = unfuse_state(module)
     bound = state.bind(args, kwargs)
     inputs, sizes = bound["hidden_states"], bound["expert_sizes"]
@@ -63,6 +79,8 @@ def expert_bank_forward(module, *args, **kwargs) -> torch.Tensor:
 
 
 def dense_shared_forward(module, *args, **kwargs) -> torch.Tensor:
+    from ..plugin import stack_packed, unfuse_state
+
     state = unfuse_state(module)
     bound = state.bind(args, kwargs)
     hidden_states, gammas = bound["hidden_states"], bound["gammas"]
@@ -77,6 +95,9 @@ def dense_shared_forward(module, *args, **kwargs) -> torch.Tensor:
 
 def _bank_inputs(module, spec, values: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
     """Tokens per expert from the golden routing's first choice (every expert has some)."""
+    import torch
+
+    from ..plugin import resolve_dims
 
     num_experts = resolve_dims(module, spec, "")["num_experts"]
     return {"expert_sizes": torch.bincount(values["top_k_index"][:, 0], minlength=num_experts).tolist()}
@@ -84,6 +105,9 @@ def _bank_inputs(module, spec, values: dict[str, Any], generator: torch.Generato
 
 def _shared_inputs(module, spec, values: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
     """Per-token mixing weights ``[tokens, num_experts]``, like Inkling's router's shared gammas."""
+    import torch
+
+    from ..plugin import resolve_dims
 
     num_experts = resolve_dims(module, spec, "")["num_experts"]
     gammas = torch.rand(values["hidden_states"].shape[0], num_experts, generator=generator)

@@ -17,20 +17,10 @@ exported by modelopt's own linear handler as the walk reaches them).
 
 from __future__ import annotations
 
-from torch import nn
+from ..plugin import SpecError, hookimpl
 
-from ..plugin import (
-    LinearExact,
-    SpecError,
-    UnfusedExpertsMixin,
-    apply_plan,
-    build_plan,
-    convert_linears,
-    hookimpl,
-    install_fast_conversion,
-    release_free_memory,
-    unfuse_state,
-)
+# torch, modelopt and the unfused module's API are imported where used: registering the backend
+# (every ``moe-unfuse`` command, ``list`` and ``--help`` included, loads the plugins) imports none.
 
 KEY_PREFIX = "moe_unfuse."
 
@@ -44,6 +34,9 @@ class ModeloptBackend:
     def quant_class(self, spec) -> type:
         """The dynamic-module base modelopt combines with the target class: unfuse in ``_setup``."""
         from modelopt.torch.quantization.nn import QuantModule
+        from torch import nn
+
+        from ..plugin import UnfusedExpertsMixin, apply_plan, build_plan, convert_linears
 
         def _setup(self) -> None:
             apply_plan(build_plan(self, spec, type(self).__name__), swap_class=False)
@@ -64,6 +57,8 @@ class ModeloptBackend:
         from modelopt.torch.quantization.nn import QuantModuleRegistry
         from modelopt.torch.quantization.nn.modules.quant_linear import _QuantLinear
 
+        from ..plugin import LinearExact
+
         if LinearExact not in QuantModuleRegistry._registry:
             QuantModuleRegistry.register({LinearExact: f"{KEY_PREFIX}LinearExact"})(_QuantLinear)
 
@@ -75,6 +70,8 @@ class ModeloptBackend:
     def register(self, spec) -> type:
         """Register ``spec``'s class with modelopt; harmless when already registered by us."""
         from modelopt.torch.quantization.nn import QuantModuleRegistry
+
+        from ..plugin import install_fast_conversion
 
         self._register_linear_exact()
         install_export_handlers()
@@ -103,6 +100,8 @@ def _prepare_unfused_experts(name: str, moe_block, ctx) -> None:
     own fallback), per projection the spec declares."""
     from modelopt.torch.export.layer_utils import set_expert_quantizer_amax
 
+    from ..plugin import unfuse_state
+
     experts = moe_block.experts
     for proj in unfuse_state(experts).spec.projection_names():
         linears = [getattr(expert, proj) for expert in experts]
@@ -118,6 +117,8 @@ def _export_unfused_experts(name: str, module, ctx) -> None:
     per decoder layer of a streamed (offloaded) export: the previous layer's freed heap goes back to
     the system first (:func:`release_free_memory`)."""
     import torch
+
+    from ..plugin import release_free_memory
 
     release_free_memory()
 
@@ -143,6 +144,8 @@ def install_export_handlers() -> None:
     if _handlers_installed:
         return
     from modelopt.torch.export.registry import ExportModuleRegistry, PrepareMoEInputsRegistry
+
+    from ..plugin import UnfusedExpertsMixin
 
     PrepareMoEInputsRegistry.register(UnfusedExpertsMixin, prepend=True)(_prepare_unfused_experts)
     ExportModuleRegistry.register(UnfusedExpertsMixin, prepend=True)(_export_unfused_experts)

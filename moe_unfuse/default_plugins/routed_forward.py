@@ -9,16 +9,24 @@ Options cover the loop's variants: zero-compute identity experts (Longcat), the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from ..plugin import ForwardKind, SpecError, eval_shape_expr, hookimpl
 
-from ..plugin import ForwardKind, SpecError, eval_shape_expr, hookimpl, post_expert_norm, resolve_dims, unfuse_state
+if TYPE_CHECKING:
+    import torch
+
+# torch and the unfused module's API are imported inside each function: registering the kind (every
+# ``moe-unfuse`` command, ``list`` and ``--help`` included, loads the plugins) imports neither.
 
 _ACCUMULATE = ("input", "float32", "top_k_weights")
 
 
 def routed_forward(module, *args, **kwargs) -> torch.Tensor:
+    import torch
+
+    from ..plugin import post_expert_norm, unfuse_state
+
     state = unfuse_state(module)
     opts = state.spec.forward_options
     bound = state.bind(args, kwargs)
@@ -71,6 +79,9 @@ def _prepare(module, spec, dims: dict[str, int]) -> dict[str, Any]:
 
 def _golden_inputs(module, spec, values: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
     """With identity experts, route over real and identity ids alike, every id hit at least once."""
+    import torch
+
+    from ..plugin import resolve_dims
 
     dims = resolve_dims(module, spec, "")
     count = _prepare(module, spec, dims)["identity_experts"]

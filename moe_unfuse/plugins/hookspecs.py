@@ -65,6 +65,9 @@ def register_backends(register: Callable) -> None:
 
 @hookspec
 def register_commands(register: Callable) -> None:
-    """Contribute ``moe-unfuse`` subcommands: ``register(name, command)``, where ``command`` has a
-    docstring (its help), ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code), like the
-    built-in ones in ``moe_unfuse.cli.commands``. A name a built-in command has is an error."""
+    """Contribute ``moe-unfuse`` subcommands: ``register(name, command)``, where ``command`` (or the
+    dotted name of a module, imported when the command line is parsed) has a docstring (its help),
+    ``add_arguments(parser)``, ``run(args) -> int`` (the exit code) and optionally ``ALIASES`` (other
+    names for it), like the built-in ones in ``moe_unfuse.cli.commands`` (registered by the default
+    plugin ``commands``). A name or alias a built-in command has is an error. ``run`` keeps heavy
+    imports inside it: every command line builds the parser from every command."""

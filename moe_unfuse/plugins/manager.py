@@ -31,6 +31,7 @@ DEFAULT_PLUGINS = (
     "moe_unfuse.default_plugins.forwards",
     "moe_unfuse.default_plugins.clamped_gates",
     "moe_unfuse.default_plugins.modelopt_backend",
+    "moe_unfuse.default_plugins.commands",
 )
 ENTRY_POINT_GROUP = "moe_unfuse"
 #: Set (to anything non-empty) to skip third-party plugins from the entry-point group.
@@ -56,11 +57,6 @@ def manager() -> pluggy.PluginManager:
                 ) from None
         _pm = pm
     return _pm
-
-
-def loaded() -> bool:
-    """Whether the plugin manager was built (its default plugins import torch and transformers)."""
-    return _pm is not None
 
 
 @dataclass
@@ -92,9 +88,13 @@ def _collect(reg: Registry, hook: str, table: str, what: str) -> None:
         def register(name: str, value: Any, _plugin: str = impl.plugin_name) -> None:
             key = (table, name)
             if name in target and target[name] is not value:
-                raise MoeUnfuseError(
-                    f"plugins {reg.contributors[key]!r} and {_plugin!r} both register the {what} {name!r}; fix: rename one or unregister the other"
+                first = reg.contributors[key]
+                fix = (
+                    f": a plugin registers the {what} {name!r}, which moe-unfuse has; fix: rename the plugin's {what}"
+                    if first in DEFAULT_PLUGINS
+                    else "; fix: rename one or unregister the other"
                 )
+                raise MoeUnfuseError(f"plugins {first!r} and {_plugin!r} both register the {what} {name!r}{fix}")
             target[name] = value
             reg.contributors[key] = _plugin
 

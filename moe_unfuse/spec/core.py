@@ -27,6 +27,7 @@ import yaml
 
 from ..base.errors import MoeUnfuseError, SpecError, first_line
 from ..base.kinds import ForwardKind, GateKind
+from ..base.modules import module_source
 from ..base.options import ENGINES
 from ..base.versions import is_drifted
 from ..plugins.manager import registry
@@ -578,7 +579,7 @@ def _check_semantics(source: str, raw: dict, check_import: bool = True) -> None:
             raise SpecError(
                 source, f"{where}.axes", "the expert axis must come first", "put expert first, e.g. [expert, out, in]"
             )
-        from ..base.layout import layout_for  # torch, on the first spec validated
+        from ..base.layout import layout_for
 
         try:
             layout_for(axes, len(into), p.get("packing", "concatenated"), {"expert": 1})
@@ -645,12 +646,14 @@ def _check_semantics(source: str, raw: dict, check_import: bool = True) -> None:
     if is_drifted(raw):
         return  # another transformers than verified_on: a missing class is drift, reported on use (drift.py)
     if not check_import:
-        # Registry loading: find the module without executing it (importing ~70 modeling files
-        # costs seconds); the class itself is resolved, and reported if missing, on use.
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
+        # Registry loading: find the module without executing it, nor the packages on its way
+        # (importing ~70 modeling files costs seconds); the class is resolved, and reported if missing, on use.
+        found = module_source(module)
+        if found is None:  # undecidable from the files: ask the import system (imports the parents)
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
         if not found:
             raise SpecError(
                 source,

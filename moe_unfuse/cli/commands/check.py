@@ -42,7 +42,7 @@ def _check(args: argparse.Namespace) -> int:
     from ...base.errors import MoeUnfuseError, SpecError
     from ...core import drift
     from ...tools.golden import run_golden
-    from .show import resolve_spec
+    from ..spec_lookup import resolve_spec
 
     spec = resolve_spec(args.spec)
     drift.check(spec)  # a transformers not in verified_on: what changed in the class, in one line

@@ -16,6 +16,9 @@ import json
 import sys
 from pathlib import Path
 
+#: Old names of this command, kept for one release.
+ALIASES = ("infer",)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(

@@ -28,52 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
 
 
-def light_specs() -> dict[str, tuple[str, dict]] | None:
-    """arch -> (source, merged and schema-checked mapping) of the built-in specs, read without the
-    plugin registry, whose import loads torch and transformers (seconds) for what listing does not
-    need. None when the registry is already loaded or plugins are installed: then only the
-    registry knows every spec. The test-suite checks both give the same specs."""
-    from importlib.metadata import entry_points
-
-    from ...plugins import manager as plugins
-
-    if plugins.loaded() or entry_points(group="moe_unfuse"):
-        return None
-    return read_builtin_specs()
-
-
-def read_builtin_specs() -> dict[str, tuple[str, dict]]:
-    """arch -> (source, mapping) of every built-in spec: merged as the registry merges them and
-    checked against the JSON Schema (the kinds' declarations need the plugins: not checked here)."""
-    import jsonschema
-
-    from ...base.errors import SpecError
-    from ...default_plugins.builtin_specs import builtin_spec_dir
-    from ...spec.core import merged_raw, read_yaml, schema, schema_error
-
-    directory = builtin_spec_dir()
-    validator = jsonschema.Draft202012Validator(schema())
-    found: dict[str, tuple[str, dict]] = {}
-    for path in sorted(directory.glob("*.yaml")):
-        if read_yaml(path).get("abstract"):
-            continue
-        raw = merged_raw(path, (directory,))
-        errors = sorted(
-            validator.iter_errors(raw), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path)))
-        )
-        if errors:
-            raise schema_error(str(path), errors[0])
-        if raw["arch"] in found:
-            raise SpecError(
-                str(path),
-                "arch",
-                f"{raw['arch']!r} is already defined by {found[raw['arch']][0]}",
-                "rename one of the two specs",
-            )
-        found[raw["arch"]] = (str(path), raw)
-    return dict(sorted(found.items()))
-
-
 def _row(arch: str, source: str, raw: Any, present: bool, status: str, version: str) -> dict:
     target = raw.get("target", {})
     return {
@@ -89,37 +43,19 @@ def _row(arch: str, source: str, raw: Any, present: bool, status: str, version: 
 
 
 def spec_rows() -> list[dict]:
-    """One row per spec (built-in and from plugins), sorted by arch; ``status`` as in
-    :func:`moe_unfuse.core.drift.status`. Only a spec that is neither verified on the installed
-    transformers nor missing from it needs the drift check, which imports its class."""
+    """One row per spec of the catalog (built-in and from plugins), sorted by arch; ``status`` as in
+    :func:`moe_unfuse.core.drift.status`. Class presence is read from the modeling sources, and only a
+    spec neither verified on the installed transformers nor missing from it needs the drift check,
+    which imports its class: listing imports neither torch nor transformers."""
     from ...base import versions
     from ...core import drift
+    from ...spec.catalog import specs
 
     version = versions.installed_version()
-    light = light_specs()
-    if light is None:
-        from ...spec.catalog import specs as list_specs
-
-        rows = []
-        for arch, spec in list_specs().items():
-            present = spec.resolve_class() is not None
-            rows.append(_row(arch, spec.source, spec.raw, present, drift.status(spec, present), version))
-        return rows
     rows = []
-    for arch, (source, raw) in light.items():
-        present = drift.class_present(raw["target"]["class"])
-        verified = versions.verified_versions(raw)
-        if not present:
-            status = drift.MISSING
-        elif version in verified:
-            status = drift.VERIFIED
-        elif not verified:
-            status = drift.UNPROVEN
-        else:
-            from ...spec.catalog import get_spec
-
-            status = drift.status(get_spec(arch), present)
-        rows.append(_row(arch, source, raw, present, status, version))
+    for arch, spec in sorted(specs().items()):
+        present = drift.class_present(spec.target_class)
+        rows.append(_row(arch, spec.source, spec.raw, present, drift.status(spec, present), version))
     return rows
 
 

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trust-module", action="append", default=[], metavar="MODULE", help=TRUST_MODULE_HELP, dest="trust_modules"
     )
-    from .eval import add_eval_arguments
+    from ..evaluation import add_eval_arguments
 
     add_eval_arguments(parser, required=False)  # --against MODEL: the numeric check too
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         report = verify_checkpoint(args.path, engine=args.engine, arch=arch)
     if args.against is not None:
         from ...quant.evaluate import numeric_check
-        from .eval import evaluate_args
+        from ..evaluation import evaluate_args
 
         report.checks.append(numeric_check(evaluate_args(args, False), args.max_kl))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
