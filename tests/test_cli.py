@@ -32,7 +32,7 @@ def test_list_table_and_json(capsys, gemma4_spec):
 
 @pytest.mark.arch("gemma4")
 def test_list_reports_a_class_missing_from_transformers(capsys, monkeypatch):
-    from moe_unfuse.spec.core import Spec
+    from moe_unfuse.spec.model import Spec
 
     monkeypatch.setattr(Spec, "resolve_class", lambda self: None if self.arch == "gemma4" else object)
     moe_unfuse.registry()  # list asks each spec's class (not the light read) once the registry is loaded:

@@ -49,7 +49,9 @@ def read_builtin_specs() -> dict[str, tuple[str, dict]]:
 
     from ...base.errors import SpecError
     from ...default_plugins.builtin_specs import builtin_spec_dir
-    from ...spec.core import merged_raw, read_yaml, schema, schema_error
+    from ...spec.extends import merged_raw
+    from ...spec.validation import schema, schema_error
+    from ...spec.yaml_reader import read_yaml
 
     directory = builtin_spec_dir()
     validator = jsonschema.Draft202012Validator(schema())
