@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from .quant.export import export_checkpoint
     from .quant.quantize import QuantizeOptions, QuantizeReport, QuantizeResult, quantize_model, run_quantize
     from .spec.catalog import get_spec, load_spec
-    from .spec.core import Spec, trusted_modules
+    from .spec.imports import trusted_modules
+    from .spec.model import Spec
 
 #: Public name -> the submodule defining it, imported on first use: ``import moe_unfuse`` (and so
 #: ``moe-unfuse --help``) stays free of torch, transformers and modelopt until something needs them.
@@ -32,8 +33,8 @@ _LAZY = {
     "registry": "plugins.manager",
     "unregister_plugin": "plugins.manager",
     "hookimpl": "plugins.hookspecs",
-    "Spec": "spec.core",
-    "trusted_modules": "spec.core",
+    "Spec": "spec.model",
+    "trusted_modules": "spec.imports",
     "load_spec": "spec.catalog",
     "get_spec": "spec.catalog",
     "register": "core.registration",

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .core.unfusing import apply_plan
     from .plugins.hookspecs import hookimpl
     from .quant.fastquant import install_plugin as install_fast_conversion
-    from .spec.core import eval_shape_expr
+    from .spec.expressions import eval_shape_expr
 
 #: Public name -> (defining module, its name there).
 _API = {
@@ -51,7 +51,7 @@ _API = {
     "UnfusedExpertsMixin": ("core.experts", "UnfusedExpertsMixin"),
     "resolve_dims": ("core.plan", "resolve_dims"),
     "build_plan": ("core.plan", "build_plan"),
-    "eval_shape_expr": ("spec.core", "eval_shape_expr"),
+    "eval_shape_expr": ("spec.expressions", "eval_shape_expr"),
     "apply_plan": ("core.unfusing", "apply_plan"),
     "release_free_memory": ("base.memory", "release_free_memory"),
     "install_fast_conversion": ("quant.fastquant", "install_plugin"),

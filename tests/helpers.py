@@ -42,7 +42,7 @@ def spec_names() -> list[str]:
 
 @lru_cache(maxsize=None)
 def _merged(arch: str) -> dict:
-    from moe_unfuse.spec.core import merged_raw
+    from moe_unfuse.spec.extends import merged_raw
 
     return merged_raw(SPECS_DIR / f"{arch}.yaml", (SPECS_DIR,))
 
@@ -58,7 +58,7 @@ def spec_raw(arch: str, edit: Edit | None = None) -> dict:
 
 def spec_variant(arch: str, edit: Edit | None = None, source: str | None = None) -> moe_unfuse.Spec:
     """The built-in ``arch`` spec with ``edit`` applied, parsed in memory as if read from ``source``."""
-    from moe_unfuse.spec.core import parse
+    from moe_unfuse.spec.model import parse
 
     return parse(spec_raw(arch, edit), source or f"{arch}-variant.yaml")
 

@@ -201,7 +201,7 @@ def test_quantize_matches_the_catalog_once(tmp_path: Path, monkeypatch: pytest.M
 
     import moe_unfuse
     from moe_unfuse.hub.tiny import byte_tokenizer, tiny_gemma4
-    from moe_unfuse.spec.core import Spec
+    from moe_unfuse.spec.model import Spec
 
     calls: Counter[tuple[str, str]] = Counter()
     original = Spec.matches

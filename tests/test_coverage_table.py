@@ -17,7 +17,7 @@ from moe_unfuse.base.errors import MoeUnfuseError
 from moe_unfuse.cli import main as cli
 from moe_unfuse.cli.commands import coverage
 from moe_unfuse.core import drift
-from moe_unfuse.spec.core import Spec
+from moe_unfuse.spec.model import Spec
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

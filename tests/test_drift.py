@@ -24,7 +24,8 @@ from moe_unfuse.base import versions
 from moe_unfuse.base.errors import SpecError
 from moe_unfuse.core import drift
 from moe_unfuse.core.drift import DriftError
-from moe_unfuse.spec.core import golden_config, parse
+from moe_unfuse.spec.golden_config import golden_config
+from moe_unfuse.spec.model import parse
 from moe_unfuse.tools import golden
 
 FAKE = "moe_unfuse_drift_fake"

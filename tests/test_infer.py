@@ -19,7 +19,7 @@ from helpers import decorated_classes, spec_names, spec_raw
 import moe_unfuse
 from moe_unfuse.base.errors import MoeUnfuseError
 from moe_unfuse.cli.main import main
-from moe_unfuse.spec.core import parse
+from moe_unfuse.spec.model import parse
 from moe_unfuse.tools import golden
 from moe_unfuse.tools.draft import draft as draft_spec
 from moe_unfuse.tools.draft import import_target, is_decorated

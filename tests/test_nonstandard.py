@@ -25,7 +25,7 @@ import moe_unfuse
 from moe_unfuse.core.coverage import uncovered_expert_params
 from moe_unfuse.core.experts import UnfusedExpertsMixin
 from moe_unfuse.core.plan import REST_PREFIX, resolve_dims
-from moe_unfuse.spec.core import Spec
+from moe_unfuse.spec.model import Spec
 from moe_unfuse.tools import golden
 
 

@@ -13,7 +13,9 @@ from helpers import spec_raw, write_spec
 
 import moe_unfuse
 from moe_unfuse import SpecError, load_spec
-from moe_unfuse.spec.core import MAX_SPEC_BYTES, eval_shape_expr, golden_config
+from moe_unfuse.spec.expressions import eval_shape_expr
+from moe_unfuse.spec.golden_config import golden_config
+from moe_unfuse.spec.limits import MAX_SPEC_BYTES
 from moe_unfuse.tools import golden
 
 pytestmark = pytest.mark.arch("gemma4")

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..spec.core import Spec
+    from ..spec.model import Spec
 
 
 def is_path(arch_or_path: str) -> bool:

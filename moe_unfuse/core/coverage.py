@@ -25,7 +25,7 @@ from torch import nn
 
 from ..base.errors import UncoveredExpertsError
 from ..spec import catalog
-from ..spec.core import Spec
+from ..spec.model import Spec
 from .experts import UnfusedExpertsMixin, unfuse_state
 
 EXPERT_COUNT_ATTRS = (

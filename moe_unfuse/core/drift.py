@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Iterator
 from ..base import versions
 from ..base.errors import SpecError, first_line
 from ..base.modules import module_source
-from ..spec.core import Spec, golden_experts
+from ..spec.golden_config import golden_experts
+from ..spec.model import Spec
 
 if TYPE_CHECKING:
     from torch import nn

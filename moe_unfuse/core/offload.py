@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..base.layout import Layout
-from ..spec.core import Spec
+from ..spec.model import Spec
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from ..base.errors import SpecError
 from ..base.kinds import attr_path
 from ..base.layout import Split
 from ..plugins.manager import registry
-from ..spec.core import Spec, eval_shape_expr
+from ..spec.expressions import eval_shape_expr
+from ..spec.model import Spec
 
 
 @dataclass

@@ -11,7 +11,8 @@ from torch import nn
 from ..base.errors import MoeUnfuseError
 from ..plugins.manager import registry
 from ..spec.catalog import spec_of
-from ..spec.core import Spec, trusted_modules
+from ..spec.imports import trusted_modules
+from ..spec.model import Spec
 from . import drift
 from .coverage import check_coverage
 
@@ -36,7 +37,7 @@ def register(
     the quantizer would skip them silently; ``allow_uncovered=True`` accepts that knowingly.
 
     ``trust_modules``: modules of your own (and their submodules) a spec file may import its classes
-    from, e.g. ``["mymodels"]`` for a model not in transformers (see :func:`moe_unfuse.spec.core.trusted_modules`).
+    from, e.g. ``["mymodels"]`` for a model not in transformers (see :func:`moe_unfuse.spec.imports.trusted_modules`).
     """
     with trusted_modules(trust_modules):  # later uses find the class imported: no consent needed again
         return _register(arch, backend, model, allow_uncovered)

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..base.errors import MoeUnfuseError, UncoveredExpertsError
 from ..spec.catalog import ArchArg, specs_for
-from ..spec.core import Spec
+from ..spec.model import Spec
 from . import drift
 from .coverage import uncovered_expert_params
 from .experts import ExpertMLP, ExpertProjection, UnfusedExpertsMixin, UnfuseState, linear_over, unfused_class

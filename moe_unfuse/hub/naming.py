@@ -29,7 +29,7 @@ from torch import nn
 from ..base.errors import MoeUnfuseError
 from ..core.coverage import find_fused_params
 from ..core.plan import resolve_dims
-from ..spec.core import Spec
+from ..spec.model import Spec
 from .loading import transformers_class
 
 #: Suffixes modelopt writes next to a quantized weight, longest first (``weight_scale_2`` before ``weight_scale``).

@@ -41,7 +41,7 @@ from ..base.errors import MoeUnfuseError, first_line
 from ..base.options import ENGINES
 from ..spec.catalog import get_spec, select_specs, specs_for
 from ..spec.catalog import specs as catalog_specs
-from ..spec.core import Spec
+from ..spec.model import Spec
 from .checkpoint import METADATA_FILE, SCALE_SUFFIXES, excluded, fused_scale_base, must_exclude, quantized_modules
 from .checkpoint_input import (
     QuantMetadata,

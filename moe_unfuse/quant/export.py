@@ -58,7 +58,7 @@ from ..hub.checkpoint import (
 from ..hub.naming import ExpertsNaming, NamingContract, model_contract, unplaced_source_keys
 from ..hub.verify import Checkpoint, verify_checkpoint
 from ..plugins.manager import registry
-from ..spec.core import Spec
+from ..spec.model import Spec
 from .calibration import input_device, unfused_experts
 from .streaming import has_split_rules, streaming_export
 

@@ -40,7 +40,8 @@ from ..hub.naming import model_contract
 from ..hub.policy import build_quant_config
 from ..hub.tiny import byte_tokenizer, tiny_gemma4
 from ..spec.catalog import select_specs
-from ..spec.core import Spec, trusted_modules
+from ..spec.imports import trusted_modules
+from ..spec.model import Spec
 from . import distributed
 from .calibration import (
     RoutingStats,

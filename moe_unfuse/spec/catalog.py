@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from ..base.errors import SpecError, UnknownArchError
 from ..plugins.manager import Registry, registry
-from .core import Spec, read_yaml
-from .core import load_spec as _load_file
+from .model import Spec
+from .model import load_spec as _load_file
+from .yaml_reader import read_yaml
 
 if TYPE_CHECKING:
     from torch import nn

@@ -36,7 +36,7 @@ from ..core.coverage import FusedParam, find_fused_params
 from ..core.plan import build_plan
 from ..hub.loading import transformers_class
 from ..hub.policy import QuantRules, disable_entries
-from ..spec.core import Spec
+from ..spec.model import Spec
 
 #: formats of the size table; any other modelopt preset name works with ``qformat``
 SIZE_FORMATS = ("bf16", "fp8", "nvfp4", "nvfp4_experts_only")

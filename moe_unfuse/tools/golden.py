@@ -21,7 +21,9 @@ from ..core.plan import build_plan, owner_of, resolve_dims
 from ..core.registration import register
 from ..core.unfusing import fuse, unfuse
 from ..plugins.manager import registry
-from ..spec.core import Spec, golden_experts, resolve_object, set_experts_implementation
+from ..spec.golden_config import golden_experts, set_experts_implementation
+from ..spec.imports import resolve_object
+from ..spec.model import Spec
 
 #: grouped_mm / batched_mm reorder the reductions (one grouped GEMM, fp32 accumulation and a
 #: sum over top-k instead of index_add_), so they can only agree to rounding: fp32 eps is 1.2e-7
@@ -36,7 +38,7 @@ TOP_KS = (1, 2, 3)
 
 
 def import_object(path: str, kind: str | None = None, source: str = "(golden)", where: str = "golden") -> Any:
-    """The class at ``path``, checked to be of ``kind`` (moe_unfuse.spec.core.KINDS; None: any) before anyone calls it."""
+    """The class at ``path``, checked to be of ``kind`` (moe_unfuse.spec.imports.KINDS; None: any) before anyone calls it."""
     return resolve_object(path, kind, source, where)
 
 

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...spec.core import trusted_modules
+    from ...spec.imports import trusted_modules
 
     with trusted_modules(args.trust_modules):
         return _check(args)

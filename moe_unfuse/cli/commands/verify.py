@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ...hub.verify import verify_checkpoint
-    from ...spec.core import trusted_modules
+    from ...spec.imports import trusted_modules
 
     arch = args.arch.split(",") if args.arch else None
     with trusted_modules(args.trust_modules):
