@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from .plugins.hookspecs import hookimpl
     from .plugins.manager import register_plugin, registry, unregister_plugin
     from .quant.export import export_checkpoint
-    from .quant.quantize import QuantizeOptions, QuantizeReport, QuantizeResult, quantize_model, run_quantize
+    from .quant.quantize import QuantizeOptions, QuantizeResult, quantize_model, run_quantize
+    from .quant.report import QuantizeReport
     from .spec.catalog import get_spec, load_spec
     from .spec.imports import trusted_modules
     from .spec.model import Spec
@@ -47,7 +48,7 @@ _LAZY = {
     "QuantizeResult": "quant.quantize",
     "quantize_model": "quant.quantize",
     "QuantizeOptions": "quant.quantize",
-    "QuantizeReport": "quant.quantize",
+    "QuantizeReport": "quant.report",
     "run_quantize": "quant.quantize",
     "export_checkpoint": "quant.export",
     "CheckpointContractError": "hub.verify",

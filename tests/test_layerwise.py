@@ -124,7 +124,7 @@ def test_report_summarizes_fallbacks_per_experts_module() -> None:
     """At 128 experts a line per fallback buried the report: one line per experts module on screen,
     each value in moe_unfuse.json (``input_scale_fallbacks``)."""
     from moe_unfuse.quant.calibration import ScaleFallback
-    from moe_unfuse.quant.quantize import fallback_lines
+    from moe_unfuse.quant.report import fallback_lines
 
     many = [ScaleFallback("model.layers.0.experts", e, ("gate_proj", "up_proj"), 0.5, "layer max") for e in range(40)]
     one = [ScaleFallback("model.layers.1.experts", 3, ("down_proj",), 0.25, "model max")]

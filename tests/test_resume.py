@@ -135,7 +135,7 @@ def test_device_defaults_to_this_ranks_gpu_and_bad_devices_are_one_line(
 
 def test_report_summarizes_long_expert_lists() -> None:
     """At 128 experts the report lists no expert numbers beyond 16: a count and ranges instead."""
-    from moe_unfuse.quant.quantize import expert_list
+    from moe_unfuse.quant.report import expert_list
 
     idle = [0, 1, 2, 3, 7, *range(9, 41)]
     assert expert_list(idle, 128) == "37 of 128 experts (0-3, 7, 9-40)"
