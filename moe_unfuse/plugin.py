@@ -5,7 +5,9 @@ and imports from moe_unfuse only what is here. The built-in features in ``moe_un
 are held to the same rule (``tests/test_architecture.py`` fails if one imports anything else from the
 package), so each of them is an example a third-party plugin can copy line for line:
 
-- every plugin: :data:`hookimpl`, and :class:`SpecError` for a spec the plugin cannot serve;
+- every plugin: :data:`hookimpl`, :class:`SpecError` for a spec the plugin cannot serve, and
+  :func:`get_spec` (a registered spec by arch name);
+- commands (``register_commands``): an object with a docstring, ``add_arguments`` and ``run``; nothing to import;
 - gate kinds (``register_gates``): :class:`GateKind`, :func:`resolve_value` for a spec value given as a
   literal, ``{attribute: NAME}`` or ``{config: NAME}``;
 - forward kinds (``register_forwards``): :class:`ForwardKind`, :func:`unfuse_state` (the unfused
@@ -35,11 +37,13 @@ if TYPE_CHECKING:
     from .core.unfusing import apply_plan
     from .plugins.hookspecs import hookimpl
     from .quant.fastquant import install_plugin as install_fast_conversion
+    from .spec.catalog import get_spec
     from .spec.expressions import eval_shape_expr
 
 #: Public name -> (defining module, its name there).
 _API = {
     "hookimpl": ("plugins.hookspecs", "hookimpl"),
+    "get_spec": ("spec.catalog", "get_spec"),
     "SpecError": ("base.errors", "SpecError"),
     "GateKind": ("base.kinds", "GateKind"),
     "ForwardKind": ("base.kinds", "ForwardKind"),
@@ -86,6 +90,7 @@ __all__ = [
     "build_plan",
     "convert_linears",
     "eval_shape_expr",
+    "get_spec",
     "hookimpl",
     "install_fast_conversion",
     "post_expert_norm",

@@ -236,3 +236,25 @@ def test_public_plugin_api_names_resolve_lazily():
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
         == "False"
     )
+
+
+def test_contributing_command_example_runs(registered_plugin, capsys):
+    """CONTRIBUTING's worked command, run as a plugin through the real entry point: it imports only
+    ``moe_unfuse.plugin`` and prints the spec's fused parameters and their projections."""
+    import types
+    from pathlib import Path
+
+    from moe_unfuse.cli.main import main
+
+    text = (Path(__file__).resolve().parents[1] / "CONTRIBUTING.md").read_text()
+    code = text.split("the per-expert projections a spec's fused parameters split into:\n\n```python\n", 1)[1]
+    code = code.split("```", 1)[0]
+    assert "from moe_unfuse.plugin import" in code and "moe_unfuse." not in code.replace("moe_unfuse.plugin", "")
+    example = types.ModuleType("contributing_command")
+    exec(compile(code, "CONTRIBUTING.md", "exec"), example.__dict__)  # noqa: S102 - our own documentation
+    registered_plugin(example, name="contributing-command")
+    assert main(["projections", "gemma4"]) == 0
+    spec = moe_unfuse.get_spec("gemma4")
+    assert capsys.readouterr().out.splitlines() == [f"{p.name}: {', '.join(p.into)}" for p in spec.params]
+    assert main(["projections", "no_such_arch"]) == 2  # an unknown arch is one line, exit status 2
+    assert "no_such_arch" in capsys.readouterr().err
