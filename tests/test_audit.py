@@ -24,7 +24,8 @@ from moe_unfuse.cli import main as cli
 from moe_unfuse.core.coverage import find_fused_params, fused_expert_params, uncovered_expert_params
 from moe_unfuse.spec import catalog
 from moe_unfuse.tools import golden
-from moe_unfuse.tools.audit import GB, GIB, audit, preset_rules
+from moe_unfuse.tools.audit import GB, GIB, audit
+from moe_unfuse.tools.presets import preset_rules
 
 pytestmark = pytest.mark.xdist_group("audit")  # report_26b: one module-scoped build per run
 

@@ -6,6 +6,10 @@ has_post_expert_norm), the parameter shapes of an instance built on the meta dev
 config class shrunk to distinct tiny sizes (H 64, I 40, E 4, so every axis names one dim), and the
 undecorated forward (signature and source: accumulation dtype, ``@`` versus ``F.linear``, fp32
 upcasts). What cannot be decided that way is listed in :attr:`Draft.notes`; the caller prints it.
+
+Why one module of ~680 lines: it is one procedure, :func:`draft`, reading one class's facts in order;
+its helpers (config discovery, the meta instance, shapes, forward facts, roles) each serve one step
+of it and nothing else, so split files would only scatter that reading.
 """
 
 from __future__ import annotations
