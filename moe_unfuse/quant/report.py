@@ -27,7 +27,7 @@ class QuantizeReport:
     layers: int = 0  # decoder layers quantized one at a time (0: the whole model at once)
     device: str = "cpu"
     resumed: int = 0  # decoder layers a killed run had calibrated, restored from OUT.resume
-    evaluation: Any = None  # evaluate.EvalReport, or None when not evaluated
+    evaluation: Any = None  # eval_report.EvalReport, or None when not evaluated
     eval_failed: str = ""  # why the evaluation failed the run
     spilled: list[str] = field(default_factory=list)  # modules accelerate ran from disk (whole model)
 

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...quant.evaluate import numeric_check
+    from ...quant.eval_report import numeric_check
     from ..evaluation import evaluate_args
 
     ev = evaluate_args(args, not args.no_progress)

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     with trusted_modules(args.trust_modules):
         report = verify_checkpoint(args.path, engine=args.engine, arch=arch)
     if args.against is not None:
-        from ...quant.evaluate import numeric_check
+        from ...quant.eval_report import numeric_check
         from ..evaluation import evaluate_args
 
         report.checks.append(numeric_check(evaluate_args(args, False), args.max_kl))
