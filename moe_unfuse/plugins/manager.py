@@ -31,6 +31,7 @@ DEFAULT_PLUGINS = (
     "moe_unfuse.default_plugins.forwards",
     "moe_unfuse.default_plugins.clamped_gates",
     "moe_unfuse.default_plugins.modelopt_backend",
+    "moe_unfuse.default_plugins.engines",
 )
 ENTRY_POINT_GROUP = "moe_unfuse"
 #: Set (to anything non-empty) to skip third-party plugins from the entry-point group.
@@ -73,6 +74,7 @@ class Registry:
     forwards: dict[str, Callable] = field(default_factory=dict)
     backends: dict[str, Any] = field(default_factory=dict)
     commands: dict[str, Any] = field(default_factory=dict)
+    engines: dict[str, Any] = field(default_factory=dict)  # name -> moe_unfuse.hub.engines.Engine
     contributors: dict[tuple[str, str], str] = field(default_factory=dict)  # (table, name) -> plugin
     import_roots: tuple[str, ...] = ("transformers",)
 
@@ -116,6 +118,12 @@ def registry() -> Registry:
         _collect(reg, "register_forwards", "forwards", "forward kind")
         _collect(reg, "register_backends", "backends", "backend")
         _collect(reg, "register_commands", "commands", "command")
+        _collect(reg, "register_engines", "engines", "engine")
+        for name, engine in reg.engines.items():
+            if getattr(engine, "name", name) != name:
+                raise MoeUnfuseError(
+                    f"plugin {reg.contributors[('engines', name)]!r} registers the engine {engine.name!r} as {name!r}; fix: register it under its own name"
+                )
         roots = {"transformers"} | {
             r for p in pm.get_plugins() if (r := _plugin_root(p)) and r not in ("moe_unfuse", "builtins", "types")
         }
@@ -143,3 +151,28 @@ def unregister_plugin(plugin: object) -> None:
 
 def is_registered(plugin: object) -> bool:
     return manager().is_registered(plugin)
+
+
+class TableNames:
+    """The names in one :class:`Registry` table (``"engines"``), read from the registry when asked, not
+    when made: argparse ``choices`` that leave the plugins unloaded (``--help`` stays light) until a
+    value is checked or a command's help lists them. Give the argument a ``metavar``: argparse
+    otherwise lists the choices when the argument is added."""
+
+    def __init__(self, table: str):
+        self.table = table
+
+    def _names(self) -> dict[str, Any]:
+        return getattr(registry(), self.table)
+
+    def __iter__(self):
+        return iter(list(self._names()))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __repr__(self) -> str:
+        return f"TableNames({self.table!r})"

@@ -27,7 +27,6 @@ import yaml
 
 from ..base.errors import MoeUnfuseError, SpecError, first_line
 from ..base.kinds import ForwardKind, GateKind
-from ..base.options import ENGINES
 from ..base.versions import is_drifted
 from ..plugins.manager import registry
 
@@ -806,12 +805,12 @@ def _check_renames(source: str, raw: dict) -> None:
     """``export.renames``: known engines, compilable patterns, replacements whose groups exist."""
     for i, rename in enumerate(raw.get("export", {}).get("renames", ())):
         where = f"export.renames.{i}"
-        if rename["engine"] not in (*ENGINES, "*"):
+        if rename["engine"] not in (*registry().engines, "*"):
             raise SpecError(
                 source,
                 f"{where}.engine",
                 f"unknown engine {_clip(rename['engine'], 40)!r}",
-                f"use one of: {', '.join(ENGINES)} or *",
+                f"use one of: {', '.join(registry().engines)} or *",
             )
         try:
             pattern = re.compile(rename["match"])

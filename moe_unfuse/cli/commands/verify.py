@@ -15,13 +15,17 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ...base.options import ENGINES, TRUST_MODULE_HELP
+    from ...base.options import TRUST_MODULE_HELP
+    from ...plugins.manager import TableNames
 
     parser.add_argument(
         "path", type=Path, metavar="DIR", help="checkpoint folder (config.json, *.safetensors, hf_quant_config.json)"
     )
     parser.add_argument(
-        "--engine", choices=ENGINES, help="engine naming to check (default: the one moe_unfuse.json records, else vllm)"
+        "--engine",
+        choices=TableNames("engines"),  # the registered engines, looked up when a value is checked
+        metavar="ENGINE",
+        help="engine whose loader rules to check: %(choices)s (default: the one moe_unfuse.json records, else vllm)",
     )
     parser.add_argument(
         "--arch",
