@@ -17,7 +17,12 @@ package), so each of them is an example a third-party plugin can copy line for l
   in place, the class kept), :class:`UnfusedExpertsMixin` (the unfused module's base, for a quantizer's
   dynamic class), :class:`LinearExact` (per-expert linears that repeat the original's numerics),
   :func:`release_free_memory`; for modelopt, :func:`convert_linears` and :func:`install_fast_conversion`
-  (the bulk ``QuantLinear`` conversion, :mod:`moe_unfuse.quant.fastquant`).
+  (the bulk ``QuantLinear`` conversion, :mod:`moe_unfuse.quant.fastquant`);
+- serving engines (``register_engines``): :class:`Engine` (a name, a description, its rules),
+  :class:`EngineRule` (what the engine's loader requires, with the versions and loader file:line it was
+  read from, and its ``check``), :class:`EngineContext` (what a rule's ``check`` reads of the
+  checkpoint), :class:`ExpertKey` and :class:`ExpertsModule` (what the context's ``per_expert`` and
+  ``experts`` return).
 
 Each name is imported from its defining module on first use, as the package root does, so a plugin
 that needs only :data:`hookimpl` (a spec folder) costs no torch import: ``moe-unfuse list`` stays fast.
@@ -35,6 +40,7 @@ if TYPE_CHECKING:
     from .core.experts import LinearExact, UnfusedExpertsMixin, post_expert_norm, stack_packed, unfuse_state
     from .core.plan import build_plan, resolve_dims
     from .core.unfusing import apply_plan
+    from .hub.engines import Engine, EngineContext, EngineRule, ExpertKey, ExpertsModule
     from .plugins.hookspecs import hookimpl
     from .quant.fastquant import install_plugin as install_fast_conversion
     from .spec.catalog import get_spec
@@ -59,6 +65,11 @@ _API = {
     "apply_plan": ("core.unfusing", "apply_plan"),
     "release_free_memory": ("base.memory", "release_free_memory"),
     "install_fast_conversion": ("quant.fastquant", "install_plugin"),
+    "Engine": ("hub.engines", "Engine"),
+    "EngineRule": ("hub.engines", "EngineRule"),
+    "EngineContext": ("hub.engines", "EngineContext"),
+    "ExpertKey": ("hub.engines", "ExpertKey"),
+    "ExpertsModule": ("hub.engines", "ExpertsModule"),
 }
 
 
@@ -81,6 +92,11 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "Engine",
+    "EngineContext",
+    "EngineRule",
+    "ExpertKey",
+    "ExpertsModule",
     "ForwardKind",
     "GateKind",
     "LinearExact",

@@ -37,8 +37,6 @@ def check_algorithm(qformat: str, algorithm: str) -> None:
         )
 
 
-#: Serving engines whose key naming an export can target (a spec's ``export.renames`` per engine).
-ENGINES = ("vllm", "sglang", "trtllm", "hf")
 #: shared: one input scale per layer and input (max over experts), as fused-MoE kernels apply; per-expert: each its own.
 INPUT_SCALE_POLICIES = ("shared", "per-expert")
 DEFAULT_SEQ_LEN = 256

@@ -22,23 +22,22 @@ the offending keys:
   and are excluded; no quantized module is excluded;
 - ``quant-config``: quantized tensors come with a quantization config, and ``hf_quant_config.json``
   and config.json's ``quantization_config`` agree;
-- one check per rule of :data:`ENGINE_RULES` for ``engine``: what that engine's loader reads, each
-  rule citing the loader source and versions it was read from (``../shared/reference/engine_contracts.md``).
+- one check per rule of ``engine`` (an :class:`~moe_unfuse.hub.engines.Engine` a plugin registers; the
+  built-in ones in ``moe_unfuse.default_plugins.engines``): what that engine's loader reads, each rule
+  citing the loader source and versions it was read from (``../shared/reference/engine_contracts.md``).
 
 Unreadable input (a missing or corrupt file, invalid JSON) raises a one-line :class:`MoeUnfuseError`.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from ..base.errors import MoeUnfuseError, first_line
-from ..base.options import ENGINES
 from ..spec.catalog import get_spec, select_specs, specs_for
 from ..spec.catalog import specs as catalog_specs
 from ..spec.model import Spec
@@ -51,12 +50,10 @@ from .checkpoint_input import (
     parameter_budget,
     read_quant_metadata,
 )
+from .engines import PER_EXPERT_RE, EngineContext, EngineRule, engines, get_engine
 from .naming import KV_SUFFIXES, QUANT_SUFFIXES, NamingContract, build_contract, meta_model_from_config
 from .policy import KEEP_UNQUANTIZED_RE
 
-PER_EXPERT_RE = re.compile(
-    r"^(?P<prefix>.*?\.experts)\.(?P<expert>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.(?P<suffix>[A-Za-z0-9_]+)$"
-)
 GATE_UP_PAIRS = (("gate_proj", "up_proj"), ("w1", "w3"))
 SHOW = 8
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
@@ -206,171 +203,10 @@ class Checkpoint:
         return _read_json(self.path / name)
 
 
-# ----------------------------------------------------------------------------------------------
-# the engines' loaders, as data
-
-
-@dataclass(frozen=True)
-class Context:
-    """What an engine rule looks at."""
-
-    ckpt: Checkpoint
-    contract: NamingContract | None
-    metadata: dict
-    hf_quant: dict | None
-    qc: dict | None
-    algo: str | None
-    excludes: list[str]
-
-
-@dataclass(frozen=True)
-class EngineRule:
-    """One thing an engine's loader requires of a checkpoint, with where it was read."""
-
-    name: str
-    engines: tuple[str, ...]
-    versions: str
-    source: str
-    what: str
-    check: Callable[[Context], list[str]]
-
-
-def _per_expert_input_scales_not_0d(ctx: Context) -> list[str]:
-    return [
-        f"{k} shape {ctx.ckpt.shape[k]}"
-        for k in ctx.ckpt.where
-        if k.endswith(".input_scale") and PER_EXPERT_RE.match(k) and ctx.ckpt.shape[k] != []
-    ]
-
-
-def _exclude_patterns_vllm_cannot_match(ctx: Context) -> list[str]:
-    return [f"{p} (write {p[:-2]}*)" for p in ctx.excludes if p.endswith(".*")]
-
-
-def _vllm_config_fields(ctx: Context) -> list[str]:
-    if ctx.algo is None:
-        return []
-    bad = []
-    method = (ctx.qc or {}).get("quant_method", "")
-    if not str(method).startswith("modelopt"):
-        bad.append(f"config.json quantization_config.quant_method {method!r} (must start with 'modelopt')")
-    if not isinstance((ctx.qc or {}).get("ignore"), list):
-        bad.append("config.json quantization_config.ignore (missing)")
-    if "NVFP4" in ctx.algo.upper():
-        q = (ctx.hf_quant or {}).get("quantization", {})
-        bad.extend(
-            f"hf_quant_config.json quantization.{f} (missing)"
-            for f in ("group_size", "kv_cache_quant_algo", "exclude_modules")
-            if f not in q
-        )
-    return bad
-
-
-def _moe_prefixed_expert_keys(ctx: Context) -> list[str]:
-    return sorted(
-        k for k in ctx.ckpt.where if ".moe.experts." in k and (ctx.contract is None or ctx.contract.base(k) is None)
-    )
-
-
-def _gpt_oss_not_fused(ctx: Context) -> list[str]:
-    return sorted(
-        f"{hub} (per-expert keys; vLLM reads only the fused {hub}.gate_up_proj)"
-        for hub, e in (ctx.contract.experts if ctx.contract else {}).items()
-        if e.arch == "gpt_oss" and any(k.startswith(hub + ".0.") for k in ctx.ckpt.where)
-    )
-
-
-def _engine_cannot_load(engine: str) -> Callable[[Context], list[str]]:
-    """Quantized experts, or other quantized modules, of a family whose spec says ``engine``'s own loader
-    drops or misreads them, and unquantized modules it builds quantized (``export.engines``, its ``why``
-    naming the loader's file:line; for vLLM, seen in its real loader by ``tests_vllm/``)."""
-
-    def check(ctx: Context) -> list[str]:
-        scaled = quantized_modules(ctx.ckpt.where)
-        experts = ctx.contract.experts if ctx.contract else {}
-        bad: dict[str, list[str]] = {}
-        for label, e in sorted(experts.items()):
-            why = get_spec(e.arch).experts_unquantized_for(engine)
-            if why and any(m == e.hub or m.startswith(e.hub + ".") for m in scaled):
-                bad.setdefault(why, []).append(label)
-        for arch in sorted({e.arch for e in experts.values()}):
-            globs, why = get_spec(arch).modules_unquantized_for(engine)
-            for m in sorted(scaled):
-                if why and any(fnmatch.fnmatch(m, g) for g in globs):
-                    bad.setdefault(why, []).append(m)
-        heads = [
-            f"{m} unquantized ({why}); fix: export with --engine {engine}"
-            for m, why in _quantized_for(engine, ctx.contract).items()
-            if ctx.algo is not None and m not in scaled and any(k.startswith(m + ".") for k in ctx.ckpt.where)
-        ]  # (an unquantized checkpoint gets no quantization config: the engine builds it all unquantized)
-        return [
-            *(f"{', '.join(hubs)} quantized ({why}); fix: export with --engine {engine}" for why, hubs in bad.items()),
-            *heads,
-        ]
-
-    return check
-
-
-#: Each rule names the engine versions whose loader source it was read from.
-ENGINE_RULES: tuple[EngineRule, ...] = (
-    EngineRule(
-        "expert-input-scale-0d",
-        ("vllm", "sglang"),
-        "vLLM 0.19.1-0.33.0, SGLang 0.5.23",
-        "vllm layers/fused_moe/routed_experts.py:332-350 (reshape(()))",
-        "every per-expert input_scale is a 0-d scalar",
-        _per_expert_input_scales_not_0d,
-    ),
-    EngineRule(
-        "exclude-patterns",
-        ("vllm",),
-        "vLLM 0.22.1-0.26",
-        "vllm model_executor/layers/quantization/modelopt.py:266-285",
-        "exclude entries are module names or 'prefix*' (a trailing '.*' never matches the module itself)",
-        _exclude_patterns_vllm_cannot_match,
-    ),
-    EngineRule(
-        "quant-config-fields",
-        ("vllm", "sglang"),
-        "vLLM 0.19.1-0.33.0",
-        "vllm weight_utils.py:240-246; modelopt.py:359, :820",
-        "quantization_config.quant_method starts with 'modelopt' and lists 'ignore'; NVFP4 needs group_size, kv_cache_quant_algo, exclude_modules",
-        _vllm_config_fields,
-    ),
-    EngineRule(
-        "experts-under-decoder-layer",
-        ("vllm", "trtllm"),
-        "vLLM 0.31.0-0.33.0 (0.19-0.20 double the prefix), TensorRT-LLM gemma4 mapper",
-        "vllm models/gemma4.py:646-653, models/utils.py:438-448; tensorrt_llm gemma4_weight_mapper.py (_remap_moe_keys)",
-        "no expert key under a '.moe.experts.' prefix the model does not have",
-        _moe_prefixed_expert_keys,
-    ),
-    EngineRule(
-        "gpt-oss-fused-experts",
-        ("vllm",),
-        "vLLM 0.33.0",
-        "vllm models/gpt_oss.py:73-82, 1250, 1393",
-        "GPT-OSS experts are the fused gate_up_proj/down_proj (per-expert keys are dropped silently)",
-        _gpt_oss_not_fused,
-    ),
-    *(
-        EngineRule(
-            "engine-loads",
-            (engine,),
-            "the spec's export.engines.<engine>.versions",
-            "the spec's export.engines.<engine>.why",
-            "no module quantized, or unquantized, where the family's spec says this engine's loader cannot serve it so",
-            _engine_cannot_load(engine),
-        )
-        for engine in ("vllm", "sglang")
-    ),
-)
-
-
 def engine_rules(engine: str) -> list[EngineRule]:
-    if engine not in ENGINES:
-        raise MoeUnfuseError(f"unknown engine {engine!r}; fix: use one of {', '.join(ENGINES)}")
-    return [r for r in ENGINE_RULES if engine in r.engines]
+    """The rules of the registered engine ``engine`` (``register_engines``; the built-in ones:
+    ``moe_unfuse.default_plugins.engines``); an unknown engine is one line listing the known ones."""
+    return list(get_engine(engine).rules)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,7 +259,7 @@ def verify_checkpoint(
     ckpt = Checkpoint(path)
     metadata = ckpt.json(METADATA_FILE)
     metadata = metadata if isinstance(metadata, dict) else {}
-    engine = engine or check_metadata_engine(f"{path}/{METADATA_FILE}", metadata, ENGINES) or "vllm"
+    engine = engine or check_metadata_engine(f"{path}/{METADATA_FILE}", metadata, tuple(engines())) or "vllm"
     rules = engine_rules(engine)
     config = ckpt.json("config.json")
     meta = read_quant_metadata(str(path), ckpt.json("hf_quant_config.json"), config)
@@ -435,7 +271,7 @@ def verify_checkpoint(
     if contract is not None:
         contract.carried = frozenset(c for c in metadata.get("carried_from_source") or () if isinstance(c, str))
     keys = list(ckpt.where)
-    ctx = Context(ckpt, contract, metadata, hf_quant, qc, algo, excludes)
+    ctx = EngineContext(ckpt, contract, engine, metadata, hf_quant, qc, algo, excludes)
 
     checks = [
         _check_names(ckpt, contract, why, algo),
@@ -449,7 +285,7 @@ def verify_checkpoint(
         _check_complete(ckpt, contract, excludes, algo),
         _check_gate_up(ckpt),
         _check_scales(ckpt, keys),
-        _check_excluded(ckpt, keys, excludes, quantized, _quantized_for(engine, contract)),
+        _check_excluded(ckpt, keys, excludes, quantized, ctx.quantized_for(engine)),
         _check_quant_config(ckpt, hf_quant, qc, quantized),
         *metadata_checks(ckpt, contract, meta),
     ]
@@ -657,16 +493,6 @@ def _check_scales(ckpt: Checkpoint, keys: list[str]) -> Check:
         else f"{n} scale tensor(s), all finite and > 0 (per-block weight scales >= 0)"
     )
     return Check("scales", not bad, detail, bad)
-
-
-def _quantized_for(engine: str, contract: NamingContract | None) -> dict[str, str]:
-    """Modules kept unquantized by default that ``engine`` builds quantized, per the checkpoint's specs
-    (``export.engines.E.quantized``: Exaone-MoE's lm_head in vLLM), and why."""
-    out: dict[str, str] = {}
-    for arch in sorted({e.arch for e in (contract.experts.values() if contract else ())}):
-        names, why = get_spec(arch).modules_quantized_for(engine)
-        out.update(dict.fromkeys(names, why or ""))
-    return out
 
 
 def _check_excluded(

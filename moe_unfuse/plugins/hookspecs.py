@@ -71,3 +71,19 @@ def register_commands(register: Callable) -> None:
     names for it), like the built-in ones in ``moe_unfuse.cli.commands`` (registered by the default
     plugin ``commands``). A name or alias a built-in command has is an error. ``run`` keeps heavy
     imports inside it: every command line builds the parser from every command."""
+
+
+@hookspec
+def register_engines(register: Callable) -> None:
+    """Contribute serving engines: ``register(name, engine)`` with a :class:`moe_unfuse.plugin.Engine`
+    whose ``name`` is ``name`` (``quantize --engine NAME``, ``verify --engine NAME``, a spec's
+    ``export.renames[].engine``). The built-in ones are ``vllm``, ``sglang``, ``trtllm`` and ``hf``.
+
+    Contract: each of ``engine.rules`` is a :class:`~moe_unfuse.plugin.EngineRule` (``name``, the
+    engine ``versions`` and the loader ``source`` file:line it was read from, ``what`` it requires in one
+    line, ``check``). ``verify --engine NAME`` calls ``rule.check(ctx)`` once per checkpoint, after the
+    export contract, with a :class:`~moe_unfuse.plugin.EngineContext`: the rule's only view of the
+    checkpoint (tensor names, shapes and dtypes, tensors on demand, the quantization configs, the
+    experts modules and their specs; it never writes). ``check`` returns the offending items (tensor
+    names, config fields or modules, each with why), an empty list when the checkpoint is fine; a
+    non-empty list fails the check named ``rule.name``, citing ``versions`` and ``source``."""

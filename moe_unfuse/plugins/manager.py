@@ -31,6 +31,7 @@ DEFAULT_PLUGINS = (
     "moe_unfuse.default_plugins.forwards",
     "moe_unfuse.default_plugins.clamped_gates",
     "moe_unfuse.default_plugins.modelopt_backend",
+    "moe_unfuse.default_plugins.engines",
     "moe_unfuse.default_plugins.commands",
 )
 ENTRY_POINT_GROUP = "moe_unfuse"
@@ -69,6 +70,7 @@ class Registry:
     forwards: dict[str, Callable] = field(default_factory=dict)
     backends: dict[str, Any] = field(default_factory=dict)
     commands: dict[str, Any] = field(default_factory=dict)
+    engines: dict[str, Any] = field(default_factory=dict)  # name -> moe_unfuse.hub.engines.Engine
     contributors: dict[tuple[str, str], str] = field(default_factory=dict)  # (table, name) -> plugin
     import_roots: tuple[str, ...] = ("transformers",)
 
@@ -116,6 +118,12 @@ def registry() -> Registry:
         _collect(reg, "register_forwards", "forwards", "forward kind")
         _collect(reg, "register_backends", "backends", "backend")
         _collect(reg, "register_commands", "commands", "command")
+        _collect(reg, "register_engines", "engines", "engine")
+        for name, engine in reg.engines.items():
+            if getattr(engine, "name", name) != name:
+                raise MoeUnfuseError(
+                    f"plugin {reg.contributors[('engines', name)]!r} registers the engine {engine.name!r} as {name!r}; fix: register it under its own name"
+                )
         roots = {"transformers"} | {
             r for p in pm.get_plugins() if (r := _plugin_root(p)) and r not in ("moe_unfuse", "builtins", "types")
         }

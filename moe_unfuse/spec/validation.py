@@ -20,7 +20,6 @@ from ..base.errors import SpecError
 from ..base.kinds import ForwardKind, GateKind
 from ..base.layout import layout_for
 from ..base.modules import module_source
-from ..base.options import ENGINES
 from ..base.versions import is_drifted
 from ..plugins.manager import registry
 from .expressions import check_expr
@@ -226,15 +225,24 @@ def _check_semantics(source: str, raw: dict, check_import: bool = True) -> None:
 
 
 def _check_renames(source: str, raw: dict) -> None:
-    """``export.renames``: known engines, compilable patterns, replacements whose groups exist."""
+    """``export.engines`` and ``export.renames``: registered engines (a plugin's included, which a
+    schema cannot list), compilable patterns, replacements whose groups exist."""
+    for engine in raw.get("export", {}).get("engines", {}):
+        if engine not in registry().engines:
+            raise SpecError(
+                source,
+                f"export.engines.{clip(engine, 40)}",
+                "is not a registered engine",
+                f"use one of: {', '.join(registry().engines)}, or install the plugin that registers it",
+            )
     for i, rename in enumerate(raw.get("export", {}).get("renames", ())):
         where = f"export.renames.{i}"
-        if rename["engine"] not in (*ENGINES, "*"):
+        if rename["engine"] not in (*registry().engines, "*"):
             raise SpecError(
                 source,
                 f"{where}.engine",
                 f"unknown engine {clip(rename['engine'], 40)!r}",
-                f"use one of: {', '.join(ENGINES)} or *",
+                f"use one of: {', '.join(registry().engines)} or *",
             )
         try:
             pattern = re.compile(rename["match"])

@@ -34,12 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         DEFAULT_CHUNK_TOKENS,
         DEFAULT_EVAL_SIZE,
         DEFAULT_SEQ_LEN,
-        ENGINES,
         INPUT_SCALE_POLICIES,
         QFORMATS,
         TRUST_MODULE_HELP,
         default_eval_size,
     )
+    from ...plugins.manager import registry
 
     parser.add_argument(
         "model", nargs="?", metavar="MODEL", help="local model folder (default: the built-in tiny Gemma 4)"
@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--engine",
         default="vllm",
-        choices=ENGINES,
+        choices=list(registry().engines),
         help="serving engine whose loader rules the export is verified against (names are always the hub's); default vllm",
     )
     parser.add_argument(

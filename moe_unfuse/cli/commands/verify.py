@@ -15,13 +15,16 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ...base.options import ENGINES, TRUST_MODULE_HELP
+    from ...base.options import TRUST_MODULE_HELP
+    from ...plugins.manager import registry
 
     parser.add_argument(
         "path", type=Path, metavar="DIR", help="checkpoint folder (config.json, *.safetensors, hf_quant_config.json)"
     )
     parser.add_argument(
-        "--engine", choices=ENGINES, help="engine naming to check (default: the one moe_unfuse.json records, else vllm)"
+        "--engine",
+        choices=list(registry().engines),
+        help="engine whose loader rules to check (default: the one moe_unfuse.json records, else vllm)",
     )
     parser.add_argument(
         "--arch",
