@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from .core.coverage import Coverage, check_coverage
     from .core.registration import register
     from .core.unfusing import Report, fuse, refuse, unfuse
-    from .hub.verify import CheckpointContractError, VerifyReport, verify_checkpoint
+    from .hub.verify import verify_checkpoint
+    from .hub.verify_report import CheckpointContractError, VerifyReport
     from .plugins.hookspecs import hookimpl
     from .plugins.manager import register_plugin, registry, unregister_plugin
     from .quant.export import export_checkpoint
@@ -51,8 +52,8 @@ _LAZY = {
     "QuantizeReport": "quant.report",
     "run_quantize": "quant.quantize",
     "export_checkpoint": "quant.export",
-    "CheckpointContractError": "hub.verify",
-    "VerifyReport": "hub.verify",
+    "CheckpointContractError": "hub.verify_report",
+    "VerifyReport": "hub.verify_report",
     "verify_checkpoint": "hub.verify",
 }
 

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 import moe_unfuse
 from moe_unfuse.hub.policy import estimate_tensor_bytes
 from moe_unfuse.hub.tiny import byte_tokenizer, tiny_gemma4
-from moe_unfuse.hub.verify import CheckpointContractError, verify_checkpoint
+from moe_unfuse.hub.verify import verify_checkpoint
+from moe_unfuse.hub.verify_report import CheckpointContractError
 from moe_unfuse.quant.calibration import calibration_batches, read_calibration_texts
 from moe_unfuse.quant.export import engine_renames, rename_key, rename_module
 from moe_unfuse.quant.quantize import quantize_model

@@ -98,3 +98,24 @@ def must_exclude(keys: Iterable[str]) -> set[str]:
     return {
         m for m in unquantized_modules(keys) if KEEP_UNQUANTIZED_RE.search(m) or re.search(r"\.experts\.\d+\.", m + ".")
     }
+
+
+#: Element dtypes of an unquantized (floating-point) tensor in a safetensors header.
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+
+
+def is_nvfp4(algo: str | None) -> bool:
+    """Whether a quantization algorithm (``quant_algo``) is NVFP4-family."""
+    return algo is not None and "FP4" in algo.upper()
+
+
+def required_scales(algo: str | None) -> tuple[str, ...]:
+    """The scale tensors every quantized weight of ``algo`` carries."""
+    if algo is None:
+        return ()
+    a = algo.upper()
+    weight_only = "W4A16" in a or "WEIGHT_ONLY" in a or a.startswith("INT4_AWQ")
+    scales = ["weight_scale"] + ([] if weight_only else ["input_scale"])
+    if "NVFP4" in a:
+        scales.append("weight_scale_2")
+    return tuple(scales)

@@ -20,7 +20,7 @@ from ..base.errors import MoeUnfuseError
 from ..plugins.manager import registry
 
 if TYPE_CHECKING:
-    from ..spec.core import Spec
+    from ..spec.model import Spec
     from .naming import NamingContract
 
 #: A per-expert tensor name: ``{prefix}.experts.{E}.{proj}.{suffix}``.

@@ -31,176 +31,44 @@ Unreadable input (a missing or corrupt file, invalid JSON) raises a one-line :cl
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..base.errors import MoeUnfuseError, first_line
+from ..base.errors import MoeUnfuseError
 from ..spec.catalog import get_spec, select_specs, specs_for
 from ..spec.catalog import specs as catalog_specs
 from ..spec.model import Spec
-from .checkpoint import METADATA_FILE, SCALE_SUFFIXES, excluded, fused_scale_base, must_exclude, quantized_modules
+from .checkpoint import (
+    FLOAT_DTYPES,
+    METADATA_FILE,
+    SCALE_SUFFIXES,
+    excluded,
+    fused_scale_base,
+    is_nvfp4,
+    must_exclude,
+    quantized_modules,
+    required_scales,
+)
 from .checkpoint_input import (
-    QuantMetadata,
     check_config_bounds,
     check_metadata_engine,
-    check_weight_map,
     parameter_budget,
     read_quant_metadata,
 )
+from .checkpoint_reader import Checkpoint
 from .engines import PER_EXPERT_RE, EngineContext, EngineRule, engines, get_engine
-from .naming import KV_SUFFIXES, QUANT_SUFFIXES, NamingContract, build_contract, meta_model_from_config
+from .metadata_checks import metadata_checks
+from .naming import QUANT_SUFFIXES, NamingContract, build_contract, meta_model_from_config
 from .policy import KEEP_UNQUANTIZED_RE
+from .verify_report import Check, VerifyReport
 
 GATE_UP_PAIRS = (("gate_proj", "up_proj"), ("w1", "w3"))
-SHOW = 8
-FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 #: Scale dtypes per format (False: FP8, True: NVFP4), as modelopt writes and the engines read them.
 _SCALE_DTYPES = {
     False: {"weight_scale": "F32", "input_scale": "F32"},
     True: {"weight_scale": "F8_E4M3", "weight_scale_2": "F32", "input_scale": "F32"},
 }
-
-
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str
-    keys: list[str] = field(default_factory=list)
-
-    def line(self) -> str:
-        shown = ", ".join(self.keys[:SHOW]) + (f" (+{len(self.keys) - SHOW} more)" if len(self.keys) > SHOW else "")
-        return f"{self.name}: {self.detail}" + (f": {shown}" if shown else "")
-
-
-class CheckpointContractError(MoeUnfuseError):
-    """An exported checkpoint violates the export contract (see :mod:`moe_unfuse.hub.verify`)."""
-
-    def __init__(self, report: "VerifyReport"):
-        self.report = report
-        failed = "; ".join(c.line() for c in report.checks if not c.ok)
-        super().__init__(
-            f"{report.path}: export contract violated: {failed}; fix: re-export with moe-unfuse quantize (see README)"
-        )
-
-
-@dataclass
-class VerifyReport:
-    path: Path
-    engine: str
-    quant_algo: str | None
-    checks: list[Check]
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
-
-    @property
-    def failed(self) -> list[Check]:
-        return [c for c in self.checks if not c.ok]
-
-    def summary(self) -> str:
-        what = f"{self.quant_algo or 'unquantized'}, engine {self.engine}"
-        if self.ok:
-            return f"ok: {len(self.checks)} checks passed ({what}: {', '.join(c.name for c in self.checks)})"
-        return f"FAILED {len(self.failed)} of {len(self.checks)} checks ({what})"
-
-    def problem_lines(self) -> list[str]:
-        return [c.line() for c in self.failed]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": str(self.path),
-            "engine": self.engine,
-            "quant_algo": self.quant_algo,
-            "ok": self.ok,
-            "checks": [vars(c) for c in self.checks],
-        }
-
-    def raise_for_errors(self) -> "VerifyReport":
-        if not self.ok:
-            raise CheckpointContractError(self)
-        return self
-
-    def __str__(self) -> str:
-        lines = [f"{self.path}: {self.summary()}"]
-        for c in self.checks:
-            lines.append(f"  {'ok  ' if c.ok else 'FAIL'} {c.line()}")
-        return "\n".join(lines)
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise MoeUnfuseError(f"{path}: not valid JSON ({first_line(exc, 80)}); fix: re-export the checkpoint") from None
-
-
-class Checkpoint:
-    """Keys, shapes and dtypes of every tensor (headers only), tensors on demand, and the index's faults."""
-
-    def __init__(self, path: Path):
-        from safetensors import safe_open
-
-        self.path = path
-        self.where: dict[str, Path] = {}
-        self.shape: dict[str, list[int]] = {}
-        self.dtype: dict[str, str] = {}
-        self.index_problems: list[str] = []
-        index = _read_json(path / "model.safetensors.index.json")
-        if index is not None:
-            weight_map = check_weight_map(f"{path}/model.safetensors.index.json", index)
-            names = set(weight_map.values())
-            for name in sorted(names):
-                if Path(name).name != name:
-                    self.index_problems.append(f"{name} (shard outside the folder)")
-            files = sorted(path / n for n in names if Path(n).name == n)
-        else:
-            weight_map = None
-            files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise MoeUnfuseError(
-                f"{path}: no *.safetensors files; fix: point at a checkpoint folder written by save_pretrained/export"
-            )
-        for f in files:
-            if not f.is_file():
-                raise MoeUnfuseError(f"{f}: shard named in the index is missing; fix: copy the whole checkpoint folder")
-            try:
-                with safe_open(f, "pt") as fh:
-                    for k in fh.keys():
-                        if k in self.where:
-                            self.index_problems.append(f"{k} (in {self.where[k].name} and {f.name})")
-                        sl = fh.get_slice(k)
-                        self.where[k], self.shape[k], self.dtype[k] = f, list(sl.get_shape()), sl.get_dtype()
-            except MoeUnfuseError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - safetensors raises several types on a corrupt file
-                raise MoeUnfuseError(
-                    f"{f}: not a readable safetensors file ({first_line(exc, 80)}); fix: re-export the checkpoint"
-                ) from None
-        if weight_map is not None:
-            for k, fname in weight_map.items():
-                if k not in self.where:
-                    self.index_problems.append(f"{k} (in the index, in no shard)")
-                elif self.where[k].name != fname:
-                    self.index_problems.append(f"{k} (index says {fname}, found in {self.where[k].name})")
-            self.index_problems.extend(
-                f"{k} (in {self.where[k].name}, not in the index)" for k in self.where if k not in weight_map
-            )
-
-    def tensor(self, key: str) -> Any:
-        from safetensors import safe_open
-
-        with safe_open(self.where[key], "pt") as fh:
-            return fh.get_tensor(key)
-
-    def json(self, name: str) -> Any:
-        return _read_json(self.path / name)
 
 
 def engine_rules(engine: str) -> list[EngineRule]:
@@ -303,10 +171,6 @@ def verify_checkpoint(
     return report.raise_for_errors() if raise_on_error else report
 
 
-def _nvfp4(algo: str | None) -> bool:
-    return algo is not None and "FP4" in algo.upper()
-
-
 def _check_names(ckpt: Checkpoint, contract: NamingContract | None, why: str, algo: str | None) -> Check:
     if contract is None:
         return Check(
@@ -340,15 +204,15 @@ def _check_names(ckpt: Checkpoint, contract: NamingContract | None, why: str, al
             # modelopt exports some dense linears weight-only, e.g. Jamba's mamba.dt_proj)
             bad.extend(
                 f"{scale_key(x)} (missing: {algo} needs it next to a quantized weight)"
-                for x in _required_scales(algo)
+                for x in required_scales(algo)
                 if x != "input_scale" and scale_key(x) not in ckpt.where
             )
-            for x, want_dtype in _SCALE_DTYPES[_nvfp4(algo)].items():
+            for x, want_dtype in _SCALE_DTYPES[is_nvfp4(algo)].items():
                 if scale_key(x) in ckpt.where and ckpt.dtype[scale_key(x)] != want_dtype:
                     bad.append(f"{scale_key(x)} dtype {ckpt.dtype[scale_key(x)]} (expected {want_dtype})")
         if not scaled:
             pass
-        elif _nvfp4(algo):
+        elif is_nvfp4(algo):
             halved = (
                 len(have) == len(want)
                 and sum(a != b for a, b in zip(have, want)) == 1
@@ -402,19 +266,8 @@ def _check_no_fused(ckpt: Checkpoint, contract: NamingContract | None, excludes:
     return Check("no-fused-experts", not bad, detail, bad)
 
 
-def _required_scales(algo: str | None) -> tuple[str, ...]:
-    if algo is None:
-        return ()
-    a = algo.upper()
-    weight_only = "W4A16" in a or "WEIGHT_ONLY" in a or a.startswith("INT4_AWQ")
-    scales = ["weight_scale"] + ([] if weight_only else ["input_scale"])
-    if "NVFP4" in a:
-        scales.append("weight_scale_2")
-    return tuple(scales)
-
-
 def _check_complete(ckpt: Checkpoint, contract: NamingContract | None, excludes: list[str], algo: str | None) -> Check:
-    required = _required_scales(algo)
+    required = required_scales(algo)
     bad: list[str] = []
     modules = contract.experts.values() if contract else ()
     for e in modules:
@@ -560,124 +413,3 @@ def _check_quant_config(ckpt: Checkpoint, hf_quant: dict | None, qc: dict | None
         "hf_quant_config.json and config.json disagree" if bad else "hf_quant_config.json and config.json agree",
         bad,
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# what the quantization metadata declares against the scale tensors present: each rule is
-# something an engine reads without complaint and then computes wrong with
-
-
-def metadata_checks(ckpt: Checkpoint, contract: NamingContract | None, meta: QuantMetadata) -> list[Check]:
-    """kv-cache-scales, input-scales and scale-shapes (see each function)."""
-    return [
-        _check_kv_cache(ckpt, meta.kv_algo),
-        _check_input_scales(ckpt, meta.algo),
-        _check_scale_shapes(ckpt, contract, meta),
-    ]
-
-
-def _scalar_problem(ckpt: Checkpoint, key: str) -> str | None:
-    """Why ``key`` is not one finite positive float (None when it is)."""
-    import torch
-
-    if ckpt.dtype[key] not in FLOAT_DTYPES:
-        return f"{key} dtype {ckpt.dtype[key]} (expected a float scalar)"
-    if ckpt.shape[key] not in ([], [1]):
-        return f"{key} shape {ckpt.shape[key]} (expected one value: an engine would broadcast it)"
-    v = ckpt.tensor(key).float().flatten()[0].item()
-    return None if torch.isfinite(torch.tensor(v)) and v > 0 else f"{key}={v}"
-
-
-def _check_kv_cache(ckpt: Checkpoint, kv_algo: str | None) -> Check:
-    """kv_cache_quant_algo set: every attention k_proj/v_proj has its k_scale/v_scale (engines
-    otherwise quantize K and V with a default scale of 1.0); not set: no k/v scale at all (engines
-    that find one scale K or V by it). Each scale one finite value > 0."""
-    scales = sorted(k for k in ckpt.where if k.rsplit(".", 1)[-1] in KV_SUFFIXES)
-    if kv_algo is None:
-        bad = [f"{k} (no kv_cache_quant_algo declares it)" for k in scales]
-        detail = "k/v cache scales the quantization config does not declare" if bad else "no KV-cache quantization"
-        return Check("kv-cache-scales", not bad, detail, bad)
-    bad = []
-    for proj, suffix in (("k_proj", "k_scale"), ("v_proj", "v_scale")):
-        bad.extend(
-            f"{k[: -len('weight')]}{suffix} (missing: kv_cache_quant_algo {kv_algo} needs it)"
-            for k in ckpt.where
-            if k.endswith(f".{proj}.weight") and f"{k[: -len('weight')]}{suffix}" not in ckpt.where
-        )
-        if not any(k.endswith("." + suffix) for k in scales):
-            bad.append(f"*.{suffix} (none in the checkpoint: kv_cache_quant_algo {kv_algo} needs them)")
-    bad.extend(p for k in scales if (p := _scalar_problem(ckpt, k)))
-    detail = (
-        f"kv_cache_quant_algo {kv_algo}: k/v scales missing or not one finite value > 0"
-        if bad
-        else f"kv_cache_quant_algo {kv_algo}: {len(scales)} k/v scale(s), each one finite value > 0"
-    )
-    return Check("kv-cache-scales", not bad, detail, sorted(set(bad)))
-
-
-def _weight_scale_keys(ckpt: Checkpoint) -> dict[str, tuple[str, str]]:
-    """weight key -> (its weight_scale key, the prefix its other scales share), for every weight that
-    has a weight_scale: ``{m}.weight`` -> ``{m}.``; a fused ``{name}`` -> ``{name}_``."""
-    out = {}
-    for k in ckpt.where:
-        if k.endswith(".weight_scale") and (w := k[: -len("_scale")]) in ckpt.where:
-            out[w] = (k, k[: -len("weight_scale")])
-        elif k.endswith("_weight_scale") and (w := k[: -len("_weight_scale")]) in ckpt.where:
-            out[w] = (k, k[: -len("weight_scale")])
-    return out
-
-
-def _check_input_scales(ckpt: Checkpoint, algo: str | None) -> Check:
-    """A format that quantizes activations (FP8, NVFP4 W4A4) needs an input_scale next to every
-    quantized weight, dense linears too: the engine's linear reads it, and one left out loads as an
-    uninitialized or zero scale (1/0 in the kernel)."""
-    needs = "input_scale" in _required_scales(algo)
-    weights = _weight_scale_keys(ckpt)
-    bad = sorted(f"{p}input_scale (missing: {algo} quantizes {w}'s input)" for w, (_, p) in weights.items()
-                 if needs and f"{p}input_scale" not in ckpt.where)  # fmt: skip
-    detail = (
-        f"quantized weights without the input_scale {algo} needs"
-        if bad
-        else f"{len(weights)} quantized weight(s), each with its input_scale"
-        if needs
-        else f"{algo or 'unquantized'}: no input scales needed"
-    )
-    return Check("input-scales", not bad, detail, bad)
-
-
-def _check_scale_shapes(ckpt: Checkpoint, contract: NamingContract | None, meta: QuantMetadata) -> Check:
-    """Every scale exactly the shape its format has, so that no engine broadcasts a wrong one over a
-    weight: NVFP4 ``weight_scale`` one F8 value per group of 16 along the packed dimension of the
-    unquantized shape ([out, in/16] for a linear), FP8 ``weight_scale`` one value or one per output
-    row; ``weight_scale_2`` and ``input_scale`` of a linear one value."""
-    if contract is None or meta.algo is None:
-        return Check("scale-shapes", True, "nothing to check (no naming contract or unquantized)")
-    group = meta.quant.get("group_size") or 16
-    nvfp4 = _nvfp4(meta.algo)
-    bad, n = [], 0
-    for w, (ws, prefix) in _weight_scale_keys(ckpt).items():
-        if w not in contract.names:
-            continue  # hub-names reports it
-        want, have, scale = list(contract.names[w]), ckpt.shape[w], ckpt.shape[ws]
-        n += 1
-        if nvfp4:
-            packed = [d for d, (a, b) in enumerate(zip(have, want)) if 2 * a == b] if len(have) == len(want) else []
-            if len(packed) != 1 and have != want:
-                continue  # the weight itself does not fit: hub-names reports it
-            d = packed[0] if packed else len(want) - 1
-            expected = [*want[:d], want[d] // group, *want[d + 1 :]]
-            if scale != expected:
-                bad.append(f"{ws} shape {scale} (NVFP4: {expected}, one scale per {group} of {w} {want})")
-        elif len(want) == 2 and scale not in ([], [1], [want[0]], [want[0], 1]):
-            bad.append(f"{ws} shape {scale} (FP8: one value, or one per output row of {w} {want})")
-        if w.endswith(".weight"):
-            for x in ("weight_scale_2", "input_scale"):
-                key = prefix + x
-                if key in ckpt.where and ckpt.shape[key] not in ([], [1]):
-                    bad.append(f"{key} shape {ckpt.shape[key]} (one value per linear)")
-    detail = (
-        "scales of a shape an engine would broadcast over the wrong weights"
-        if bad
-        else f"{n} quantized weight(s), every scale of its format's shape"
-    )
-    return Check("scale-shapes", not bad, detail, bad)

@@ -187,7 +187,7 @@ def outliers(modules: Sequence[ModuleFigures]) -> list[str]:
 
 def numeric_check(ev: EvalReport, max_kl: float | None = None) -> Any:
     """The evaluation as one check of ``verify --against``: failing modules named in its keys."""
-    from ..hub.verify import Check
+    from ..hub.verify_report import Check
 
     problems = list(ev.failures)
     if max_kl is not None and not ev.kl <= max_kl:

@@ -55,8 +55,9 @@ from ..hub.checkpoint import (
     quantized_modules,
     shard_files,
 )
+from ..hub.checkpoint_reader import Checkpoint
 from ..hub.naming import ExpertsNaming, NamingContract, model_contract, unplaced_source_keys
-from ..hub.verify import Checkpoint, verify_checkpoint
+from ..hub.verify import verify_checkpoint
 from ..plugins.manager import registry
 from ..spec.model import Spec
 from .calibration import input_device, unfused_experts
