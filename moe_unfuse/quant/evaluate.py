@@ -304,7 +304,7 @@ def write_dequantized(
 
     from ..hub.naming import build_contract, meta_model_from_config
     from ..spec.catalog import select_specs
-    from .export import Restack, restack_tensors
+    from .restack import Restack, restack_tensors
 
     config = json.loads((checkpoint / "config.json").read_text())
     meta = meta_model_from_config(config, str(checkpoint))
@@ -537,7 +537,7 @@ def evaluate(
 
     from ..core.unfusing import unfuse
     from ..hub.loading import checkpoint_bytes
-    from .export import quiet
+    from .export_context import quiet
     from .layerwise import needs_layerwise
 
     start = time.perf_counter()
