@@ -34,7 +34,7 @@ def measure(families: list[str]) -> list[tuple[str, str, str, float, float, floa
     from moe_unfuse.hub.tiny import byte_tokenizer, tiny_gemma4, tiny_model_for
     from moe_unfuse.quant.calibration import calibration_batches, read_calibration_texts
     from moe_unfuse.quant.evaluate import EVAL_TEXT, evaluate, held_out_batches
-    from moe_unfuse.quant.export import quiet
+    from moe_unfuse.quant.export_context import quiet
 
     torch.set_num_threads(1)
     tokenizer = byte_tokenizer()

@@ -20,8 +20,8 @@ from moe_unfuse.hub.tiny import byte_tokenizer, tiny_gemma4
 from moe_unfuse.hub.verify import verify_checkpoint
 from moe_unfuse.hub.verify_report import CheckpointContractError
 from moe_unfuse.quant.calibration import calibration_batches, read_calibration_texts
-from moe_unfuse.quant.export import engine_renames, rename_key, rename_module
 from moe_unfuse.quant.quantize import quantize_model
+from moe_unfuse.quant.renaming import engine_renames, rename_key, rename_module
 
 pytestmark = [pytest.mark.arch("gemma4"), pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("export")]
 DTYPE_BYTES = {"BF16": 2, "F32": 4, "F8_E4M3": 1, "U8": 1}
@@ -409,7 +409,7 @@ def test_failed_verification_keeps_out_clean(
     """A spec rename that breaks the names (as `.moe.moe.experts` broke vLLM 0.19): the command fails
     (exit 1) naming the keys, and the checkpoint never lands at --out, only at <out>.invalid; a good
     earlier checkpoint at --out is kept."""
-    import moe_unfuse.quant.export as export
+    import moe_unfuse.quant.renaming as renaming
     from moe_unfuse.cli.main import main
 
     out = tmp_path / "out"
@@ -417,7 +417,7 @@ def test_failed_verification_keeps_out_clean(
     assert main(args) == 0
     before = (out / "model.safetensors").read_bytes()
     doubling = [(re.compile(r"\.experts\.(\d+)\."), r".moe.moe.experts.\1.")]
-    monkeypatch.setattr(export, "engine_renames", lambda specs, engine: doubling)
+    monkeypatch.setattr(renaming, "engine_renames", lambda specs, engine: doubling)
     capsys.readouterr()
     assert main([*args, "--overwrite"]) == 1
     printed = capsys.readouterr().out
@@ -459,7 +459,7 @@ def test_export_error_is_one_line_and_keeps_out(
 
 def test_second_run_on_same_out_is_refused(tmp_path: Path) -> None:
     from moe_unfuse.base.errors import MoeUnfuseError
-    from moe_unfuse.quant.export import out_lock
+    from moe_unfuse.quant.out_dir import out_lock
 
     out = tmp_path / "out"
     with out_lock(out):

@@ -145,7 +145,7 @@ def test_split_rules_are_reversed_one_decoder_layer_at_a_time(tmp_path: Path, mo
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     from moe_unfuse.hub.naming import model_contract
-    from moe_unfuse.quant.export import postprocess_checkpoint
+    from moe_unfuse.quant.postprocess import postprocess_checkpoint
 
     spec = moe_unfuse.get_spec("bailing_hybrid")
     if spec.resolve_class() is None:

@@ -10,7 +10,7 @@ import pytest
 from moe_unfuse.base.errors import MoeUnfuseError
 from moe_unfuse.cli.main import main
 from moe_unfuse.quant import quantize
-from moe_unfuse.quant.export import out_lock
+from moe_unfuse.quant.out_dir import out_lock
 
 pytestmark = pytest.mark.arch("gemma4")
 

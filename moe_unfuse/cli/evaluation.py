@@ -39,7 +39,7 @@ def evaluate_args(args: argparse.Namespace, progress: bool) -> object:
     """Run the evaluation the arguments describe."""
     from ..hub.loading import load_tokenizer
     from ..quant.evaluate import evaluate, samples_for
-    from ..quant.export import quiet
+    from ..quant.export_context import quiet
 
     if not progress:  # transformers' own bars too ("Loading weights")
         from transformers.utils import logging as hf_logging

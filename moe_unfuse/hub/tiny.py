@@ -289,7 +289,7 @@ def save_tiny_model(spec: Any, path: Any, tokenizer: bool = True) -> Any:
     """``spec``'s whole tiny model saved as the hub has it (:func:`save_hub_style`), with the tensors
     hub checkpoints hold that the model class drops on load (``golden.model.hub_only_tensors``: name ->
     shape, seeded random values in the model's dtype): an export is tried on a source like the hub's,
-    which carries them (``export.carry_source_tensors``). Returns ``path``."""
+    which carries them (``from_source.carry_source_tensors``). Returns ``path``."""
     from pathlib import Path
 
     from safetensors.torch import load_file, save_file

@@ -135,7 +135,7 @@ def verify_checkpoint(
     quantized = algo is not None
     contract, why = _contract(ckpt, config, arch, metadata)
     contract = contract.for_keys(ckpt.where) if contract is not None else None
-    # source tensors the model places nowhere, carried as they are (export.carry_source_tensors)
+    # source tensors the model places nowhere, carried as they are (from_source.carry_source_tensors)
     if contract is not None:
         contract.carried = frozenset(c for c in metadata.get("carried_from_source") or () if isinstance(c, str))
     keys = list(ckpt.where)

@@ -132,7 +132,7 @@ def write_dequantized(
 
     from ..hub.naming import build_contract, meta_model_from_config
     from ..spec.catalog import select_specs
-    from .export import Restack, restack_tensors
+    from .restack import Restack, restack_tensors
 
     config = json.loads((checkpoint / "config.json").read_text())
     meta = meta_model_from_config(config, str(checkpoint))

@@ -205,7 +205,7 @@ def evaluate(
 
     from ..core.unfusing import unfuse
     from ..hub.loading import checkpoint_bytes
-    from .export import quiet
+    from .export_context import quiet
     from .layerwise import needs_layerwise
 
     start = time.perf_counter()

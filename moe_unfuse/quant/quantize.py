@@ -56,7 +56,8 @@ from .calibration import (
 )
 from .distributed import Group
 from .evaluate import evaluate, held_out_batches
-from .export import export_checkpoint, out_lock, prepare_out_dir, quiet
+from .export import export_checkpoint
+from .export_context import quiet
 from .layerwise import (
     LAYERWISE_SHARD_SIZE,
     calibrate_layerwise,
@@ -65,6 +66,7 @@ from .layerwise import (
     needs_layerwise,
     no_offload_writeback,
 )
+from .out_dir import out_lock, prepare_out_dir
 from .report import QuantizeReport
 from .resume import ResumeState, fingerprint, kill_point, resume_dir
 

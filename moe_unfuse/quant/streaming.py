@@ -28,7 +28,7 @@ modelopt 0.47/0.48's layerwise walk and streaming export (``unified_export_hf_st
   larger tensor stays unquantized: :func:`moe_unfuse.quant.quantize.quantize_model`), so for such a model
   the export writes every tensor under its in-memory name and moe_unfuse's post-processing reverses
   them one decoder layer at a time through transformers' own ``revert_weight_conversion``
-  (:func:`moe_unfuse.quant.export.postprocess_checkpoint`).
+  (:func:`moe_unfuse.quant.postprocess.postprocess_checkpoint`).
 - **modelopt 0.47's streaming name mapper** (:func:`names_reversed_later`): 0.47 applies the mapper it
   builds for exclude patterns, with its ``\\x00`` sentinel segment, to tensor keys; Nemotron-H's reversed
   rename ``model.`` (an unescaped ``.``) rewrites the sentinel's ``modelo``, and its tensors come out as

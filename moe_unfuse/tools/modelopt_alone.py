@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
-    from ..quant.export import quiet
+    from ..quant.export_context import quiet
     from .export_table import replace_section
 
     hf_logging.disable_progress_bar()
