@@ -14,9 +14,10 @@ from test_layerwise import CALIB
 
 import moe_unfuse
 from moe_unfuse.cli.main import main
+from moe_unfuse.core.experts import unfused_experts
 from moe_unfuse.hub.tiny import byte_tokenizer, tiny_gemma4, tiny_model_for
 from moe_unfuse.quant import fastquant
-from moe_unfuse.quant.calibration import calibration_batches, read_calibration_texts, unfused_experts
+from moe_unfuse.quant.calibration import calibration_batches, read_calibration_texts
 from moe_unfuse.quant.quantize import quantize_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 import moe_unfuse
+from moe_unfuse.core.experts import unfused_experts
 from moe_unfuse.hub.tiny import byte_tokenizer, tiny_gemma4
 from moe_unfuse.quant import fastquant
-from moe_unfuse.quant.calibration import calibration_batches, read_calibration_texts, unfused_experts
+from moe_unfuse.quant.calibration import calibration_batches, read_calibration_texts
 from moe_unfuse.quant.quantize import quantize_model
 
 pytestmark = [pytest.mark.arch("gemma4"), pytest.mark.usefixtures("one_thread")]

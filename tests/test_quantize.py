@@ -12,6 +12,7 @@ from torch import nn
 import moe_unfuse
 from moe_unfuse import UncoveredExpertsError
 from moe_unfuse.core.coverage import check_coverage
+from moe_unfuse.core.experts import unfused_experts
 from moe_unfuse.hub.tiny import byte_tokenizer, tiny_gemma4
 from moe_unfuse.hub.verify import verify_checkpoint
 from moe_unfuse.quant.calibration import (
@@ -20,7 +21,6 @@ from moe_unfuse.quant.calibration import (
     finalize_input_scales,
     forced_routing,
     read_calibration_texts,
-    unfused_experts,
 )
 from moe_unfuse.quant.quantize import quantize_model
 

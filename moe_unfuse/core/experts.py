@@ -304,3 +304,9 @@ def unfused_class(cls: type) -> type:
     if cls not in _UNFUSED_CLASSES:
         _UNFUSED_CLASSES[cls] = type(f"Unfused{cls.__name__}", (UnfusedExpertsMixin, cls), {"__module__": __name__})
     return _UNFUSED_CLASSES[cls]
+
+
+def unfused_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) for every unfused experts module (plain ``unfuse`` or modelopt-converted)."""
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, UnfusedExpertsMixin)]

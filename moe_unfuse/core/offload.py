@@ -254,3 +254,20 @@ def release_expert_hooks(origins: dict[str, _Origin] | None) -> bool:
         if o.device is not None:
             o.hook.original_devices[o.key] = o.device
     return True
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the token ids go: the input embedding's device, or the device its offload hook runs it on
+    (first device under a device_map)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    hook = offload_hook(emb) if isinstance(emb, nn.Module) else None
+    if hook is not None and hook.execution_device is not None:
+        return torch.device(hook.execution_device)
+    hf_map = getattr(model, "hf_device_map", None) or {}
+    for dev in hf_map.values():
+        if isinstance(dev, int) or (isinstance(dev, str) and dev not in ("cpu", "disk")):
+            return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    return torch.device("cpu")

@@ -39,8 +39,8 @@ from ..base.options import (
     DEFAULT_SEQ_LEN,
     INPUT_SCALE_POLICIES,
 )
-from ..core.experts import UnfusedExpertsMixin, unfuse_state
-from ..core.offload import offload_hook
+from ..core.experts import unfuse_state, unfused_experts
+from ..core.offload import input_device
 from ..hub.tiny import CALIBRATION_TEXT
 
 # ----------------------------------------------------------------------------------------------
@@ -196,23 +196,6 @@ def calibration_batches(
     return batches
 
 
-def input_device(model: nn.Module) -> torch.device:
-    """Where the token ids go: the input embedding's device, or the device its offload hook runs it on
-    (first device under a device_map)."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    weight = getattr(emb, "weight", None)
-    if weight is not None and weight.device.type != "meta":
-        return weight.device
-    hook = offload_hook(emb) if isinstance(emb, nn.Module) else None
-    if hook is not None and hook.execution_device is not None:
-        return torch.device(hook.execution_device)
-    hf_map = getattr(model, "hf_device_map", None) or {}
-    for dev in hf_map.values():
-        if isinstance(dev, int) or (isinstance(dev, str) and dev not in ("cpu", "disk")):
-            return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
-    return torch.device("cpu")
-
-
 def run_batches(
     model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], desc: str = "calibrating", progress: bool = True
 ) -> None:
@@ -227,12 +210,6 @@ def run_batches(
 
 # ----------------------------------------------------------------------------------------------
 # routing statistics
-
-
-def unfused_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path, module) for every unfused experts module (plain ``unfuse`` or modelopt-converted)."""
-
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, UnfusedExpertsMixin)]
 
 
 def _hidden_states(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:

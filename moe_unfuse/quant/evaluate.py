@@ -90,7 +90,7 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
 def _linear_keys(model: nn.Module, contract: Any, reader_keys: Iterable[str]) -> dict[str, tuple[str, int | None]]:
     """In-memory linear path -> (the checkpoint weight key holding it, expert index into a fused
     tensor's per-expert input scale or None)."""
-    from .calibration import unfused_experts
+    from ..core.experts import unfused_experts
 
     keys = set(reader_keys)
     out: dict[str, tuple[str, int | None]] = {}
@@ -262,7 +262,8 @@ def evaluate(
 def _compare(
     ref: nn.Module, twin: nn.Module, formats: dict[str, str], samples: Sequence[dict], progress: bool, tqdm: Any
 ) -> EvalReport:
-    from .calibration import input_device, unfused_experts
+    from ..core.experts import unfused_experts
+    from ..core.offload import input_device
 
     twins = dict(twin.named_modules())
     experts = {p for p, _ in unfused_experts(ref)}

@@ -12,8 +12,8 @@ from typing import Any, Iterator
 
 from torch import nn
 
+from ..core.offload import input_device
 from ..hub.naming import NamingContract
-from .calibration import input_device
 from .streaming import has_split_rules
 
 

@@ -295,7 +295,7 @@ def _forward_standing_in(
     ``previous`` (the last real layer's output for the batch). With ``inputs``, layer ``count``'s
     (args, kwargs) go there and the forward stops at it; without, the forward runs to the end.
     Returns the standing-in layers the forward called more than once (a looped layer)."""
-    from .calibration import input_device
+    from ..core.offload import input_device
 
     originals = list(layers)[: count + (inputs is not None)]
     device = input_device(model)
@@ -355,7 +355,7 @@ def calibrate_layerwise(
     from modelopt.torch.quantization.utils.core_utils import persistent_materialization
     from tqdm.auto import tqdm
 
-    from .calibration import input_device
+    from ..core.offload import input_device
 
     layers = decoder_layers(model)
     names = {id(m): n for n, m in model.named_modules()}

@@ -32,7 +32,7 @@ from ..base.options import (
     default_eval_size,
 )
 from ..core.coverage import Coverage, check_coverage, fused_expert_params
-from ..core.experts import unfuse_state
+from ..core.experts import unfuse_state, unfused_experts
 from ..core.registration import register
 from ..core.unfusing import unfuse
 from ..hub.loading import checkpoint_bytes, load_model, load_offloaded, load_tokenizer, offloaded_to_disk
@@ -52,7 +52,6 @@ from .calibration import (
     keep_uncalibrated_unquantized,
     read_calibration_texts,
     share_gate_up_weight_amax,
-    unfused_experts,
 )
 from .distributed import Group
 from .evaluate import evaluate, held_out_batches

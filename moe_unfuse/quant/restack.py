@@ -20,11 +20,10 @@ from torch import nn
 
 from ..base.errors import MoeUnfuseError
 from ..base.layout import Narrow
-from ..core.experts import unfuse_state
+from ..core.experts import unfuse_state, unfused_experts
 from ..hub.checkpoint import STACKED_SCALES
 from ..hub.naming import ExpertsNaming, NamingContract
 from ..spec.model import Spec
-from .calibration import unfused_experts
 
 # ----------------------------------------------------------------------------------------------
 # which experts modules are re-stacked into fused tensors
