@@ -17,8 +17,8 @@ import torch
 
 from ..base.errors import MoeUnfuseError
 from .checkpoint import shard_files
+from .checkpoint_reader import Checkpoint
 from .naming import NamingContract, unplaced_source_keys
-from .verify import Checkpoint
 
 #: The config.json entries an export changes: modelopt's ``quantization_config`` (written by its export,
 #: its exclude list fixed by :func:`moe_unfuse.quant.exclusions.fix_exclusions`). Every other field is the source's.
