@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import sys
+from functools import cache
 from typing import Any
 
 
@@ -21,6 +22,12 @@ def installed_version() -> str:
     module = sys.modules.get("transformers")
     if module is not None:
         return module.__version__
+    return _metadata_version()
+
+
+@cache
+def _metadata_version() -> str:
+    """Parsed once per process: every spec loaded asks (``list`` would parse the metadata ~150 times)."""
     try:
         return importlib.metadata.version("transformers")
     except importlib.metadata.PackageNotFoundError:
