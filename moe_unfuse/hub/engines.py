@@ -21,6 +21,7 @@ from ..plugins.manager import registry
 
 if TYPE_CHECKING:
     from ..spec.model import Spec
+    from .checkpoint_reader import Checkpoint
     from .naming import NamingContract
 
 #: A per-expert tensor name: ``{prefix}.experts.{E}.{proj}.{suffix}``.
@@ -88,7 +89,7 @@ class EngineContext:
 
     def __init__(
         self,
-        ckpt: Any,
+        ckpt: Checkpoint,
         contract: NamingContract | None,
         engine: str,
         metadata: Mapping[str, Any],
