@@ -30,7 +30,7 @@ import vllm_loader
 ROOT = Path(__file__).resolve().parent.parent
 # moe_unfuse itself is not installed here (it needs the main environment's torch and modelopt): its
 # results module has no dependencies and is loaded from its file.
-_spec = importlib.util.spec_from_file_location("engine_loads", ROOT / "moe_unfuse" / "engine_loads.py")
+_spec = importlib.util.spec_from_file_location("engine_loads", ROOT / "moe_unfuse" / "tools" / "engine_loads.py")
 engine_loads = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(engine_loads)
 
