@@ -258,3 +258,19 @@ def test_contributing_command_example_runs(registered_plugin, capsys):
     assert capsys.readouterr().out.splitlines() == [f"{p.name}: {', '.join(p.into)}" for p in spec.params]
     assert main(["projections", "no_such_arch"]) == 2  # an unknown arch is one line, exit status 2
     assert "no_such_arch" in capsys.readouterr().err
+
+
+def test_plugin_command_cannot_take_a_builtin_alias(registered_plugin, capsys) -> None:
+    """``infer`` is ``draft``'s old name: a plugin's command of that name is one line, exit status 2."""
+    import types
+
+    from moe_unfuse.cli.main import main
+
+    class Plugin:
+        @moe_unfuse.hookimpl
+        def register_commands(self, register):
+            register("infer", types.SimpleNamespace(__doc__="x", add_arguments=lambda p: None, run=lambda a: 0))
+
+    registered_plugin(Plugin())
+    assert main(["list"]) == 2
+    assert "the command 'draft' has the alias 'infer', which is already the command 'infer'" in capsys.readouterr().err

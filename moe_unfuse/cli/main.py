@@ -29,11 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = {name: load_command(command) for name, command in registry().commands.items()}
-    aliases = {alias: name for name, command in commands.items() for alias in getattr(command, "ALIASES", ())}
-    for name in commands.keys() & aliases.keys():
-        raise MoeUnfuseError(
-            f"a plugin registers the command {name!r}, which moe-unfuse has as an alias of {aliases[name]!r}; fix: rename the plugin's command"
-        )
+    taken = dict.fromkeys(commands, "")  # name or alias -> the command it is an alias of ("": a name)
+    for name, command in commands.items():
+        for alias in getattr(command, "ALIASES", ()):
+            if alias in taken:
+                holder = f"the command {alias!r}" if not taken[alias] else f"an alias of {taken[alias]!r}"
+                raise MoeUnfuseError(
+                    f"the command {name!r} has the alias {alias!r}, which is already {holder}; fix: rename one of the plugins' commands"
+                )
+            taken[alias] = name
     for name, command in commands.items():
         doc = (command.__doc__ or "").strip()
         p = sub.add_parser(
