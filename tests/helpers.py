@@ -164,3 +164,31 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:5]}"
     for name in ("hf_quant_config.json", "config.json", "moe_unfuse.json"):
         assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name
+
+
+def killed_at(point: str, args: list[str]) -> None:
+    """Run ``moe-unfuse ARGS`` in a forked child that SIGKILLs itself at ``point`` (the test hook
+    ``MOE_UNFUSE_TEST_SIGKILL``: no interpreter start-up, nothing timed); it must die there."""
+    import os
+    import signal
+
+    from moe_unfuse.cli.main import main
+    from moe_unfuse.quant.resume import KILL_ENV
+
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 3
+        try:
+            os.environ[KILL_ENV] = point
+            code = main(args)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"{point}: {status}"
+
+
+def same_files(a: Path, b: Path) -> None:
+    """Two folders hold the same file names with the same bytes."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    assert [n for n in names if (a / n).read_bytes() != (b / n).read_bytes()] == []

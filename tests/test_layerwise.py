@@ -5,19 +5,29 @@ load, a fused export layout, fp32-kept routers and sinks, a router reading its c
 identity experts, hybrid attention, decoder layers only the config names (DBRX, Jamba), a module
 owning the layers with tensors of its own (Zaya, the OCR models), a module reading a child's weights
 without calling it (JetMoE, Llama 4), conversion mappings with split rules (Bailing hybrid, GLM-5
-next, Lara-Mini) ...; :mod:`moe_unfuse.quant.streaming` works around modelopt for each); a model with no
-decoder layer list fails in one line before anything is written, and one whose forward runs a layer
-more than once (looped layers) in one line before its checkpoint is written; and layer by layer is chosen by
-default when the whole model would not fit in memory."""
+next, Lara-Mini) ...; :mod:`moe_unfuse.quant.streaming` works around modelopt for each), also when a
+layer reads outputs from several layers back (Inkling2's block residuals) or a layer runs once per pass
+of a loop (Inkling2-Loop); a model with no decoder layer list fails in one line before anything is
+written; and layer by layer is chosen by default when the whole model would not fit in memory."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_checkpoint, checkpoint_tensors, save_tiny, spec_names, spec_raw, tensor_bits
+from helpers import (
+    assert_same_checkpoint,
+    checkpoint_tensors,
+    killed_at,
+    same_files,
+    save_tiny,
+    spec_names,
+    spec_raw,
+    tensor_bits,
+)
 
 import moe_unfuse
 from moe_unfuse.cli.main import main
@@ -28,8 +38,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 #: Every spec with a whole tiny model, as in the export-family tests (names read from the spec files).
 FAMILIES = [a for a in spec_names() if (spec_raw(a).get("golden") or {}).get("model")]
 CALIB = ["--calib-size", "4", "--seq-len", "32", "--batch-size", "2", "--no-progress", "--force-routing"]
-#: A decoder layer runs more than once per forward (Inkling2-Loop's looped layers): layer by layer refuses it.
-LOOPED = {"inkling2_loop"}
 
 
 @pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.arch(a), id=a) for a in FAMILIES])
@@ -37,19 +45,105 @@ def test_layerwise_checkpoint_equals_whole_model(arch: str, tmp_path: Path, caps
     if moe_unfuse.get_spec(arch).resolve_class() is None:
         pytest.skip(f"{arch}: not in the installed transformers")
     model = save_tiny(arch, tmp_path / "model")
-    if arch in LOOPED:
-        out = tmp_path / "layerwise"
-        capsys.readouterr()
-        assert main(["quantize", str(model), "--qformat", "nvfp4", "--out", str(out), "--layerwise", *CALIB]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "run more than once per forward" in err[0] and "fix: pass --no-layerwise" in err[0]
-        assert not out.exists() and not (tmp_path / "layerwise.invalid").exists()
-        return
     for mode in ("--no-layerwise", "--layerwise"):
         out = tmp_path / mode.strip("-")
         assert main(["quantize", str(model), "--qformat", "nvfp4", "--out", str(out), mode, *CALIB]) == 0
     assert_same_checkpoint(tmp_path / "no-layerwise", tmp_path / "layerwise")
     assert not list(tmp_path.glob(".layerwise.offload-*")), "the offload folder is removed"
+
+
+#: Deeper than the golden models: Inkling2 with every layer a residual block of its own (each layer
+#: reads every earlier layer's output through the block states), and Inkling2-Loop with layers 1-2
+#: looped three times (nine calls; each pass restarts from layer 0's output and reads the last pass's
+#: messages) and 16 experts at top-1, so that some get no token and the forced pass runs on every pass.
+DEEP = {
+    "inkling2": {"num_hidden_layers": 5, "layer_types": ["hybrid_sliding", "hybrid"] * 2 + ["hybrid_sliding"]},
+    "inkling2_loop": {
+        "num_hidden_layers": 5,
+        "layer_types": ["hybrid_sliding", "hybrid"] * 2 + ["hybrid_sliding"],
+        "loop_layer_index_start": 1,
+        "loop_layer_index_end": 3,
+        "loop_num_passes": 3,
+        "n_routed_experts": 16,
+        "num_experts_per_tok": 1,
+    },
+}
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.arch(a), id=a) for a in DEEP])
+def test_layerwise_feeds_each_call_what_the_forward_reads(arch: str, tmp_path: Path) -> None:
+    """A layer reading outputs from several calls back, and looped layers calibrated once per pass,
+    give the whole-model checkpoint; the loop's run, killed inside the second pass and started again,
+    writes the uninterrupted run's files."""
+    from moe_unfuse.hub.tiny import save_tiny_model
+
+    spec = moe_unfuse.get_spec(arch)
+    if spec.resolve_class() is None:
+        pytest.skip(f"{arch}: not in the installed transformers")
+    model = save_tiny_model(spec, tmp_path / "model", overrides=DEEP[arch])
+    for mode in ("--no-layerwise", "--layerwise"):
+        out = tmp_path / mode.strip("-")
+        assert main(["quantize", str(model), "--qformat", "nvfp4", "--out", str(out), mode, *CALIB]) == 0
+    assert_same_checkpoint(tmp_path / "no-layerwise", tmp_path / "layerwise")
+    if arch != "inkling2_loop":
+        return
+    metadata = json.loads((tmp_path / "layerwise" / "moe_unfuse.json").read_text())
+    forced = metadata["routing"]["forced"]["model.layers.1.mlp.experts"]
+    assert set(forced) == {0, 3 * 64}, "forced experts run on the first batch of each of the three passes"
+    args = ["quantize", str(model), "--qformat", "nvfp4", "--layerwise", *CALIB, "--out", str(tmp_path / "resumed")]
+    killed_at("after-layer:4", args)  # call 4: layer 2's second pass
+    state = tmp_path / "resumed.resume" / "state"
+    assert (state / "layer-3" / "first.pt").is_file(), "layer 1's second pass keeps its first batch for the forced pass"
+    assert main(args) == 0
+    same_files(tmp_path / "layerwise", tmp_path / "resumed")
+
+
+def test_call_plan_follows_what_each_call_reads() -> None:
+    """:func:`plan_calls` on parents with every pattern: a plain stack, an output read again at the end,
+    a loop restarting from an earlier output, and a forward whose layer order depends on the values."""
+    from torch import nn
+
+    from moe_unfuse.base.errors import MoeUnfuseError
+    from moe_unfuse.quant.layerwise import plan_calls
+
+    class Parent(nn.Module):
+        def __init__(self, pattern: str):
+            super().__init__()
+            self.pattern = pattern
+            self.embed = nn.Embedding(8, 4)
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(4))
+
+        def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+            h = self.embed(input_ids)
+            if self.pattern == "loop":  # layers 1-2 twice, each pass from layer 0's output
+                first = self.layers[0](h)
+                h = first
+                for _ in range(2):
+                    h = self.layers[2](self.layers[1](first + 0 * h) + h)
+                return self.layers[3](h)
+            if self.pattern == "data":
+                h = self.layers[0](h)
+                return self.layers[1 if h.sum() > 0 else 2](h)
+            outputs = []
+            for layer in self.layers:
+                h = layer(h)
+                outputs.append(h)
+            return h + outputs[0] if self.pattern == "skip" else h
+
+    batch = {"input_ids": torch.tensor([[1, 2, 3]])}
+    output = torch.zeros(1, 3, 4)
+
+    def plan(pattern: str):
+        parent = Parent(pattern)
+        return plan_calls(parent, parent.layers, batch, output)
+
+    assert (plan("chain").layers, plan("chain").last_use) == ([0, 1, 2, 3], [1, 2, 3, 4])
+    assert plan("skip").last_use == [4, 2, 3, 4]
+    loop = plan("loop")
+    assert loop.layers == [0, 1, 2, 1, 2, 3] and loop.looped and loop.calls_of(1) == [1, 3]
+    assert loop.last_use == [3, 2, 4, 4, 5, 6]
+    with pytest.raises(MoeUnfuseError, match="order of the layers depends on the data"):
+        plan("data")
 
 
 @pytest.mark.arch("gemma4")

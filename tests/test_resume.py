@@ -9,39 +9,16 @@ interpreter start-up per run), at fixed points, so nothing depends on timing."""
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_checkpoint, save_tiny
+from helpers import assert_same_checkpoint, killed_at, same_files, save_tiny
 from test_layerwise import CALIB
 
 from moe_unfuse.cli.main import main
-from moe_unfuse.quant.resume import KILL_ENV
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.arch("gemma4")]
-
-
-def _killed_at(point: str, args: list[str]) -> None:
-    """Run ``moe-unfuse ARGS`` in a forked child that SIGKILLs itself at ``point``; it must die there."""
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 3
-        try:
-            os.environ[KILL_ENV] = point
-            code = main(args)
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"{point}: {status}"
-
-
-def _same_files(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    assert [n for n in names if (a / n).read_bytes() != (b / n).read_bytes()] == []
 
 
 def test_killed_runs_resume_to_the_uninterrupted_checkpoint(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
@@ -52,14 +29,14 @@ def test_killed_runs_resume_to_the_uninterrupted_checkpoint(tmp_path: Path, capf
     args = [*run, "--out", str(out)]
     state = tmp_path / "out.resume" / "state"
 
-    _killed_at("after-layer:1", args)
+    killed_at("after-layer:1", args)
     assert sorted(p.name for p in state.iterdir()) == ["fingerprint.json", "layer-0", "layer-1"]
     assert not (state / "layer-0" / "outputs").exists() and (state / "layer-1" / "outputs").is_dir()
     capfd.readouterr()
-    _killed_at("mid-save:2", args)  # resumes after layer 1, dies while committing layer 2
+    killed_at("mid-save:2", args)  # resumes after layer 1, dies while committing layer 2
     assert "decoder layers 0-1 of 4 were calibrated by an earlier run" in capfd.readouterr().err
     assert (state / "layer-2.tmp").is_dir() and not (state / "layer-2").exists()
-    _killed_at("before-export", args)  # the half-written layer 2 is not taken: layers 2 and 3 run again
+    killed_at("before-export", args)  # the half-written layer 2 is not taken: layers 2 and 3 run again
     assert "decoder layers 0-1 of 4" in capfd.readouterr().err
     assert not out.exists()
 
@@ -67,7 +44,7 @@ def test_killed_runs_resume_to_the_uninterrupted_checkpoint(tmp_path: Path, capf
     captured = capfd.readouterr()
     assert "decoder layers 0-3 of 4 were calibrated by an earlier run" in captured.err
     assert "layers 0-3 resumed" in captured.out
-    _same_files(tmp_path / "ref", out)
+    same_files(tmp_path / "ref", out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out", "ref"], "OUT.resume is removed"
 
 
@@ -75,7 +52,7 @@ def test_state_of_other_data_is_discarded_in_one_line(tmp_path: Path, capfd: pyt
     model = save_tiny("gemma4", tmp_path / "model")
     out = tmp_path / "out"
     base = ["quantize", str(model), "--qformat", "fp8", "--layerwise", "--out", str(out), "--no-progress"]
-    _killed_at("after-layer:0", [*base, "--calib-size", "4", "--seq-len", "32"])
+    killed_at("after-layer:0", [*base, "--calib-size", "4", "--seq-len", "32"])
     capfd.readouterr()
     assert main([*base, "--calib-size", "2", "--seq-len", "32"]) == 0
     said = [line for line in capfd.readouterr().err.splitlines() if "discarded" in line]

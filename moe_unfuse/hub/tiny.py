@@ -243,17 +243,20 @@ def _round_sizes(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def tiny_model_for(spec: Any, dtype: torch.dtype = torch.bfloat16, seed: int = SEED) -> torch.nn.Module:
+def tiny_model_for(
+    spec: Any, dtype: torch.dtype = torch.bfloat16, seed: int = SEED, overrides: dict[str, Any] | None = None
+) -> torch.nn.Module:
     """The whole tiny model of ``spec``'s ``golden.model``, sized for export: every size that is not a
     multiple of 16 rounded up (NVFP4 quantizes in blocks of 16 along the input features) and a
     vocabulary that holds :func:`byte_tokenizer`'s ids, with seeded random weights. ``architectures``
-    is the class name unless the config names the hub's spelling (see :func:`save_hub_style`)."""
+    is the class name unless the config names the hub's spelling (see :func:`save_hub_style`).
+    ``overrides``: config kwargs over the golden ones (a deeper model, more experts)."""
     import importlib
 
     model_cfg = spec.golden["model"]
     module, _, name = model_cfg["class"].rpartition(".")
     cls = getattr(importlib.import_module(module), name)
-    kwargs = _round_sizes(dict(model_cfg["config_kwargs"]))
+    kwargs = _round_sizes({**model_cfg["config_kwargs"], **(overrides or {})})
     for key in {"vocab_size", *(k for k in kwargs if k.startswith("vocab_size"))}:
         kwargs[key] = max(kwargs.get(key, 0), VOCAB_SIZE)
     config = cls.config_class(**kwargs)
@@ -285,16 +288,17 @@ def save_hub_style(model: torch.nn.Module, path: Any, tokenizer: bool = True) ->
     return path
 
 
-def save_tiny_model(spec: Any, path: Any, tokenizer: bool = True) -> Any:
+def save_tiny_model(spec: Any, path: Any, tokenizer: bool = True, overrides: dict[str, Any] | None = None) -> Any:
     """``spec``'s whole tiny model saved as the hub has it (:func:`save_hub_style`), with the tensors
     hub checkpoints hold that the model class drops on load (``golden.model.hub_only_tensors``: name ->
     shape, seeded random values in the model's dtype): an export is tried on a source like the hub's,
-    which carries them (``from_source.carry_source_tensors``). Returns ``path``."""
+    which carries them (``from_source.carry_source_tensors``). ``overrides``: as in :func:`tiny_model_for`.
+    Returns ``path``."""
     from pathlib import Path
 
     from safetensors.torch import load_file, save_file
 
-    model = tiny_model_for(spec)
+    model = tiny_model_for(spec, overrides=overrides)
     path = save_hub_style(model, path, tokenizer=tokenizer)
     extra = spec.golden["model"].get("hub_only_tensors") or {}
     if extra:

@@ -234,6 +234,13 @@ class RoutingStats:
                 out[path] = idle
         return out
 
+    def add(self, other: "RoutingStats") -> None:
+        """Add ``other``'s counts to these, expert by expert (a looped layer's experts count every call)."""
+        for mine, theirs in ((self.counts, other.counts), (self.forced, other.forced)):
+            for path, counts in theirs.items():
+                have = mine.setdefault(path, [0] * len(counts))
+                mine[path] = [a + b for a, b in zip(have, counts)]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "counts": self.counts,
@@ -339,20 +346,47 @@ def calibrate(
     processes, so the forced targets are those of all batches; ``forced_here`` says whether this
     process runs the forced pass (the one holding the run's first batch).
     """
+    stats = count_tokens(model, batches, progress, sum_counts)
+    if force_routing:
+        force_uncovered(model, batches[:1], stats, chunk_tokens, progress, sum_counts, forced_here)
+    return stats
+
+
+def count_tokens(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    progress: bool = True,
+    sum_counts: Callable[[dict[str, list[int]]], None] | None = None,
+) -> RoutingStats:
+    """Run the calibration batches, counting the tokens each expert receives (summed over processes)."""
     stats = RoutingStats()
     with TokenCounter(model, stats):
         run_batches(model, batches, "calibrating", progress)
     if sum_counts is not None:
         sum_counts(stats.counts)
+    return stats
+
+
+def force_uncovered(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    stats: RoutingStats,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    progress: bool = True,
+    sum_counts: Callable[[dict[str, list[int]]], None] | None = None,
+    forced_here: bool = True,
+) -> None:
+    """The forced pass: the experts ``stats.counts`` shows without a token run on every token of
+    ``batches`` (the first calibration batch; a looped layer's first batch of each of its calls),
+    their counts added to ``stats.forced``."""
     targets = stats.uncovered(forced_too=False)
-    if force_routing and targets and batches and forced_here:
+    if targets and batches and forced_here:
         with forced_routing(model, targets, stats, chunk_tokens):
-            run_batches(model, batches[:1], "forced routing", progress)
-    if sum_counts is not None and force_routing and targets:
+            run_batches(model, batches, "forced routing", progress)
+    if sum_counts is not None and targets:
         for path in targets:
             stats.forced.setdefault(path, [0] * len(stats.counts[path]))
         sum_counts(stats.forced)
-    return stats
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,16 +5,20 @@ accelerate's hooks read a module's weights from the checkpoint's safetensors fil
 offload folder, where a load-time conversion rewrote them) only for that module's forward, and our
 expert offload hooks read one expert's rows at a time (:mod:`moe_unfuse.core.offload`). modelopt's max
 calibration runs over every quantizer exactly as in the whole-model path; only its forward loop
-differs (:func:`calibrate_layerwise`): for each decoder layer in turn, the model's own forward runs
-on each batch up to that layer, with the layers before it standing in by returning the previous
-layer's cached outputs, so the parent computes everything it passes to a layer (masks, rotary
-embeddings, per-layer inputs) as it always does; the layer's inputs are captured, the layer's
-weights are loaded once (modelopt's ``persistent_materialization``: a module that reads a child's
-weight directly, as LongCat's router does, sees it too), the layer is calibrated on its inputs
-(token counts and forced routing as in the whole-model path), and its outputs are kept for the next
-layer. Max calibration depends only on each quantizer's inputs, which are the same
-tensors as in a whole-model pass, so every amax is identical. modelopt's ``export_hf_checkpoint``
-then streams the offloaded model to disk one decoder layer at a time.
+differs (:func:`calibrate_layerwise`). It walks the forward's decoder-layer *calls* (a looped layer
+is called once per pass), one at a time: the model's own forward runs on each batch up to that call,
+with every layer standing in and answering each earlier call with that call's cached outputs, so the
+parent computes everything it passes to a layer (masks, rotary embeddings, per-layer inputs, block
+residuals, a loop's messages) as it always does; the call's inputs are captured, its layer's weights
+are loaded once (modelopt's ``persistent_materialization``: a module that reads a child's weight
+directly, as LongCat's router does, sees it too), the layer is calibrated on its inputs (token counts
+and forced routing as in the whole-model path), and its outputs are kept for as long as a later call
+reads them. Which calls a forward makes, and which earlier outputs each call reads, is found once
+with random answers (:func:`plan_calls`): a plain decoder stack reads only the last call, so one
+call's outputs are cached at a time, as before; Inkling2's block residuals read many. Max
+calibration depends only on each quantizer's inputs, which are the same tensors as in a whole-model
+pass, so every amax is identical. modelopt's ``export_hf_checkpoint`` then streams the offloaded
+model to disk one decoder layer at a time.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from torch import nn
 
 from ..base.errors import MoeUnfuseError
 from ..base.memory import available_memory, release_free_memory
-from .calibration import RoutingStats, calibrate
+from .calibration import RoutingStats, count_tokens, force_uncovered
 from .resume import ResumeState, load_calibration, save_calibration
 from .streaming import decoder_layer_list, owner_children_materialized
 
@@ -231,18 +235,51 @@ def check_layerwise(model: nn.Module) -> None:
     decoder_layers(model)
 
 
-class _Stand(nn.Module):
-    """Takes a decoder layer's place in its list during a capture forward: returns ``output`` (the
-    previous layer's real output for this batch), or, for the layer being captured, records its
-    arguments and stops the forward. Attributes the parent reads (``attention_type`` ...) come from
-    the layer it stands for, which is not a child, so no hook loads its weights."""
+class _Calls:
+    """The decoder-layer calls of one forward, in the order the model makes them, answered by the
+    standing-in layers: call ``c`` returns ``answer(c)``; call ``capture`` records its (args, kwargs)
+    and stops the forward. ``expected`` (a :class:`CallPlan`'s layers) checks that the forward calls
+    the layers in the planned order; ``seen`` (optional) gets each call's (args, kwargs)."""
 
-    def __init__(self, layer: nn.Module, output: Any = None, capture: list | None = None):
+    def __init__(
+        self,
+        answer: Callable[[int], Any] | None = None,
+        capture: int | None = None,
+        expected: Sequence[int] | None = None,
+        seen: Callable[[int, tuple, dict], None] | None = None,
+    ):
+        self.answer, self.capture, self.expected, self.seen = answer, capture, expected, seen
+        self.layers: list[int] = []
+        self.captured: tuple[tuple, dict] | None = None
+
+    def __call__(self, j: int, args: tuple, kwargs: dict) -> Any:
+        c = len(self.layers)
+        self.layers.append(j)
+        if self.expected is not None and (c >= len(self.expected) or self.expected[c] != j):
+            planned = f"decoder layer {self.expected[c]}" if c < len(self.expected) else "no further layer"
+            raise MoeUnfuseError(
+                f"layer by layer: call {c} of the forward ran decoder layer {j} where the first batch's forward "
+                f"ran {planned} (the order of the layers depends on the data); fix: pass --no-layerwise"
+            )
+        if self.seen is not None:
+            self.seen(c, args, kwargs)
+        if c == self.capture:
+            self.captured = (args, kwargs)
+            raise _Stop
+        assert self.answer is not None, "a forward with no answers stops at its capture"
+        return self.answer(c)
+
+
+class _Stand(nn.Module):
+    """Takes decoder layer ``index``'s place in its list while the model's own forward runs: its
+    calls go to the forward's :class:`_Calls`. Attributes the parent reads (``attention_type`` ...)
+    come from the layer it stands for, which is not a child, so no hook loads its weights."""
+
+    def __init__(self, layer: nn.Module, index: int):
         super().__init__()
         object.__setattr__(self, "_layer", layer)
-        object.__setattr__(self, "_output", output)
-        object.__setattr__(self, "_capture", capture)
-        object.__setattr__(self, "calls", 0)
+        object.__setattr__(self, "_index", index)
+        object.__setattr__(self, "calls", None)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -251,18 +288,151 @@ class _Stand(nn.Module):
             return getattr(object.__getattribute__(self, "_layer"), name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        object.__setattr__(self, "calls", self.calls + 1)
-        if self._capture is not None:
-            self._capture.append((args, kwargs))
-            raise _Stop
-        return self._output
+        return self.calls(self._index, args, kwargs)
+
+
+@contextmanager
+def _standing_in(model: nn.Module, layers: nn.ModuleList) -> Iterator[Callable[[dict, _Calls], Any]]:
+    """Every decoder layer replaced by a :class:`_Stand` for the duration; yields ``forward(batch,
+    calls)``: the model's forward on one batch, its layer calls answered by ``calls`` (None when it
+    stopped at the capture)."""
+    from ..core.offload import input_device
+
+    originals = list(layers)
+    stands = [_Stand(layer, j) for j, layer in enumerate(originals)]
+    device = input_device(model)
+
+    def forward(batch: dict[str, torch.Tensor], calls: _Calls) -> Any:
+        for stand in stands:
+            object.__setattr__(stand, "calls", calls)
+        with torch.no_grad():
+            try:
+                return model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+            except _Stop:
+                return None
+
+    with owner_children_materialized(model, layers):  # the owner may read one's weights directly
+        try:
+            for j, stand in enumerate(stands):
+                layers[j] = stand
+            yield forward
+        finally:
+            for j, layer in enumerate(originals):
+                layers[j] = layer
+
+
+@dataclass
+class CallPlan:
+    """One forward's decoder-layer calls: ``layers[c]`` is the layer call ``c`` runs (a looped layer
+    once per pass), and ``last_use[c]`` the last call whose inputs call ``c``'s outputs reach
+    (``len(layers)``: the forward's end). A plain decoder stack is ``last_use[c] == c + 1``; Inkling's
+    block residuals read outputs from many layers back, and a loop's second pass restarts from an
+    output before the loop."""
+
+    layers: list[int]
+    last_use: list[int]
+
+    @property
+    def looped(self) -> bool:
+        return len(set(self.layers)) < len(self.layers)
+
+    def calls_of(self, j: int) -> list[int]:
+        return [c for c, layer in enumerate(self.layers) if layer == j]
+
+
+def _digest(value: Any) -> bytes:
+    """A hash of every tensor's shape, dtype and bytes in a (nested) value: equal values, equal digests."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+
+    def walk(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            t = v.detach()
+            h.update(repr((tuple(t.shape), t.dtype)).encode())
+            if t.is_complex():
+                t = torch.view_as_real(t)
+            raw = t.contiguous().cpu().reshape(-1)
+            if raw.dtype == torch.bool:
+                raw = raw.to(torch.uint8)
+            if raw.numel():
+                h.update(memoryview(raw.view(torch.uint8).numpy()))
+        elif isinstance(v, (tuple, list)):
+            for x in v:
+                walk(x)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                h.update(repr(k).encode())
+                walk(x)
+
+    walk(value)
+    return h.digest()
+
+
+@contextmanager
+def _calibration_paused(model: nn.Module, layers: nn.ModuleList) -> Iterator[None]:
+    """The quantizers outside the decoder layers collect nothing for the duration (the planning
+    forwards feed the parent random layer outputs)."""
+    paused = [q for _, q in _quantizers_outside(model, layers) if getattr(q, "_if_calib", False)]
+    for q in paused:
+        q.disable_calib()
+    try:
+        yield
+    finally:
+        for q in paused:
+            q._if_calib = True
+
+
+def plan_calls(model: nn.Module, layers: nn.ModuleList, batch: dict[str, torch.Tensor], output: Any) -> CallPlan:
+    """The :class:`CallPlan` of the model's forward on ``batch``, found with every layer standing in
+    and answering with random values shaped as ``output`` (a real layer output): two random sets, so
+    that changing one call's answer shows which later calls' inputs (and the model's output) it reaches.
+    A few forwards (two per bit of the call count) tell whether every call reads only the one before;
+    when one does not, one forward per call finds how long each output is read. No layer computes
+    and no quantizer collects: the forwards cost the parent's own work (embeddings, masks, rotary)."""
+    answers = [
+        map_tensors(output, lambda t, s=seed: _random_as(t, s) if t.is_floating_point() else t) for seed in (1, 2)
+    ]
+
+    def run(forward: Callable, changed: Callable[[int], bool], expected: Sequence[int] | None) -> tuple:
+        digests: list[bytes] = []
+        calls = _Calls(
+            answer=lambda c: map_tensors(answers[changed(c)], torch.clone),  # the parent may write into it
+            expected=expected,
+            seen=lambda c, args, kwargs: digests.append(_digest((args, kwargs))),
+        )
+        digests.append(_digest(forward(batch, calls)))
+        return calls.layers, digests
+
+    with _standing_in(model, layers) as forward, _calibration_paused(model, layers):
+        order, base = run(forward, lambda c: False, None)
+        count = len(order)
+        chain = True
+        for bit in range(max(1, (count - 1).bit_length())):
+            for value in (0, 1):
+                changed = lambda c, bit=bit, value=value: (c >> bit) & 1 == value  # noqa: E731
+                _, digests = run(forward, changed, order)
+                for k in range(1, count + 1):
+                    if digests[k] != base[k] and not changed(k - 1):
+                        chain = False  # call k reads an earlier call than k - 1
+        last_use = [c + 1 for c in range(count)]
+        if not chain:
+            for m in range(count):
+                _, digests = run(forward, lambda c, m=m: c == m, order)
+                last_use[m] = max([m + 1, *(k for k in range(m + 1, count + 1) if digests[k] != base[k])])
+    return CallPlan(order, last_use)
+
+
+def _random_as(t: torch.Tensor, seed: int) -> torch.Tensor:
+    generator = torch.Generator(device=t.device).manual_seed(seed)
+    return torch.randn(t.shape, generator=generator, device=t.device, dtype=torch.float32).to(t.dtype)
 
 
 class _Replay(nn.Module):
-    """One decoder layer under its path in the model (``model.layers.3``), run on its captured inputs:
-    ``forward(index=b)`` is batch ``b``. Its output is kept for the next layer's capture."""
+    """One decoder layer under its path in the model (``model.layers.3``), run on captured inputs:
+    ``forward(index=b)`` is ``inputs``' batch ``b``, its output kept in ``outputs`` (when given)."""
 
-    def __init__(self, path: str, layer: nn.Module, inputs: _Activations, outputs: _Activations):
+    def __init__(self, path: str, layer: nn.Module, inputs: Any, outputs: _Activations | None):
         super().__init__()
         node: nn.Module = self
         parts = path.split(".")
@@ -279,53 +449,54 @@ class _Replay(nn.Module):
         b = int(index)
         args, kwargs = self.inputs.get(b)
         out = self._layer(*args, **kwargs)
-        self.outputs.put(b, out)
+        if self.outputs is not None:
+            self.outputs.put(b, out)
         return out
 
 
-def _forward_standing_in(
-    model: nn.Module,
-    layers: nn.ModuleList,
-    count: int,
-    batches: Sequence[dict[str, torch.Tensor]],
-    previous: _Activations | None,
-    inputs: _Activations | None = None,
-) -> list[int]:
-    """The model's own forward on every batch with its first ``count`` layers standing in by returning
-    ``previous`` (the last real layer's output for the batch). With ``inputs``, layer ``count``'s
-    (args, kwargs) go there and the forward stops at it; without, the forward runs to the end.
-    Returns the standing-in layers the forward called more than once (a looped layer)."""
-    from ..core.offload import input_device
+class _Slots:
+    """Single-batch stores read as one: the first batch's inputs of each call of a looped layer, for
+    its forced pass."""
 
-    originals = list(layers)[: count + (inputs is not None)]
-    device = input_device(model)
-    looped: set[int] = set()
-    with owner_children_materialized(model, layers):  # the owner may read one's weights directly
-        try:
-            for b, batch in enumerate(batches):
-                output = previous.get(b) if previous is not None else None
-                captured: list[tuple[tuple, dict]] = []
-                for j in range(count):
-                    layers[j] = _Stand(originals[j], output=output)
-                if inputs is not None:
-                    layers[count] = _Stand(originals[count], capture=captured)
-                with torch.no_grad():
-                    try:
-                        model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
-                    except _Stop:
-                        pass
-                looped.update(j for j in range(count) if layers[j].calls > 1)
-                if inputs is None:
-                    continue
-                if not captured:
-                    raise MoeUnfuseError(
-                        f"{type(model).__name__}: the forward did not reach decoder layer {count}; fix: pass --no-layerwise"
-                    )
-                inputs.put(b, captured[0])
-        finally:
-            for j, layer in enumerate(originals):
-                layers[j] = layer
-    return sorted(looped)
+    def __init__(self, stores: Sequence[_Activations]):
+        self.stores = stores
+
+    def get(self, i: int) -> Any:
+        return self.stores[i].get(0)
+
+
+def _capture(
+    forward: Callable[[dict, _Calls], Any],
+    batches: Sequence[dict[str, torch.Tensor]],
+    k: int,
+    plan: CallPlan | None,
+    kept: dict[int, _Activations],
+    inputs: _Activations | None,
+) -> int:
+    """Call ``k``'s (args, kwargs) for every batch into ``inputs`` (or, ``k == len(plan.layers)``, the
+    forward run to its end): each earlier call answers with its kept outputs, or with the last call's
+    when nothing after it reads them (the plan says which). Returns the layer call ``k`` runs."""
+    layer = -1
+    for b, batch in enumerate(batches):
+        memo: dict[int, Any] = {}
+
+        def answer(c: int) -> Any:
+            store = kept.get(c) or kept[k - 1]
+            if id(store) not in memo:
+                memo[id(store)] = store.get(b)
+            return memo[id(store)]
+
+        calls = _Calls(answer, capture=k if inputs is not None else None, expected=plan.layers if plan else None)
+        forward(batch, calls)
+        if inputs is None:
+            continue
+        if calls.captured is None:
+            raise MoeUnfuseError(
+                f"layer by layer: the forward made {k} decoder-layer calls, not {k + 1}; fix: pass --no-layerwise"
+            )
+        inputs.put(b, calls.captured)
+        layer = calls.layers[k]
+    return layer
 
 
 def calibrate_layerwise(
@@ -341,16 +512,20 @@ def calibrate_layerwise(
     budget: ActivationBudget | None = None,
     resume: ResumeState | None = None,
 ) -> RoutingStats:
-    """:func:`moe_unfuse.quant.calibration.calibrate`, one decoder layer at a time (see the module docstring).
+    """:func:`moe_unfuse.quant.calibration.calibrate`, one decoder-layer call at a time (see the module
+    docstring); a looped layer is calibrated once per pass, its token counts summed over the passes and
+    its forced pass run on each pass's first batch, as a whole-model forward does.
 
-    Modules outside the decoder layers see the model's forward up to each layer (the embeddings:
-    once per layer, the same tensors each time, so max calibration gives the same amax); modules
-    after the last layer (lm_head, excluded by default) get one more forward per batch only when
-    one of them has an enabled quantizer that is still uncalibrated. Everything runs on the device
-    the model's offload hooks execute on (:func:`moe_unfuse.core.offload.set_execution_device`). Cached
-    inputs and outputs go to the tiers of ``budget`` (default :meth:`ActivationBudget.default`, its
-    files in a temporary folder under ``spill_dir``, removed at the end). ``resume``: layers it has
-    committed are restored instead of calibrated, and each new one is committed (:mod:`moe_unfuse.quant.resume`).
+    Modules outside the decoder layers see the model's forward up to each call (the embeddings: once
+    per call, the same tensors each time, so max calibration gives the same amax); modules after the
+    last call (lm_head, excluded by default) get one more forward per batch only when one of them has
+    an enabled quantizer that is still uncalibrated. Everything runs on the device the model's offload
+    hooks execute on (:func:`moe_unfuse.core.offload.set_execution_device`). Cached inputs and outputs
+    go to the tiers of ``budget`` (default :meth:`ActivationBudget.default`, its files in a temporary
+    folder under ``spill_dir``, removed at the end); a call's outputs are kept as long as the
+    :class:`CallPlan` says a later call reads them (the last call's only, for a plain stack).
+    ``resume``: calls it has committed are restored instead of calibrated, and each new one is
+    committed (:mod:`moe_unfuse.quant.resume`).
     """
     from modelopt.torch.quantization.utils.core_utils import persistent_materialization
     from tqdm.auto import tqdm
@@ -361,61 +536,106 @@ def calibrate_layerwise(
     names = {id(m): n for n, m in model.named_modules()}
     device = input_device(model)
     stats = RoutingStats()
-    previous: _Activations | None = None
     tokens = sum(b["input_ids"].numel() for b in batches if "input_ids" in b)
     with tempfile.TemporaryDirectory(prefix="moe-unfuse-activations-", dir=spill_dir) as folder:
         budget = budget or ActivationBudget.default(device, Path(folder))
+        kept: dict[int, _Activations] = {}  # outputs of calls a later call (or the end) reads
+        pending: dict[int, list[_Activations]] = {}  # layer -> first-batch inputs of its calls so far
+        sums: dict[int, RoutingStats] = {}  # layer -> token counts of its calls so far
+        plan: CallPlan | None = None
         start = 0
-        if resume is not None:
-            start = min(resume.completed(), len(layers))
-            resume.restored(start, len(layers))
-            previous = _restore(model, layers, start, resume, stats, budget, len(batches), device)
-        bar = tqdm(total=len(layers), initial=start, desc="layer by layer", unit="layer", disable=not progress)
+        if resume is not None and resume.completed():
+            start, plan = _restore(model, layers, resume, batches[0], device, stats)
+            kept, pending, sums = _restored_values(resume, plan, start, budget, len(batches))
+        bar = tqdm(
+            total=len(plan.layers) if plan else len(layers),
+            initial=start,
+            desc="layer by layer",
+            unit="layer",
+            disable=not progress,
+        )
         began = time.perf_counter()
-        for i in range(start, len(layers)):
-            path = names[id(layers[i])]
-            inputs = _Activations(budget, f"in{i}", len(batches))
-            _forward_standing_in(model, layers, i, batches, previous, inputs)
-            if previous is not None:
-                previous.drop()
-            outputs = _Activations(budget, f"out{i}", len(batches))
-            replay = _Replay(path, layers[i], inputs, outputs)
-            with persistent_materialization(layers[i], writeback=False):
-                layer_stats = calibrate(
-                    replay,
-                    [{"index": torch.tensor(b)} for b in range(len(batches))],
-                    force_routing=force_routing,
-                    chunk_tokens=chunk_tokens,
-                    progress=False,
-                    sum_counts=sum_counts,
-                    forced_here=forced_here,
+        k = start
+        while plan is None or k < len(plan.layers):
+            inputs = _Activations(budget, f"in{k}", len(batches))
+            with _standing_in(model, layers) as forward:
+                j = _capture(forward, batches, k, plan, kept, inputs)
+            released = [m for m in kept if plan is not None and m < k and plan.last_use[m] <= k]
+            for m in released:
+                kept.pop(m).drop()
+            outputs = _Activations(budget, f"out{k}", len(batches))
+            replay = _Replay(names[id(layers[j])], layers[j], inputs, outputs)
+            with persistent_materialization(layers[j], writeback=False):
+                call_stats = count_tokens(
+                    replay, [{"index": torch.tensor(b)} for b in range(len(batches))], False, sum_counts
                 )
+                if force_routing and batches:
+                    first = _Activations(budget, f"first{k}", 1)
+                    first.put(0, inputs.get(0))
+                    pending.setdefault(j, []).append(first)
+                if plan is None:
+                    plan = plan_calls(model, layers, batches[0], outputs.get(0))
+                    bar.total = len(plan.layers)
+                    bar.refresh()
+                    _check_first_call(model, plan, j)
+                total = sums.pop(j, RoutingStats())  # the layer's counts over its calls so far
+                total.add(call_stats)
+                last = k == plan.calls_of(j)[-1]
+                if not last:
+                    sums[j] = total
+                elif force_routing:
+                    slots = _Slots(pending.get(j, []))
+                    forced = RoutingStats(total.counts)
+                    force_uncovered(
+                        _Replay(names[id(layers[j])], layers[j], slots, None),
+                        [{"index": torch.tensor(s)} for s in range(len(slots.stores))],
+                        forced,
+                        chunk_tokens,
+                        False,
+                        sum_counts,
+                        forced_here,
+                    )
+                    call_stats.forced = forced.forced
             inputs.drop()
-            previous = outputs
+            kept[k] = outputs
             del replay, inputs
             release_free_memory()
-            stats.counts.update(layer_stats.counts)
-            stats.forced.update(layer_stats.forced)
+            stats.add(call_stats)
+            keep_first = not last and force_routing
             if resume is not None:
-                resume.commit(i, lambda d, i=i: _write_layer(d, model, layers, i, layer_stats, outputs))
-            bar.update(1)
-            rate = tokens * (i + 1 - start) / max(time.perf_counter() - began, 1e-9)
-            bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=True)
-        bar.close()
-        if previous is not None:
-            # modules after the layers (a final projection, an MTP head) calibrate on what they see in
-            # a whole-model pass; else one batch shows whether a layer runs more than once per forward
-            after = _uncalibrated_after_layers(model, layers)
-            looped = _forward_standing_in(model, layers, len(layers), batches if after else batches[:1], previous)
-            if looped:
-                raise MoeUnfuseError(
-                    f"{type(model).__name__}: decoder layer(s) {', '.join(map(str, looped))} run more than once per "
-                    "forward (looped layers), and layer by layer calibrates each on its first pass only; "
-                    "fix: pass --no-layerwise"
+                firsts = plan.calls_of(j)[:-1] if last and force_routing else []
+                resume.commit(
+                    k,
+                    lambda d, j=j: _write_call(d, model, layers, j, call_stats, outputs, pending, keep_first),
+                    release=[
+                        *(resume.layer(m) / "outputs" for m in released),
+                        *(resume.layer(m) / "first.pt" for m in firsts),
+                    ],
                 )
-        if previous is not None:
-            previous.drop()
+            if last:
+                for first in pending.pop(j, []):
+                    first.drop()
+            bar.update(1)
+            rate = tokens * (k + 1 - start) / max(time.perf_counter() - began, 1e-9)
+            bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=True)
+            k += 1
+        bar.close()
+        if _uncalibrated_after_layers(model, layers):
+            # modules after the layers (a final projection, an MTP head) calibrate on what they see in
+            # a whole-model pass
+            with _standing_in(model, layers) as forward:
+                _capture(forward, batches, len(plan.layers), plan, kept, None)
+        for store in kept.values():
+            store.drop()
     return stats
+
+
+def _check_first_call(model: nn.Module, plan: CallPlan, j: int) -> None:
+    if plan.layers[0] != j:
+        raise MoeUnfuseError(
+            f"{type(model).__name__}: the planning forward first called decoder layer {plan.layers[0]}, the first "
+            f"batch's forward layer {j}; fix: pass --no-layerwise"
+        )
 
 
 def _layer_quantizers(model: nn.Module, layers: nn.ModuleList, i: int) -> list[tuple[str, nn.Module]]:
@@ -425,39 +645,90 @@ def _layer_quantizers(model: nn.Module, layers: nn.ModuleList, i: int) -> list[t
     return [(n, m) for n, m in model.named_modules() if id(m) in own or id(m) not in inside]
 
 
-def _write_layer(
-    folder: Path, model: nn.Module, layers: nn.ModuleList, i: int, stats: RoutingStats, outputs: _Activations
+def _write_call(
+    folder: Path,
+    model: nn.Module,
+    layers: nn.ModuleList,
+    j: int,
+    stats: RoutingStats,
+    outputs: _Activations,
+    pending: dict[int, list[_Activations]],
+    keep_first: bool,
 ) -> None:
-    save_calibration(folder / "calibration.pt", _layer_quantizers(model, layers, i))
-    (folder / "routing.json").write_text(json.dumps({"counts": stats.counts, "forced": stats.forced}) + "\n")
+    """One committed call: the calibration state of its layer's quantizers (and those outside the
+    layers), its token counts, its outputs, and (a looped layer's call before its last) its first
+    batch's inputs for the layer's forced pass."""
+    save_calibration(folder / "calibration.pt", _layer_quantizers(model, layers, j))
+    routing = {"layer": j, "counts": stats.counts, "forced": stats.forced}
+    (folder / "routing.json").write_text(json.dumps(routing) + "\n")
     (folder / "outputs").mkdir()
     for b in range(len(outputs.items)):
         outputs.save(b, folder / "outputs" / f"{b}.pt")
+    if keep_first:
+        pending[j][-1].save(0, folder / "first.pt")
 
 
 def _restore(
     model: nn.Module,
     layers: nn.ModuleList,
-    count: int,
     resume: ResumeState,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
     stats: RoutingStats,
+) -> tuple[int, CallPlan]:
+    """The calls ``resume`` committed, restored: their layers' calibration state in commit order (a
+    looped layer's last committed call holds what all its calls collected; the modules outside the
+    layers as of the last call) and their token counts into ``stats``. Returns how many, and the
+    plan (found from the last committed call's outputs)."""
+    count = resume.completed()
+    layer_of = []
+    for m in range(count):
+        routing = json.loads((resume.layer(m) / "routing.json").read_text())
+        layer_of.append(routing["layer"])
+        load_calibration(resume.layer(m) / "calibration.pt", _layer_quantizers(model, layers, routing["layer"]), device)
+        stats.add(RoutingStats(routing["counts"], routing["forced"]))
+    last = torch.load(resume.layer(count - 1) / "outputs" / "0.pt", map_location=device, weights_only=False)
+    plan = plan_calls(model, layers, batch, last)
+    if plan.layers[:count] != layer_of:
+        raise MoeUnfuseError(
+            f"{resume.folder}: the saved calls ran decoder layers {layer_of}, the model's forward runs "
+            f"{plan.layers[:count]}; fix: remove {resume.folder.parent}"
+        )
+    count = min(count, len(plan.layers))
+    resume.restored(count, len(plan.layers))
+    return count, plan
+
+
+def _restored_values(
+    resume: ResumeState,
+    plan: CallPlan,
+    count: int,
     budget: ActivationBudget,
     num_batches: int,
-    device: torch.device,
-) -> _Activations | None:
-    """Layers ``0..count-1`` as ``resume`` committed them: their calibration state and token counts
-    (the modules outside the layers as of the last one); the last one's outputs, returned."""
-    for j in range(count):
-        load_calibration(resume.layer(j) / "calibration.pt", _layer_quantizers(model, layers, j), device)
-        routing = json.loads((resume.layer(j) / "routing.json").read_text())
-        stats.counts.update(routing["counts"])
-        stats.forced.update(routing["forced"])
-    if not count:
-        return None
-    outputs = _Activations(budget, f"out{count - 1}", num_batches)
-    for b in range(num_batches):
-        outputs.borrow(b, resume.layer(count - 1) / "outputs" / f"{b}.pt")
-    return outputs
+) -> tuple[dict[int, _Activations], dict[int, list[_Activations]], dict[int, RoutingStats]]:
+    """What the calls after the restored ones read: the outputs the plan says they still need (the
+    last restored call's always), and for a looped layer with calls still to come, its earlier calls'
+    first-batch inputs and token counts."""
+    kept: dict[int, _Activations] = {}
+    for m in range(count):
+        if m == count - 1 or plan.last_use[m] >= count:
+            kept[m] = _Activations(budget, f"out{m}", num_batches)
+            for b in range(num_batches):
+                kept[m].borrow(b, resume.layer(m) / "outputs" / f"{b}.pt")
+    pending: dict[int, list[_Activations]] = {}
+    sums: dict[int, RoutingStats] = {}
+    for m in range(count):
+        j = plan.layers[m]
+        if plan.calls_of(j)[-1] < count:
+            continue
+        routing = json.loads((resume.layer(m) / "routing.json").read_text())
+        sums.setdefault(j, RoutingStats()).add(RoutingStats(routing["counts"], routing["forced"]))
+        first = resume.layer(m) / "first.pt"
+        if first.is_file():
+            store = _Activations(budget, f"first{m}", 1)
+            store.borrow(0, first)
+            pending.setdefault(j, []).append(store)
+    return kept, pending, sums
 
 
 def _quantizers_outside(model: nn.Module, layers: nn.ModuleList) -> list[tuple[str, nn.Module]]:

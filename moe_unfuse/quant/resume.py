@@ -1,15 +1,17 @@
-"""Resuming a layer-by-layer run: per-layer calibration state in ``OUT.resume`` next to ``--out``.
+"""Resuming a layer-by-layer run: per-call calibration state in ``OUT.resume`` next to ``--out``.
 
-After each decoder layer, the run commits what a restart needs to go on from the next one: the
-calibration state of that layer's quantizers (and of those outside the decoder layers, which see
-every layer's forward), its experts' token counts, and its outputs (the next layer's inputs). Each
-layer is written to ``layer-N.tmp`` and renamed to ``layer-N`` (a rename is atomic: a run killed
-while writing leaves a ``.tmp`` that no restart takes as complete); the previous layer's outputs are
-removed only after that. ``fingerprint.json`` says which model (path, and each file's size and
-mtime), calibration data (a hash of every batch), options and versions the state belongs to: a
-restart with anything different discards the state in one line and starts afresh. A run that
-finishes removes the folder. Max calibration of a layer depends only on its inputs, so a resumed run
-writes the same checkpoint as an uninterrupted one (``tests/test_resume.py`` kills runs for real).
+After each decoder-layer call (a layer, or one pass of a looped layer), the run commits what a
+restart needs to go on from the next one: the calibration state of that layer's quantizers (and of
+those outside the decoder layers, which see every call's forward), its experts' token counts, its
+outputs (the next call's inputs), and for a looped layer's call before its last, its first batch's
+inputs (the layer's forced pass runs on each pass's). Each call is written to ``layer-N.tmp`` and
+renamed to ``layer-N`` (a rename is atomic: a run killed while writing leaves a ``.tmp`` that no
+restart takes as complete); earlier calls' outputs that no later call reads are removed only after
+that. ``fingerprint.json`` says which model (path, and each file's size and mtime), calibration data
+(a hash of every batch), options and versions the state belongs to: a restart with anything
+different discards the state in one line and starts afresh. A run that finishes removes the folder.
+Max calibration of a layer depends only on its inputs, so a resumed run writes the same checkpoint
+as an uninterrupted one (``tests/test_resume.py`` and ``tests/test_layerwise.py`` kill runs for real).
 """
 
 from __future__ import annotations
@@ -140,17 +142,20 @@ class ResumeState:
             n += 1
         return n
 
-    def commit(self, i: int, write: Callable[[Path], None]) -> None:
-        """Layer ``i``'s state, written by ``write`` into a fresh folder, committed by one rename; then
-        the previous layer's outputs go (the new ones replace them as the next layer's inputs)."""
+    def commit(self, i: int, write: Callable[[Path], None], release: Sequence[Path] = ()) -> None:
+        """Call ``i``'s state, written by ``write`` into a fresh folder, committed by one rename; then
+        the files and folders in ``release`` go (earlier calls' outputs no later call reads)."""
         tmp = self.folder / f"layer-{i}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         write(tmp)
         kill_point(f"mid-save:{i}")
         os.replace(tmp, self.layer(i))
-        if i > 0:
-            shutil.rmtree(self.layer(i - 1) / "outputs", ignore_errors=True)
+        for path in release:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         kill_point(f"after-layer:{i}")
 
 
