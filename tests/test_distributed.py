@@ -89,3 +89,12 @@ def test_two_ranks_layer_by_layer_write_the_single_process_whole_model_checkpoin
     assert a.keys() == b.keys()
     assert [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(_bits(a[k]), _bits(b[k]))] == []
     assert json.loads((one / "moe_unfuse.json").read_text()) == json.loads((two / "moe_unfuse.json").read_text())
+
+    # a process with no batch of its own has no forward to plan the layer calls on: one line, nothing written
+    cmd[cmd.index("--calib-size") + 1] = "1"
+    cmd[cmd.index("--master-port") + 1] = str(_free_port())
+    cmd[-1] = str(tmp_path / "three")
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_S)
+    said = [line for line in run.stderr.splitlines() if "error: --calib-size" in line]
+    assert run.returncode != 0 and said and all("1 calibration batch(es) for 2 processes" in line for line in said)
+    assert not (tmp_path / "three").exists() and not (tmp_path / "three.resume").exists()

@@ -94,6 +94,38 @@ def test_fake_quant_forward_cached_and_identical() -> None:
     assert torch.equal(first, _reference(model, batch))
 
 
+def test_gate_and_up_fake_quantize_their_input_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gate and up read the same input through equal input quantizers: it is fake-quantized once (up's
+    quantizer is not called), with modelopt's logits bit for bit; when their quantizers differ, each
+    runs its own, again bit for bit."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    fastquant.clear()
+    model, batch = _quantized()
+    experts = [e for _, m in unfused_experts(model) for e in m]
+    ups = {id(e.up_proj.input_quantizer) for e in experts}
+    called: list[int] = []
+    forward = TensorQuantizer.forward
+
+    def counting(self: TensorQuantizer, inputs: torch.Tensor) -> torch.Tensor:
+        called.append(id(self))
+        return forward(self, inputs)
+
+    monkeypatch.setattr(TensorQuantizer, "forward", counting)
+    shared = _logits(model, batch)
+    assert called and not ups & set(called), "up's input quantizer is never called"
+    called.clear()
+    assert torch.equal(shared, _reference(model, batch)) and ups & set(called), "the reference calls it"
+
+    gate, up = experts[0].gate_proj, experts[0].up_proj
+    x = torch.randn(3, gate.in_features)
+    assert fastquant.gate_up(gate, up, x) is not None
+    up.input_quantizer.amax = up.input_quantizer.amax * 2  # no longer the gate's twin
+    assert fastquant.gate_up(gate, up, x) is None
+    called.clear()
+    assert torch.equal(_logits(model, batch), _reference(model, batch))
+
+
 def test_weight_edits_and_recalibration_invalidate() -> None:
     fastquant.clear()
     model, batch = _quantized()

@@ -165,7 +165,16 @@ class ExpertMLP(nn.Module):
         fused = self._packed_gate_up()
         if fused is not None:
             return nn.functional.linear(x, fused)
+        shared = self.__dict__.get("_gate_up")
+        if shared is not None and (pair := shared(gate_proj, self.up_proj, x)) is not None:
+            return self._pack(pair)
         return self._pack((gate_proj(x), self.up_proj(x)))
+
+    def share_gate_up(self, fn: Callable[[nn.Module, nn.Module, torch.Tensor], tuple | None] | None) -> None:
+        """Let a backend compute gate and up together: ``fn(gate, up, x)`` returns ``(gate(x), up(x))``,
+        or None for the usual two calls. Both read the same input, so a quantizing backend can
+        fake-quantize it once (:func:`moe_unfuse.quant.fastquant.gate_up`)."""
+        self.__dict__["_gate_up"] = fn
 
     def gate(self, packed: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The gate function; element-wise, so it also takes every expert's ``packed`` stacked

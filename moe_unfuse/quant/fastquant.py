@@ -122,10 +122,10 @@ _MODULE_INTERNALS = frozenset(
 ) | {"_modules", "_non_persistent_buffers_set"}
 
 
-def _snapshot(quantizer: nn.Module) -> tuple[list, list[torch.Tensor]]:
-    """Everything a quantizer's forward reads: its attributes, buffers and parameters. Plain values
-    first (compared with ``==`` in one go), tensors apart (compared by value: modelopt writes amax
-    through ``.data``, which bumps no version counter; a huge one by identity and version)."""
+def _snapshot(quantizer: nn.Module, skip: frozenset[str] = frozenset()) -> tuple[list, list[torch.Tensor]]:
+    """Everything a quantizer's forward reads: its attributes, buffers and parameters (but ``skip``).
+    Plain values first (compared with ``==`` in one go), tensors apart (compared by value: modelopt
+    writes amax through ``.data``, which bumps no version counter; a huge one by identity and version)."""
     plain: list = []
     tensors: list[torch.Tensor] = []
 
@@ -138,7 +138,7 @@ def _snapshot(quantizer: nn.Module) -> tuple[list, list[torch.Tensor]]:
         return ("v", t.dtype, t.shape, t.device)
 
     for k, v in quantizer.__dict__.items():
-        if k in _MODULE_INTERNALS:
+        if k in _MODULE_INTERNALS or k in skip:
             continue
         if k in ("_buffers", "_parameters"):
             plain.append((k, [(n, tensor(t)) for n, t in v.items()]))
@@ -274,6 +274,95 @@ def quantized_weight(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+#: What a fake-quantizing input quantizer's forward does not read: its calibrator (each has its own).
+_NOT_READ_QUANTIZING = frozenset({"_calibrator"})
+
+
+def gate_up(gate: nn.Module, up: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(gate(x), up(x))`` for one expert's two ``QuantLinear`` s, with their common input
+    fake-quantized once instead of twice: when both input quantizers are fake-quantizing and equal in
+    every value their forward reads (calibrated on the same tokens, they are), the two results are the
+    same tensor. Everything else is what modelopt's ``QuantLinear.forward`` runs (weight quantization on,
+    ``F.linear``, the output quantizer), so the outputs are bit for bit modelopt's. None (the usual two
+    calls) whenever anything could differ: calibrating, hooks, a patched forward, real-quant GEMMs,
+    SVDQuant, export or compile, quantizers of another type or state."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+    from modelopt.torch.quantization.utils import is_torch_export_mode
+
+    from ..core.experts import global_forward_hooks
+
+    if not (ENABLED and _direct(gate) and _direct(up)):
+        return None
+    a, b = gate.input_quantizer, up.input_quantizer
+    if (
+        type(a) is not TensorQuantizer
+        or type(b) is not TensorQuantizer
+        or a._if_calib
+        or b._if_calib
+        or a._disabled
+        or not a._if_quant
+        or a._forward_hooks
+        or a._forward_pre_hooks
+        or b._forward_hooks
+        or b._forward_pre_hooks
+        or global_forward_hooks()
+        or is_torch_export_mode()
+        or torch.compiler.is_compiling()
+        or _in_onnx_export()
+        or not _same(_snapshot(a, _NOT_READ_QUANTIZING), _snapshot(b, _NOT_READ_QUANTIZING))
+    ):
+        return None
+    shared = a(x)
+    return _quantized_linear(gate, shared), _quantized_linear(up, shared)
+
+
+def _direct(linear: nn.Module) -> bool:
+    """A per-expert ``QuantLinear`` whose forward is modelopt's plain one: input quantizer, weight
+    through :func:`quantized_weight`, ``F.linear``, output quantizer, and nothing else."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    d = linear.__dict__
+    holder = _modelopt_callback(linear)
+    out = d["_modules"].get("output_quantizer")
+    return (
+        holder is not None
+        and holder.callback is quantized_weight
+        and type(linear) is _plain_quant_linear()
+        and "forward" not in d
+        and "_forward_pre_dm" not in d
+        and "_hf_hook" not in d
+        and not linear._forward_hooks
+        and not linear._forward_pre_hooks
+        and not getattr(linear, "_should_run_real_quant_gemm", False)
+        and getattr(d["_modules"].get("weight_quantizer"), "svdquant_lora_a", None) is None
+        and type(out) is TensorQuantizer
+        and not out._forward_hooks
+        and not out._forward_pre_hooks
+    )
+
+
+_PLAIN: list[type] = []
+
+
+def _plain_quant_linear() -> type:
+    """modelopt's ``QuantLinear`` class for ``nn.Linear`` itself (not for ``LinearExact``, whose forward differs)."""
+    if not _PLAIN:
+        from modelopt.torch.quantization.nn import QuantModuleRegistry
+
+        _PLAIN.append(QuantModuleRegistry[nn.Linear])
+    return _PLAIN[0]
+
+
+def _quantized_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``QuantLinear.forward`` after its input quantizer: weight quantization on, the linear, the output quantizer."""
+    linear._enable_weight_quantization = True  # what modelopt's quantize_weight() context does
+    try:
+        out = nn.functional.linear(x, linear.weight, linear.bias)
+    finally:
+        linear._enable_weight_quantization = False
+    return linear.output_quantizer(out)
+
+
 def _modelopt_callback(module: nn.Module) -> Any | None:
     """The callback object holding ``QuantLinearConvBase._get_quantized_weight`` for ``weight``, or None."""
     from modelopt.torch.quantization.nn.modules.quant_module import QuantLinearConvBase
@@ -314,12 +403,15 @@ def install(model: nn.Module) -> int:
     """
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    from ..core.experts import UnfusedExpertsMixin
+    from ..core.experts import ExpertMLP, UnfusedExpertsMixin
 
     count = 0
     for experts in model.modules():
         if not isinstance(experts, UnfusedExpertsMixin):
             continue
+        for expert in experts.modules():
+            if isinstance(expert, ExpertMLP):
+                expert.share_gate_up(gate_up)
         for linear in experts.modules():
             holder = _modelopt_callback(linear)
             if holder is None:

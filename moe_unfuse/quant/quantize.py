@@ -444,6 +444,11 @@ def _quantize_and_export(
     evaluating = opts.eval_size > 0 and opts.qformat != "none"
     held_out = held_out_batches(tokenizer, texts, opts.eval_size, opts.seq_len) if evaluating else ([], "")
     group = distributed.from_env(device)  # torchrun: this process calibrates on its share of the batches
+    if group is not None and offload is not None and len(batches) < group.world:
+        raise MoeUnfuseError(
+            f"--calib-size: {len(batches)} calibration batch(es) for {group.world} processes, and layer by layer "
+            "plans each process's forward on one of its own; fix: raise --calib-size or run fewer processes"
+        )
     bytes_before, before_what = (on_disk, "source checkpoint") if on_disk else (param_bytes(model), "in memory")
     resume = None
     if state is not None and opts.model is not None:
