@@ -390,20 +390,22 @@ def _run_quantize(opts: QuantizeOptions) -> QuantizeReport | None:
         root = root / f"rank{os.environ.get('RANK', '0')}"
     root.mkdir(parents=True, exist_ok=True)
     report = None
-    with out_lock(root):
-        scratch = root / "scratch"  # offloaded conversions and spilled activations: never reused
-        shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir()
-        state = root / "state" if world == 1 else None
-        try:
-            report = _quantize_and_export(opts, on_disk, device, scratch, state)
-        finally:
+    try:
+        with out_lock(root):
+            scratch = root / "scratch"  # offloaded conversions and spilled activations: never reused
             shutil.rmtree(scratch, ignore_errors=True)
-            if (report is not None and report.ok) or state is None or not (state / "layer-0").is_dir():
-                shutil.rmtree(root, ignore_errors=True)
-    if world > 1:
-        with contextlib.suppress(OSError):
-            root.parent.rmdir()  # the last rank out removes OUT.resume
+            scratch.mkdir()
+            state = root / "state" if world == 1 else None
+            try:
+                report = _quantize_and_export(opts, on_disk, device, scratch, state)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+                if (report is not None and report.ok) or state is None or not (state / "layer-0").is_dir():
+                    shutil.rmtree(root, ignore_errors=True)
+    finally:
+        if world > 1:
+            with contextlib.suppress(OSError):
+                root.parent.rmdir()  # the last rank out removes OUT.resume, also after an error
     return report
 
 
