@@ -100,7 +100,10 @@ def test_layerwise_feeds_each_call_what_the_forward_reads(arch: str, tmp_path: P
 
 def test_call_plan_follows_what_each_call_reads() -> None:
     """:func:`plan_calls` on parents with every pattern: a plain stack, an output read again at the end,
-    a loop restarting from an earlier output, and a forward whose layer order depends on the values."""
+    a loop restarting from an earlier output, an output a quantizer of the parent's reads (kept to the
+    end: every capture forward runs that quantizer again), and a forward whose layer order depends on
+    the values."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
     from torch import nn
 
     from moe_unfuse.base.errors import MoeUnfuseError
@@ -112,6 +115,7 @@ def test_call_plan_follows_what_each_call_reads() -> None:
             self.pattern = pattern
             self.embed = nn.Embedding(8, 4)
             self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(4))
+            self.side_quantizer = TensorQuantizer()
 
         def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
             h = self.embed(input_ids)
@@ -121,6 +125,10 @@ def test_call_plan_follows_what_each_call_reads() -> None:
                 for _ in range(2):
                     h = self.layers[2](self.layers[1](first + 0 * h) + h)
                 return self.layers[3](h)
+            if self.pattern == "side":  # a quantizer of the parent's reads layer 1's output, used by no layer
+                h = self.layers[1](self.layers[0](h))
+                self.side_quantizer(h)
+                return self.layers[3](self.layers[2](h))
             if self.pattern == "data":
                 h = self.layers[0](h)
                 return self.layers[1 if h.sum() > 0 else 2](h)
@@ -139,6 +147,7 @@ def test_call_plan_follows_what_each_call_reads() -> None:
 
     assert (plan("chain").layers, plan("chain").last_use) == ([0, 1, 2, 3], [1, 2, 3, 4])
     assert plan("skip").last_use == [4, 2, 3, 4]
+    assert plan("side").last_use == [1, 4, 3, 4]
     loop = plan("loop")
     assert loop.layers == [0, 1, 2, 1, 2, 3] and loop.looped and loop.calls_of(1) == [1, 3]
     assert loop.last_use == [3, 2, 4, 4, 5, 6]

@@ -389,37 +389,49 @@ def plan_calls(model: nn.Module, layers: nn.ModuleList, batch: dict[str, torch.T
     that changing one call's answer shows which later calls' inputs (and the model's output) it reaches.
     A few forwards (two per bit of the call count) tell whether every call reads only the one before;
     when one does not, one forward per call finds how long each output is read. No layer computes
-    and no quantizer collects: the forwards cost the parent's own work (embeddings, masks, rotary)."""
+    and no quantizer collects: the forwards cost the parent's own work (embeddings, masks, rotary).
+    A quantizer of the parent's own (outside the layers) that reads a call's output keeps that output
+    to the end: every capture forward runs the parent again up to its call, and the quantizer collects
+    each time, so it must see the real value each time."""
     answers = [
         map_tensors(output, lambda t, s=seed: _random_as(t, s) if t.is_floating_point() else t) for seed in (1, 2)
     ]
+    readers = [q for _, q in _quantizers_outside(model, layers)]
 
     def run(forward: Callable, changed: Callable[[int], bool], expected: Sequence[int] | None) -> tuple:
-        digests: list[bytes] = []
+        digests: list[bytes] = []  # each call's inputs, then the model's output
+        read: list[bytes] = []  # what the parent's quantizers read, in order
         calls = _Calls(
             answer=lambda c: map_tensors(answers[changed(c)], torch.clone),  # the parent may write into it
             expected=expected,
             seen=lambda c, args, kwargs: digests.append(_digest((args, kwargs))),
         )
-        digests.append(_digest(forward(batch, calls)))
-        return calls.layers, digests
+        hooks = [q.register_forward_pre_hook(lambda m, args: read.append(_digest(args))) for q in readers]
+        try:
+            digests.append(_digest(forward(batch, calls)))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return calls.layers, digests, read
 
     with _standing_in(model, layers) as forward, _calibration_paused(model, layers):
-        order, base = run(forward, lambda c: False, None)
+        order, base, base_read = run(forward, lambda c: False, None)
         count = len(order)
         chain = True
         for bit in range(max(1, (count - 1).bit_length())):
             for value in (0, 1):
                 changed = lambda c, bit=bit, value=value: (c >> bit) & 1 == value  # noqa: E731
-                _, digests = run(forward, changed, order)
+                _, digests, read = run(forward, changed, order)
+                chain &= read == base_read
                 for k in range(1, count + 1):
                     if digests[k] != base[k] and not changed(k - 1):
                         chain = False  # call k reads an earlier call than k - 1
         last_use = [c + 1 for c in range(count)]
         if not chain:
             for m in range(count):
-                _, digests = run(forward, lambda c, m=m: c == m, order)
-                last_use[m] = max([m + 1, *(k for k in range(m + 1, count + 1) if digests[k] != base[k])])
+                _, digests, read = run(forward, lambda c, m=m: c == m, order)
+                readers_of_m = [k for k in range(m + 1, count + 1) if digests[k] != base[k]]
+                last_use[m] = count if read != base_read else max([m + 1, *readers_of_m])
     return CallPlan(order, last_use)
 
 
