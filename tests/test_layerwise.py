@@ -155,6 +155,21 @@ def test_call_plan_follows_what_each_call_reads() -> None:
         plan("data")
 
 
+def test_planning_digests_see_every_element() -> None:
+    """The digests that tell which call reads which output change with any one element, and the sums
+    an accelerator's tensors are reduced to (run here on the CPU) do too."""
+    from moe_unfuse.quant.layerwise import _bit_sums, _digest
+
+    base = torch.randn(3, 5, 7).to(torch.bfloat16)
+    for index in [(0, 0, 0), (1, 2, 3), (2, 4, 6)]:
+        changed = base.clone()
+        changed[index] = changed[index] * 2 + 1
+        assert _digest((changed,)) != _digest((base,)) == _digest((base.clone(),))
+        assert not torch.equal(_bit_sums(changed.reshape(-1)), _bit_sums(base.reshape(-1)))
+    assert torch.equal(_bit_sums(base.reshape(-1)), _bit_sums(base.clone().reshape(-1)))
+    assert _digest({"a": base}) != _digest({"b": base}) and _digest(base.float()) != _digest(base)
+
+
 @pytest.mark.arch("gemma4")
 def test_layerwise_fp8_and_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     model = save_tiny("gemma4", tmp_path / "model")

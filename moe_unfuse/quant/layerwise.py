@@ -341,7 +341,9 @@ class CallPlan:
 
 
 def _digest(value: Any) -> bytes:
-    """A hash of every tensor's shape, dtype and bytes in a (nested) value: equal values, equal digests."""
+    """A hash of every tensor's shape, dtype and bytes in a (nested) value: equal values, equal digests.
+    A CPU tensor's bytes are hashed as they are; an accelerator's are first reduced where they are
+    (:func:`_bit_sums`), so that planning does not copy every activation to the host."""
     import hashlib
 
     h = hashlib.blake2b(digest_size=16)
@@ -352,11 +354,15 @@ def _digest(value: Any) -> bytes:
             h.update(repr((tuple(t.shape), t.dtype)).encode())
             if t.is_complex():
                 t = torch.view_as_real(t)
-            raw = t.contiguous().cpu().reshape(-1)
+            raw = t.contiguous().reshape(-1)
             if raw.dtype == torch.bool:
                 raw = raw.to(torch.uint8)
-            if raw.numel():
+            if not raw.numel():
+                return
+            if raw.device.type == "cpu":
                 h.update(memoryview(raw.view(torch.uint8).numpy()))
+            else:
+                h.update(_bit_sums(raw).cpu().numpy().tobytes())
         elif isinstance(v, (tuple, list)):
             for x in v:
                 walk(x)
@@ -367,6 +373,22 @@ def _digest(value: Any) -> bytes:
 
     walk(value)
     return h.digest()
+
+
+_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_CHUNK = 1 << 22  # elements per step: a few 32 MB temporaries on the device
+
+
+def _bit_sums(flat: torch.Tensor) -> torch.Tensor:
+    """Three position-weighted sums of a flat tensor's bit patterns, in int64 (exact, wrapping:
+    the same bits give the same sums on every run; a changed element changes them)."""
+    ints = flat.view(_INTS[flat.element_size()])
+    total = torch.zeros(3, dtype=torch.int64, device=flat.device)
+    for start in range(0, ints.numel(), _CHUNK):
+        chunk = ints[start : start + _CHUNK].to(torch.int64)
+        pos = torch.arange(start, start + chunk.numel(), device=flat.device, dtype=torch.int64)
+        total += torch.stack([chunk.sum(), (chunk * (pos % 65521 + 1)).sum(), (chunk * (pos % 1021 + 3)).sum()])
+    return total
 
 
 @contextmanager
