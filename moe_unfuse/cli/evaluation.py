@@ -8,7 +8,7 @@ from pathlib import Path
 
 def add_eval_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     """The evaluation's arguments (``eval``, and ``verify --against``)."""
-    from ..base.options import DEFAULT_EVAL_SIZE, DEFAULT_SEQ_LEN
+    from ..base.options import DEFAULT_EVAL_SIZE
 
     parser.add_argument(
         "--against",
@@ -25,6 +25,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument(
         "--eval-size", type=int, default=DEFAULT_EVAL_SIZE, metavar="N", help=f"samples (default {DEFAULT_EVAL_SIZE})"
     )
+    add_seq_len(parser)
+    parser.add_argument("--max-kl", type=float, metavar="X", help="fail when KL(original || quantized) exceeds X")
+
+
+def add_seq_len(parser: argparse.ArgumentParser) -> None:
+    """``--seq-len``, as ``quantize``, ``eval`` and ``verify --against`` take it."""
+    from ..base.options import DEFAULT_SEQ_LEN
+
     parser.add_argument(
         "--seq-len",
         type=int,
@@ -32,7 +40,6 @@ def add_eval_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
         metavar="T",
         help=f"tokens per sample (default {DEFAULT_SEQ_LEN})",
     )
-    parser.add_argument("--max-kl", type=float, metavar="X", help="fail when KL(original || quantized) exceeds X")
 
 
 def evaluate_args(args: argparse.Namespace, progress: bool) -> object:

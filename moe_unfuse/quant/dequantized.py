@@ -76,18 +76,30 @@ def _dequantized(reader: CheckpointReader, key: str, dtype: torch.dtype, q: Quan
     if _is_scale(key):
         return None
     t = reader.get(key)
+    scales = _scales(reader, key, t, q)
+    if scales is None:
+        return t
+    _, scale, scale_2 = scales
+    return dequantize(t, scale, scale_2, dtype)
+
+
+def _scales(
+    reader: CheckpointReader, key: str, t: torch.Tensor, q: QuantizedWeights
+) -> tuple[str, torch.Tensor, torch.Tensor | None] | None:
+    """``key``'s format, weight scale and ``weight_scale_2`` (its input scale recorded in ``q``), or
+    None when it is not a quantized weight."""
     prefix = _scale_prefix(key)
     if prefix + "weight_scale" not in reader:
-        return t
+        return None
     scale = reader.get(prefix + "weight_scale")
     fmt = tensor_format(t, scale)
     if fmt is None:
-        return t
+        return None
     q.formats[key] = fmt
     if prefix + "input_scale" in reader:
         q.input_scales[key] = reader.get(prefix + "input_scale").float()
     scale_2 = reader.get(prefix + "weight_scale_2") if prefix + "weight_scale_2" in reader else None
-    return dequantize(t, scale, scale_2, dtype)
+    return fmt, scale, scale_2
 
 
 def _dequantize_fused(
@@ -97,14 +109,11 @@ def _dequantize_fused(
     through the spec's layout, each piece dequantized, fused back. A per-expert ``weight_scale_2``
     (``[E]``) applies to expert E's rows."""
     layout = spec_param.layout(n)
-    t, scale = reader.get(key), reader.get(key + "_weight_scale")
-    fmt = tensor_format(t, scale)
-    if fmt is None:
+    t = reader.get(key)
+    scales = _scales(reader, key, t, q)  # a fused key's scales are ``key_weight_scale`` ...
+    if scales is None:
         return t
-    q.formats[key] = fmt
-    if key + "_input_scale" in reader:
-        q.input_scales[key] = reader.get(key + "_input_scale").float()
-    scale_2 = reader.get(key + "_weight_scale_2") if key + "_weight_scale_2" in reader else None
+    fmt, scale, scale_2 = scales
     if fmt == FP8 and scale.dim() == 0:
         return dequantize(t, scale, None, dtype)
     w_pieces, s_pieces = layout.unfuse(t), layout.unfuse(scale) if scale.dim() >= 2 else None

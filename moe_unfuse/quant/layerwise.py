@@ -489,8 +489,8 @@ class _Replay(nn.Module):
 
 
 class _Slots:
-    """Single-batch stores read as one: the first batch's inputs of each call of a looped layer, for
-    its forced pass."""
+    """The first batch of each store, read as one: a layer's first-batch inputs of each of its calls
+    (the current call's from its inputs), for its forced pass."""
 
     def __init__(self, stores: Sequence[_Activations]):
         self.stores = stores
@@ -579,8 +579,8 @@ def calibrate_layerwise(
         plan: CallPlan | None = None
         start = 0
         if resume is not None and resume.completed():
-            start, plan = _restore(model, layers, resume, batches[0], device, stats)
-            kept, pending, sums = _restored_values(resume, plan, start, budget, len(batches))
+            start, plan, routings = _restore(model, layers, resume, batches[0], device, stats)
+            kept, pending, sums = _restored_values(resume, plan, routings, budget, len(batches))
         bar = tqdm(
             total=len(plan.layers) if plan else len(layers),
             initial=start,
@@ -603,10 +603,6 @@ def calibrate_layerwise(
                 call_stats = count_tokens(
                     replay, [{"index": torch.tensor(b)} for b in range(len(batches))], False, sum_counts
                 )
-                if force_routing and batches:
-                    first = _Activations(budget, f"first{k}", 1)
-                    first.put(0, inputs.get(0))
-                    pending.setdefault(j, []).append(first)
                 if plan is None:
                     plan = plan_calls(model, layers, batches[0], outputs.get(0))
                     bar.total = len(plan.layers)
@@ -617,8 +613,12 @@ def calibrate_layerwise(
                 last = k == plan.calls_of(j)[-1]
                 if not last:
                     sums[j] = total
+                    if force_routing:  # the layer's forced pass, after its last call, runs on this batch too
+                        first = _Activations(budget, f"first{k}", 1)
+                        first.put(0, inputs.get(0))
+                        pending.setdefault(j, []).append(first)
                 elif force_routing:
-                    slots = _Slots(pending.get(j, []))
+                    slots = _Slots([*pending.get(j, []), inputs])
                     forced = RoutingStats(total.counts)
                     force_uncovered(
                         _Replay(names[id(layers[j])], layers[j], slots, None),
@@ -709,16 +709,15 @@ def _restore(
     batch: dict[str, torch.Tensor],
     device: torch.device,
     stats: RoutingStats,
-) -> tuple[int, CallPlan]:
+) -> tuple[int, CallPlan, list[dict[str, Any]]]:
     """The calls ``resume`` committed, restored: their layers' calibration state in commit order (a
     looped layer's last committed call holds what all its calls collected; the modules outside the
-    layers as of the last call) and their token counts into ``stats``. Returns how many, and the
-    plan (found from the last committed call's outputs)."""
+    layers as of the last call) and their token counts into ``stats``. Returns how many, the plan
+    (found from the last committed call's outputs) and each call's saved ``routing.json``."""
     count = resume.completed()
-    layer_of = []
-    for m in range(count):
-        routing = json.loads((resume.layer(m) / "routing.json").read_text())
-        layer_of.append(routing["layer"])
+    routings = [json.loads((resume.layer(m) / "routing.json").read_text()) for m in range(count)]
+    layer_of = [routing["layer"] for routing in routings]
+    for m, routing in enumerate(routings):
         load_calibration(resume.layer(m) / "calibration.pt", _layer_quantizers(model, layers, routing["layer"]), device)
         stats.add(RoutingStats(routing["counts"], routing["forced"]))
     last = torch.load(resume.layer(count - 1) / "outputs" / "0.pt", map_location=device, weights_only=False)
@@ -730,19 +729,20 @@ def _restore(
         )
     count = min(count, len(plan.layers))
     resume.restored(count, len(plan.layers))
-    return count, plan
+    return count, plan, routings[:count]
 
 
 def _restored_values(
     resume: ResumeState,
     plan: CallPlan,
-    count: int,
+    routings: list[dict[str, Any]],
     budget: ActivationBudget,
     num_batches: int,
 ) -> tuple[dict[int, _Activations], dict[int, list[_Activations]], dict[int, RoutingStats]]:
     """What the calls after the restored ones read: the outputs the plan says they still need (the
     last restored call's always), and for a looped layer with calls still to come, its earlier calls'
     first-batch inputs and token counts."""
+    count = len(routings)
     kept: dict[int, _Activations] = {}
     for m in range(count):
         if m == count - 1 or plan.last_use[m] >= count:
@@ -755,8 +755,7 @@ def _restored_values(
         j = plan.layers[m]
         if plan.calls_of(j)[-1] < count:
             continue
-        routing = json.loads((resume.layer(m) / "routing.json").read_text())
-        sums.setdefault(j, RoutingStats()).add(RoutingStats(routing["counts"], routing["forced"]))
+        sums.setdefault(j, RoutingStats()).add(RoutingStats(routings[m]["counts"], routings[m]["forced"]))
         first = resume.layer(m) / "first.pt"
         if first.is_file():
             store = _Activations(budget, f"first{m}", 1)

@@ -33,13 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         DEFAULT_CALIB_SIZE,
         DEFAULT_CHUNK_TOKENS,
         DEFAULT_EVAL_SIZE,
-        DEFAULT_SEQ_LEN,
         INPUT_SCALE_POLICIES,
         QFORMATS,
         TRUST_MODULE_HELP,
         default_eval_size,
     )
     from ...plugins.manager import registry
+    from ..evaluation import add_seq_len
 
     parser.add_argument(
         "model", nargs="?", metavar="MODEL", help="local model folder (default: the built-in tiny Gemma 4)"
@@ -75,13 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="calibration data, streamed: a .jsonl/.json/.txt file, a save_to_disk folder or a Hugging Face dataset "
         "name (those two need the datasets package); records with text or chat messages (default: built-in text)",
     )
-    parser.add_argument(
-        "--seq-len",
-        type=int,
-        default=DEFAULT_SEQ_LEN,
-        metavar="T",
-        help=f"tokens per sample (default {DEFAULT_SEQ_LEN})",
-    )
+    add_seq_len(parser)
     parser.add_argument(
         "--batch-size",
         type=int,
